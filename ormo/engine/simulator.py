@@ -1,0 +1,406 @@
+"""Deterministic discrete-event simulator of a parameter server with K workers (spec §2).
+
+Each server iteration ``t`` consumes exactly one message. Arrivals come from one of three sources:
+
+* a timing model: a heap of ``(arrival_time, dispatch_seq, worker)``; ties go to the earlier dispatch, and the
+  initial broadcast dispatches workers in id order;
+* an explicit ``order`` (one worker id per iteration): the clock is nominal, each message taking the timing
+  model's compute time from its dispatch but never arriving before the previous one;
+* :class:`~ormo.engine.timing.Replay`: the order and times of a recorded log.
+
+Gradients are computed lazily, when the server consumes the message, on the snapshot the worker received, with
+``grad_fn(params, worker, index, step)``. Because the minibatch is keyed by (worker, index, step), any two rules fed
+the same arrival order see the same data, and a run replays bit for bit.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..rules.base import (
+    SCHEDULERS,
+    ConfigError,
+    Message,
+    Payload,
+    Rule,
+    ServerState,
+    check_choice,
+    check_int_at_least,
+    invalid,
+)
+from .events import Event, EventLog
+from .timing import Homogeneous, Replay, WorkerClock, check_seed, check_timing
+
+#: ``grad_fn(params, worker, index, step) -> Tensor``: stochastic gradient at ``params``.
+GradFn = Callable[[Tensor, int, int, int], Tensor]
+Callback = Callable[[Event, ServerState], None]
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+class SimulationError(RuntimeError):
+    """A run stopped on bad data. ``t``, ``worker``, ``index`` (and ``step``) locate the message; ``partial`` is the
+    result up to the last applied iteration (the parameters were not touched by the bad message)."""
+
+    def __init__(self, msg: str, *, t: int, worker: int, index: int, step: int | None = None) -> None:
+        super().__init__(msg)
+        self.t, self.worker, self.index, self.step = t, worker, index, step
+        self.partial: SimulationResult | None = None
+
+
+class NonFiniteError(SimulationError, FloatingPointError):
+    """A gradient or message with NaN or Inf values."""
+
+
+class GradFnError(SimulationError, ValueError):
+    """``grad_fn`` returned something that is not a tensor of the parameters' shape, dtype and device."""
+
+
+@dataclass
+class SimulationResult:
+    """What a simulation produced.
+
+    ``params``: the final server parameters ``w_T`` (a copy, same dtype as ``params0``). ``events``: one record per
+    server iteration. ``state``: the rule's final server state. ``sim_time_s``: simulated time of the last arrival.
+    ``messages_per_worker``: consumed messages of each worker. ``idle_time_s``: per worker, time spent waiting for
+    the round to finish (sync scheduler; zeros under async, where a worker is re-dispatched on arrival).
+    """
+
+    params: Tensor
+    events: EventLog
+    state: ServerState
+    rule: Rule
+    scheduler: str
+    num_workers: int
+    sim_time_s: float
+    messages_per_worker: list[int]
+    idle_time_s: list[float]
+    delay: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """Delay statistics (mean, max, p50, p90, p99), messages per worker, idle time, simulated time."""
+        return {
+            "rule": self.rule.name,
+            "scheduler": self.scheduler,
+            "num_workers": self.num_workers,
+            "iterations": len(self.events),
+            "sim_time_s": self.sim_time_s,
+            "delay": dict(self.delay),
+            "messages_per_worker": list(self.messages_per_worker),
+            "idle_time_s": list(self.idle_time_s),
+            "idle_fraction": (
+                sum(self.idle_time_s) / (self.num_workers * self.sim_time_s) if self.sim_time_s > 0 else 0.0
+            ),
+        }
+
+
+def delay_stats(delays: np.ndarray) -> dict[str, float]:
+    if delays.size == 0:
+        return {"mean": 0.0, "max": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
+    p50, p90, p99 = np.percentile(delays, [50, 90, 99])
+    return {
+        "mean": float(delays.mean()),
+        "max": float(delays.max()),
+        "p50": float(p50),
+        "p90": float(p90),
+        "p99": float(p99),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# input checks
+
+
+def _check_params(params0: Any) -> Tensor:
+    if not isinstance(params0, Tensor):
+        raise invalid("params0", type(params0).__name__, "a 1-D torch.Tensor of float32 or float64")
+    if params0.dim() != 1:
+        raise invalid("params0.shape", tuple(params0.shape), "1-D (flatten the model's parameters first)")
+    if params0.dtype not in _DTYPES:
+        raise invalid("params0.dtype", params0.dtype, "torch.float32 or torch.float64")
+    if params0.numel() == 0:
+        raise invalid("params0", "an empty tensor", "at least one parameter")
+    if not bool(torch.isfinite(params0).all()):
+        raise invalid("params0", "a tensor with NaN/Inf values", "finite")
+    return params0
+
+
+def check_order(order: Any, num_workers: int, scheduler: str) -> list[int]:
+    """Validate an explicit arrival order: worker ids in ``[0, K)``; under the sync scheduler every consecutive
+    block of K entries is a permutation of the workers (the last block may be partial, with distinct ids)."""
+    if isinstance(order, str | bytes) or not isinstance(order, Sequence | np.ndarray):
+        raise invalid("order", type(order).__name__, "a list of worker ids, one per server iteration")
+    out: list[int] = []
+    for t, k in enumerate(order):
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 0 <= int(k) < num_workers:
+            raise invalid(f"order[{t}]", k, f"a worker id in [0, {num_workers})")
+        out.append(int(k))
+    if scheduler == "sync":
+        for start in range(0, len(out), num_workers):
+            block = out[start : start + num_workers]
+            if len(set(block)) != len(block):
+                dup = next(k for k in block if block.count(k) > 1)
+                raise ConfigError(
+                    f"invalid order[{start}:{start + len(block)}]: {block} is not feasible under the sync scheduler "
+                    f"(worker {dup} appears twice in one round; each block of num_workers={num_workers} entries "
+                    f"must be a permutation of the workers)"
+                )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# arrival sources
+
+
+class _HeapSource:
+    """Arrivals by simulated time."""
+
+    def __init__(self, clock: WorkerClock) -> None:
+        self.clock, self.heap, self.seq = clock, [], 0
+
+    def dispatch(self, worker: int, now: float, steps: int) -> None:
+        heapq.heappush(self.heap, (now + self.clock.duration(worker, steps), self.seq, worker))
+        self.seq += 1
+
+    def next(self, t: int, last_time: float) -> tuple[int, float]:
+        arrival, _, worker = heapq.heappop(self.heap)
+        return worker, arrival
+
+
+class _OrderSource:
+    """Arrivals in a given order, on a nominal clock."""
+
+    def __init__(self, order: list[int], clock: WorkerClock) -> None:
+        self.order, self.clock = order, clock
+        self.ready: dict[int, float] = {}
+
+    def dispatch(self, worker: int, now: float, steps: int) -> None:
+        self.ready[worker] = now + self.clock.duration(worker, steps)
+
+    def next(self, t: int, last_time: float) -> tuple[int, float]:
+        worker = self.order[t]
+        return worker, max(self.ready.pop(worker), last_time)
+
+
+class _ReplaySource:
+    """Arrivals exactly as recorded."""
+
+    def __init__(self, log: EventLog) -> None:
+        self.workers, self.times = log.workers, log.column("sim_time").tolist()
+
+    def dispatch(self, worker: int, now: float, steps: int) -> None:
+        pass
+
+    def next(self, t: int, last_time: float) -> tuple[int, float]:
+        return self.workers[t], self.times[t]
+
+
+# --------------------------------------------------------------------------------------------------------
+
+
+def _copy_payload(p: Payload, into: Tensor | None) -> tuple[Payload, Tensor]:
+    """Snapshot a payload (it may alias the server state). Reuses ``into`` as the parameter buffer when given."""
+    buf = into.copy_(p.params) if into is not None else p.params.clone()
+    mom = p.momentum.clone() if p.momentum is not None else None
+    return Payload(index=p.index, params=buf, momentum=mom, lr_scale=p.lr_scale), buf
+
+
+def simulate(
+    rule: Rule,
+    params0: Tensor,
+    grad_fn: GradFn,
+    *,
+    num_workers: int,
+    num_iterations: int | None = None,
+    order: Sequence[int] | None = None,
+    timing: Any = None,
+    seed: int = 0,
+    scheduler: str | None = None,
+    callback: Callback | None = None,
+    check_finite: bool = True,
+) -> SimulationResult:
+    """Run ``rule`` on a simulated parameter server with ``num_workers`` workers.
+
+    Args:
+        rule: from :func:`ormo.make_rule`.
+        params0: initial parameters ``w_0``, a 1-D float32 or float64 tensor (not modified).
+        grad_fn: ``grad_fn(params, worker, index, step) -> Tensor``, the stochastic gradient at ``params`` (exactly
+            what the server sent, e.g. SMEGA2's look-ahead) for ``worker``, which received parameter ``index``, at
+            local step ``step`` (0 for one-step methods, 0..H−1 for local ones). Same shape, dtype and device.
+        num_workers: K ≥ 1.
+        num_iterations: T, the number of server iterations (messages consumed). Optional with ``order``/``Replay``.
+        order: explicit arrival order, one worker id per iteration. Under the sync scheduler each block of K
+            entries must be a permutation of the workers.
+        timing: a timing model (default ``Homogeneous()``, small gamma jitter) or ``Replay(log)``.
+        seed: seeds every random draw of the engine (timing jitter, speeds).
+        scheduler: 'sync' or 'async'; default the rule's own (spec §2.2).
+        callback: ``callback(event, state)`` after every iteration (``state.params`` is ``w_{t+1}``).
+        check_finite: stop with :class:`NonFiniteError` on a NaN/Inf gradient or message (one pass per tensor).
+
+    Returns:
+        :class:`SimulationResult` with ``params`` (= ``w_T``), ``events`` and summary statistics.
+    """
+    if not isinstance(rule, Rule):
+        raise invalid("rule", type(rule).__name__, "a rule built by ormo.make_rule(name, ...)")
+    params0 = _check_params(params0)
+    K = check_int_at_least("num_workers", num_workers, 1)
+    seed = check_seed(seed)
+    sched = check_choice("scheduler", scheduler if scheduler is not None else rule.scheduler, SCHEDULERS)
+    if not callable(grad_fn):
+        raise invalid("grad_fn", type(grad_fn).__name__, "a callable grad_fn(params, worker, index, step)")
+    if num_iterations is not None:
+        check_int_at_least("num_iterations", num_iterations, 0)
+    timing = check_timing(timing if timing is not None else Homogeneous())
+
+    source: _HeapSource | _OrderSource | _ReplaySource
+    if isinstance(timing, Replay):
+        if order is not None:
+            raise ConfigError("give either order= or timing=Replay(...), not both (a replay fixes the order)")
+        recorded_k = timing.log.meta.get("num_workers")
+        if recorded_k is not None and recorded_k != K:
+            raise invalid("num_workers", K, f"equal to the replayed log's num_workers={recorded_k}")
+        T = len(timing.log) if num_iterations is None else num_iterations
+        if len(timing.log) < T:
+            raise invalid("num_iterations", T, f"<= the replayed log's length {len(timing.log)}")
+        check_order(timing.log.workers[:T], K, sched)
+        source = _ReplaySource(timing.log)
+    elif order is not None:
+        order_list = check_order(order, K, sched)
+        T = len(order_list) if num_iterations is None else num_iterations
+        if len(order_list) != T:
+            raise invalid("num_iterations", T, f"equal to len(order)={len(order_list)} (or omitted)")
+        source = _OrderSource(order_list, timing.bind(K, seed))
+    else:
+        if num_iterations is None:
+            raise ConfigError("num_iterations is required when no order= or timing=Replay(...) is given")
+        T = num_iterations
+        source = _HeapSource(timing.bind(K, seed))
+
+    events = EventLog(
+        {
+            "rule": rule.name,
+            "hyperparameters": rule.describe()["hyperparameters"],
+            "scheduler": sched,
+            "num_workers": K,
+            "seed": seed,
+            "timing": timing.describe(),
+            "engine": "simulator",
+        }
+    )
+    state = rule.init(params0, num_workers=K)
+    steps = rule.local_steps
+
+    def finish() -> SimulationResult:
+        return SimulationResult(
+            params=state.params.clone(),
+            events=events,
+            state=state,
+            rule=rule,
+            scheduler=sched,
+            num_workers=K,
+            sim_time_s=events[-1].sim_time if len(events) else 0.0,
+            messages_per_worker=np.bincount(events.column("worker"), minlength=K).tolist(),
+            idle_time_s=idle,
+            delay=delay_stats(events.column("delay")),
+        )
+
+    # Per-worker snapshots of what each was sent. Under async every worker owns a buffer reused across its messages
+    # (its previous message has been consumed before it is re-dispatched); a sync round shares one snapshot.
+    first, _ = _copy_payload(rule.payload(state, index=0), None)
+    snapshots: list[Payload] = [first] * K
+    own_buffers: list[Tensor | None] = [None] * K
+    dispatch_time = [0.0] * K
+    idle = [0.0] * K
+    waiting: list[tuple[int, float]] = []  # C: (worker, arrival time)
+    for k in range(K):
+        source.dispatch(k, 0.0, steps)
+    now = 0.0
+
+    for t in range(T):
+        rule.begin_iteration(state, t=t, waiting_empty=not waiting)
+        k, now = source.next(t, now)
+        payload = snapshots[k]
+        try:
+            grad = _CheckedGrad(grad_fn, params0, t, k, payload.index, check_finite)
+            message = rule.work(payload, grad)
+            if check_finite:
+                _check_message(message, t, k, already_checked=grad.last)
+        except SimulationError as e:
+            e.partial = finish()
+            raise
+        rule.apply(state, message, t=t, worker=k)
+        event = events.append(t=t, worker=k, index=payload.index, sim_time=now, dispatch_time=dispatch_time[k])
+        waiting.append((k, now))
+
+        if sched == "async":
+            snapshots[k], own_buffers[k] = _copy_payload(rule.payload(state, index=t + 1), own_buffers[k])
+            dispatch_time[k] = now
+            source.dispatch(k, now, steps)
+            waiting.clear()
+        elif len(waiting) == K:
+            shared, _ = _copy_payload(rule.payload(state, index=t + 1), None)
+            for j, arrived in waiting:
+                idle[j] += now - arrived
+            for j in range(K):
+                snapshots[j] = shared
+                dispatch_time[j] = now
+                source.dispatch(j, now, steps)
+            waiting.clear()
+        if callback is not None:
+            callback(event, state)
+
+    return finish()
+
+
+class _CheckedGrad:
+    """``grad(x, step)`` for one message: calls ``grad_fn`` and validates what it returns."""
+
+    __slots__ = ("grad_fn", "params0", "t", "worker", "index", "check_finite", "last")
+
+    def __init__(self, grad_fn: GradFn, params0: Tensor, t: int, worker: int, index: int, check_finite: bool):
+        self.grad_fn, self.params0, self.t, self.worker, self.index = grad_fn, params0, t, worker, index
+        self.check_finite = check_finite
+        self.last: Tensor | None = None  # the last gradient returned (already checked)
+
+    def __call__(self, x: Tensor, step: int) -> Tensor:
+        t, worker, index, p0 = self.t, self.worker, self.index, self.params0
+        g = self.grad_fn(x, worker, index, step)
+        if not isinstance(g, Tensor) or g.shape != p0.shape or g.dtype != p0.dtype or g.device != p0.device:
+            where = f"grad_fn(params, worker={worker}, index={index}, step={step}) at server iteration t={t}"
+            got = (
+                f"shape {tuple(g.shape)}, dtype {g.dtype}, device {g.device}"
+                if isinstance(g, Tensor)
+                else f"a {type(g).__name__}"
+            )
+            raise GradFnError(
+                f"{where} returned {got}; expected a torch.Tensor of shape {tuple(p0.shape)}, dtype {p0.dtype}, "
+                f"device {p0.device} (same as params0)",
+                t=t, worker=worker, index=index, step=step,
+            )
+        if self.check_finite and not bool(torch.isfinite(g).all()):  # one host sync per gradient
+            raise NonFiniteError(
+                f"grad_fn(params, worker={worker}, index={index}, step={step}) returned NaN/Inf values at server "
+                f"iteration t={t}; the run stopped before applying it (parameters untouched)",
+                t=t, worker=worker, index=index, step=step,
+            )
+        self.last = g
+        return g
+
+
+def _check_message(message: Message, t: int, worker: int, *, already_checked: Tensor | None) -> None:
+    for name, tensor in message.tensors():
+        if tensor is already_checked:  # a one-step method sends its gradient as is
+            continue
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(
+                f"the message of worker {worker} (index {message.index}) at server iteration t={t} has NaN/Inf "
+                f"values in its {name}; the run stopped before applying it (parameters untouched)",
+                t=t, worker=worker, index=message.index,
+            )

@@ -1,0 +1,243 @@
+"""The rule protocol shared by every method, the typed messages, validation helpers and the registry.
+
+A *rule* holds hyperparameters only. Its mutable training state lives in a separate state object made by
+``rule.init(params0, num_workers=K)``, so a checkpoint is the state and a rule can be replayed in isolation
+(optax style). One server iteration ``t`` (spec §2.2) is::
+
+    rule.begin_iteration(state, t=t, waiting_empty=...)   # PRE(t): OrMo's group shift, SSGDm's round shift
+    rule.apply(state, message, t=t, worker=k)               # UPDATE(t): consume one message
+    rule.payload(state, index=t + 1)                        # what SCHEDULE(t) sends (w, a look-ahead, or (w̄, ū))
+
+and the worker side is ``rule.work(payload, grad)``, where ``grad(x, step)`` is the stochastic gradient at ``x``
+for the worker's minibatch of local step ``step``. Engines (simulator, Ray) only move payloads and messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+Scheduler = Literal["sync", "async"]
+SCHEDULERS: tuple[str, ...] = ("sync", "async")
+
+#: Worker-bound stochastic gradient: ``grad(x, step) -> Tensor`` (same shape and dtype as ``x``).
+BoundGrad = Callable[[Tensor, int], Tensor]
+
+
+class ConfigError(ValueError):
+    """An invalid hyperparameter, option or input. The message names the field, the value and the constraint."""
+
+
+def invalid(field: str, value: Any, constraint: str, fix: str | None = None) -> ConfigError:
+    """Build the project's standard error: ``invalid momentum: 1.2 (must be in [0, 1))``."""
+    msg = f"invalid {field}: {value!r} (must be {constraint})"
+    if fix:
+        msg += f"; {fix}"
+    return ConfigError(msg)
+
+
+def check_positive(field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise invalid(field, value, "a finite number > 0")
+    return float(value)
+
+
+def check_momentum(field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0.0 <= value < 1.0):
+        raise invalid(field, value, "a number in [0, 1)")
+    return float(value)
+
+
+def check_int_at_least(field: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise invalid(field, value, f"an integer >= {minimum}")
+    return int(value)
+
+
+def check_choice(field: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise invalid(field, value, "one of " + ", ".join(repr(c) for c in choices))
+    return value
+
+
+@dataclass(slots=True)
+class Payload:
+    """What the server sends a worker.
+
+    ``params`` is the parameter the worker evaluates at: ``w_index`` for most rules, SMEGA2's look-ahead estimate,
+    or PRSGDm's averaged parameter ``w̄``. ``momentum`` is PRSGDm's averaged momentum ``ū`` (None otherwise).
+    ``lr_scale`` multiplies the worker's local learning rate γ (a schedule's factor at dispatch time).
+    The tensors may alias the server state: an engine copies them before the server moves on.
+    """
+
+    index: int
+    params: Tensor
+    momentum: Tensor | None = None
+    lr_scale: float = 1.0
+
+
+@dataclass(slots=True)
+class Message:
+    """What a worker sends back, tagged with the index of the parameter it was computed from.
+
+    ``update`` is the gradient ``g`` (one-step methods), the local displacement ``Δ = x_0 − x_H`` (AL-SGD,
+    local OrMo-DA, OrLoMo) or the local parameter ``x_k`` (PRSGDm). ``momentum`` is OrLoMo's last scaled local
+    momentum ``m_H`` or PRSGDm's local momentum buffer ``v_k``.
+    """
+
+    index: int
+    update: Tensor
+    momentum: Tensor | None = None
+
+    def tensors(self) -> list[tuple[str, Tensor]]:
+        out = [("update", self.update)]
+        if self.momentum is not None:
+            out.append(("momentum", self.momentum))
+        return out
+
+
+@dataclass
+class ServerState:
+    """Fields common to every rule's server state. ``params`` is ``w_t``, the model the server evaluates."""
+
+    params: Tensor
+    num_workers: int
+    #: Learning-rate factor set by the engine before each iteration (1.0 unless a schedule is used).
+    lr_scale: float = 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """A deep copy of every field (tensors cloned), suitable for ``torch.save``."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                v = v.clone()
+            elif isinstance(v, list):
+                v = [x.clone() if isinstance(x, Tensor) else x for x in v]
+            out[f.name] = v
+        return out
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        for f in dataclasses.fields(self):
+            cur = getattr(self, f.name)
+            new = sd[f.name]
+            if isinstance(cur, Tensor):
+                cur.copy_(new)
+            elif isinstance(cur, list) and cur and isinstance(cur[0], Tensor):
+                for c, n in zip(cur, new, strict=True):
+                    c.copy_(n)
+            else:
+                setattr(self, f.name, new)
+
+
+class Rule:
+    """Base class of every method: hyperparameters (a frozen dataclass in each subclass) plus the four steps.
+
+    Class attributes say how the method is wired: ``scheduler`` ('sync' or 'async'), ``worker_sends`` and
+    ``server_sends`` (human-readable, from spec §4).
+    """
+
+    name: ClassVar[str]
+    scheduler: ClassVar[Scheduler]
+    worker_sends: ClassVar[str]
+    server_sends: ClassVar[str] = "(w, t+1)"
+
+    @property
+    def local_steps(self) -> int:
+        """Local iterations per message (H); 1 for gradient methods."""
+        return 1
+
+    # -- server -------------------------------------------------------------------------------------------
+    def init(self, params0: Tensor, *, num_workers: int) -> ServerState:
+        return ServerState(params=params0.clone(), num_workers=num_workers)
+
+    def begin_iteration(self, state: ServerState, *, t: int, waiting_empty: bool) -> None:
+        """PRE(t): method-specific work before message ``t`` is consumed. Default: nothing."""
+
+    def apply(self, state: ServerState, message: Message, *, t: int, worker: int) -> None:  # pragma: no cover
+        """UPDATE(t): consume one message in place."""
+        raise NotImplementedError
+
+    def payload(self, state: ServerState, *, index: int) -> Payload:
+        """What SCHEDULE sends after iteration ``index − 1`` (aliases the state; the engine copies it)."""
+        return Payload(index=index, params=state.params, lr_scale=state.lr_scale)
+
+    # -- worker -------------------------------------------------------------------------------------------
+    def work(self, payload: Payload, grad: BoundGrad) -> Message:
+        """Worker side of a one-step gradient method: ``g = ∇f(x; ξ)`` at the received point, sent as is."""
+        return Message(index=payload.index, update=grad(payload.params, 0))
+
+    def describe(self) -> dict[str, Any]:
+        hp = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return {
+            "name": self.name,
+            "scheduler": self.scheduler,
+            "worker_sends": self.worker_sends,
+            "server_sends": self.server_sends,
+            "hyperparameters": hp,
+        }
+
+
+# --------------------------------------------------------------------------------------------------------
+# registry
+
+_REGISTRY: dict[str, type[Rule]] = {}
+
+
+def register(cls: type[Rule]) -> type[Rule]:
+    """Class decorator: add a rule under ``cls.name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"rule name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def rule_names() -> list[str]:
+    """Every registered rule name, in registration order."""
+    return list(_REGISTRY)
+
+
+def rule_class(name: str) -> type[Rule]:
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown rule {name!r}; valid names: {', '.join(_REGISTRY)}") from None
+
+
+def make_rule(name: str, **hyperparameters: Any) -> Rule:
+    """Build the rule registered as ``name`` with the given hyperparameters.
+
+    Hyperparameter names: ``lr`` (server/global η), ``momentum`` (β), ``local_lr`` (γ), ``local_steps`` (H), and each
+    rule's spec switches. Unknown names and invalid values raise :class:`ConfigError` naming field, value and
+    constraint.
+    """
+    cls = rule_class(name)
+    accepted = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    for key in hyperparameters:
+        if key not in accepted:
+            raise ConfigError(
+                f"rule {name!r} has no hyperparameter {key!r}; accepted: {', '.join(accepted) or '(none)'}"
+            )
+    return cls(**hyperparameters)
+
+
+def catch_up(beta: float, n: int) -> float:
+    """``S(n) = 1 + β + … + β^n = (1 − β^{n+1}) / (1 − β)`` (spec §1); ``S(0) = 1``."""
+    if n == 0:
+        return 1.0
+    return (1.0 - beta ** (n + 1)) / (1.0 - beta)
+
+
+def group_of(index: int, num_workers: int) -> int:
+    """``G(s) = ⌈s / K⌉``: the gradient group of a message computed from parameter index ``s`` (spec §3.7, A1)."""
+    return (index + num_workers - 1) // num_workers
+
+
+def zeros_like(t: Tensor) -> Tensor:
+    return torch.zeros_like(t, memory_format=torch.contiguous_format)
