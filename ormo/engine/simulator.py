@@ -324,9 +324,10 @@ def simulate(
     now = 0.0
 
     for t in range(T):
-        rule.begin_iteration(state, t=t, waiting_empty=not waiting)
         k, now = source.next(t, now)
         payload = snapshots[k]
+        # The message depends only on the worker's snapshot, so it is computed and checked before PRE(t): a bad one
+        # stops the run with the server exactly at the iteration boundary w_t.
         try:
             grad = _CheckedGrad(grad_fn, params0, t, k, payload.index, check_finite)
             message = rule.work(payload, grad)
@@ -335,6 +336,7 @@ def simulate(
         except SimulationError as e:
             e.partial = finish()
             raise
+        rule.begin_iteration(state, t=t, waiting_empty=not waiting)
         rule.apply(state, message, t=t, worker=k)
         event = events.append(t=t, worker=k, index=payload.index, sim_time=now, dispatch_time=dispatch_time[k])
         waiting.append((k, now))

@@ -85,9 +85,10 @@ class SSGDm(Rule):
         return MomentumState(params=params0.clone(), num_workers=num_workers, momentum=zeros_like(params0))
 
     def begin_iteration(self, state: MomentumState, *, t: int, waiting_empty: bool) -> None:  # type: ignore[override]
-        if t > 0 and t % state.num_workers == 0 and self.momentum > 0.0:
+        if t > 0 and t % state.num_workers == 0:
             eta = 1.0 if self.convention == "scaled" else self.lr * state.lr_scale
-            state.params.add_(state.momentum, alpha=-self.momentum * eta)
+            if self.momentum != 0.0:
+                state.params.add_(state.momentum, alpha=-self.momentum * eta)
             state.momentum.mul_(self.momentum)
 
     def apply(self, state: MomentumState, message: Message, *, t: int, worker: int) -> None:  # type: ignore[override]
