@@ -40,8 +40,8 @@ class LogisticProblem:
         return xb.T @ (-yb * torch.sigmoid(-yb * (xb @ w))) / self.batch_size
 
 
-def run(*, num_workers: int = 16, num_iterations: int = 4000, seeds: tuple[int, ...] = (0, 1, 2),
-        lr: float = 0.05, momentum: float = 0.9) -> list[dict]:
+def run(*, num_workers: int = 16, num_iterations: int = 3000, seeds: tuple[int, ...] = (0, 1, 2),
+        lr: float = 0.2, momentum: float = 0.9) -> list[dict]:
     settings = {"homogeneous": Homogeneous(), "heterogeneous": SlowFraction(fraction=0.25, slowdown=4.0)}
     rows = []
     for method in METHODS:
@@ -64,7 +64,7 @@ def run(*, num_workers: int = 16, num_iterations: int = 4000, seeds: tuple[int, 
 def main() -> None:
     t0 = time.perf_counter()
     rows = run()
-    print("Logistic regression, K = 16 workers, 4000 gradients each run, 3 seeds (lr 0.05, momentum 0.9).")
+    print("Logistic regression, K = 16 workers, 3000 gradients each run, 3 seeds (lr 0.2, momentum 0.9).")
     print("Heterogeneous: 25 % of workers 4x slower. Time = simulated seconds (1 s per gradient on a fast worker).")
     print()
     print(f"{'method':18s} {'hom. loss':>17s} {'hom. time':>10s} {'het. loss':>17s} {'het. time':>10s}")
