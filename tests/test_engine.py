@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 
 import numpy as np
 import pytest
@@ -274,3 +275,18 @@ def test_every_rule_says_how_it_is_wired():
         d = ormo.make_rule(name).describe()
         assert d["scheduler"] in ("sync", "async") and d["worker_sends"] and d["server_sends"]
     assert {n for n in ALL_RULES if ormo.make_rule(n).scheduler == "sync"} == {"ssgd", "ssgdm", "prsgdm"}
+
+
+def test_finiteness_check_is_exact():
+    """The fast check (a sum) must neither miss a NaN/Inf nor flag finite values whose sum overflows."""
+    from ormo.engine.simulator import all_finite
+
+    g = torch.randn(1000, dtype=torch.float32)
+    assert all_finite(g)
+    for bad in (math.nan, math.inf, -math.inf):
+        h = g.clone()
+        h[7] = bad
+        assert not all_finite(h)
+    assert all_finite(torch.full((10,), 3e38, dtype=torch.float32))  # the float32 sum overflows; elements are finite
+    both = torch.tensor([math.inf, -math.inf])  # sums to NaN, still non-finite
+    assert not all_finite(both)
