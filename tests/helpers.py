@@ -49,8 +49,8 @@ def recording(rule: ormo.Rule) -> tuple[ormo.Rule, list[ormo.Message]]:
     messages: list[ormo.Message] = []
 
     class Recording(base):  # type: ignore[misc, valid-type]
-        def work(self, payload, grad):
-            msg = base.work(self, payload, grad)
+        def work(self, payload, grad, worker_state=None):
+            msg = base.work(self, payload, grad, worker_state)
             messages.append(msg)
             return msg
 

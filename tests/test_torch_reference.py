@@ -103,3 +103,22 @@ def test_pytorch_convention_matches_torch_after_a_learning_rate_change():
             rule.apply(states[c], ormo.Message(index=t, update=g), t=t, worker=0)
         assert max_rel_diff(states["pytorch"].params, w.detach()) <= TOL
     assert max_rel_diff(states["scaled"].params, states["pytorch"].params) > 1e-6
+
+
+def test_orlomo_previous_local_momentum_carries_over_between_rounds():
+    """Spec A4's alternative: the worker starts round r + 1 from its own last m_H instead of zero."""
+    problem = Quadratic(seed=11)
+    rule = ormo.make_rule("orlomo", momentum=0.8, local_lr=0.1, local_steps=3, local_momentum_init="previous")
+    worker_state = rule.init_worker(problem.w0)
+    m, x_start = torch.zeros_like(problem.w0), problem.w0.clone()
+    for index in (0, 5):
+        payload = ormo.Payload(index=index, params=x_start)
+        msg = rule.work(payload, lambda x, h, i=index: problem.grad_fn(x, 2, i, h), worker_state)
+        x = x_start.clone()
+        for h in range(3):  # the same local loop written out, with m carried from the last round
+            m = 0.8 * m + 0.1 * problem.grad_fn(x, 2, index, h)
+            x = x - m
+        assert max_rel_diff(msg.momentum, m) <= TOL
+        assert max_rel_diff(msg.update, x_start - x) <= TOL
+        assert max_rel_diff(worker_state.momentum, m) <= TOL
+    assert ormo.make_rule("orlomo").init_worker(problem.w0) is None  # the default restarts at zero, keeps nothing

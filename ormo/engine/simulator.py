@@ -31,6 +31,7 @@ from ..rules.base import (
     Payload,
     Rule,
     ServerState,
+    WorkerState,
     check_choice,
     check_int_at_least,
     invalid,
@@ -68,14 +69,16 @@ class SimulationResult:
     """What a simulation produced.
 
     ``params``: the final server parameters ``w_T`` (a copy, same dtype as ``params0``). ``events``: one record per
-    server iteration. ``state``: the rule's final server state. ``sim_time_s``: simulated time of the last arrival.
-    ``messages_per_worker``: consumed messages of each worker. ``idle_time_s``: per worker, time spent waiting for
-    the round to finish (sync scheduler; zeros under async, where a worker is re-dispatched on arrival).
+    server iteration. ``state``: the rule's final server state; ``worker_states``: each worker's own state (None for
+    most rules). ``sim_time_s``: simulated time of the last arrival. ``messages_per_worker``: consumed messages of
+    each worker. ``idle_time_s``: per worker, time spent waiting for the round to finish (sync scheduler; zeros
+    under async, where a worker is re-dispatched on arrival).
     """
 
     params: Tensor
     events: EventLog
     state: ServerState
+    worker_states: list[WorkerState | None]
     rule: Rule
     scheduler: str
     num_workers: int
@@ -295,6 +298,7 @@ def simulate(
         }
     )
     state = rule.init(params0, num_workers=K)
+    worker_states = [rule.init_worker(params0) for _ in range(K)]
     steps = rule.local_steps
 
     def finish() -> SimulationResult:
@@ -302,6 +306,7 @@ def simulate(
             params=state.params.clone(),
             events=events,
             state=state,
+            worker_states=worker_states,
             rule=rule,
             scheduler=sched,
             num_workers=K,
@@ -330,7 +335,7 @@ def simulate(
         # stops the run with the server exactly at the iteration boundary w_t.
         try:
             grad = _CheckedGrad(grad_fn, params0, t, k, payload.index, check_finite)
-            message = rule.work(payload, grad)
+            message = rule.work(payload, grad, worker_states[k])
             if check_finite:
                 _check_message(message, t, k, already_checked=grad.last)
         except SimulationError as e:

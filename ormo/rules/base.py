@@ -8,8 +8,9 @@ A *rule* holds hyperparameters only. Its mutable training state lives in a separ
     rule.apply(state, message, t=t, worker=k)               # UPDATE(t): consume one message
     rule.payload(state, index=t + 1)                        # what SCHEDULE(t) sends (w, a look-ahead, or (w̄, ū))
 
-and the worker side is ``rule.work(payload, grad)``, where ``grad(x, step)`` is the stochastic gradient at ``x``
-for the worker's minibatch of local step ``step``. Engines (simulator, Ray) only move payloads and messages.
+and the worker side is ``rule.work(payload, grad, worker_state)``, where ``grad(x, step)`` is the stochastic gradient
+at ``x`` for the worker's minibatch of local step ``step`` and ``worker_state`` is what ``rule.init_worker`` made for
+that worker (None for most rules). Engines (simulator, Ray) only move payloads and messages, and keep worker states.
 """
 
 from __future__ import annotations
@@ -103,6 +104,19 @@ class Message:
 
 
 @dataclass
+class WorkerState:
+    """State a worker keeps from one message to the next (e.g. its own momentum buffer)."""
+
+    momentum: Tensor
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"momentum": self.momentum.clone()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.momentum.copy_(sd["momentum"])
+
+
+@dataclass
 class ServerState:
     """Fields common to every rule's server state. ``params`` is ``w_t``, the model the server evaluates."""
 
@@ -169,7 +183,11 @@ class Rule:
         return Payload(index=index, params=state.params, lr_scale=state.lr_scale)
 
     # -- worker -------------------------------------------------------------------------------------------
-    def work(self, payload: Payload, grad: BoundGrad) -> Message:
+    def init_worker(self, params0: Tensor) -> WorkerState | None:
+        """State one worker keeps across its messages; None (the default) for stateless workers."""
+        return None
+
+    def work(self, payload: Payload, grad: BoundGrad, worker_state: WorkerState | None = None) -> Message:
         """Worker side of a one-step gradient method: ``g = ∇f(x; ξ)`` at the received point, sent as is."""
         return Message(index=payload.index, update=grad(payload.params, 0))
 

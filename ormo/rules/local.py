@@ -9,12 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from torch import Tensor
+
 from .base import (
     BoundGrad,
     Message,
     Payload,
     Rule,
     ServerState,
+    WorkerState,
     check_int_at_least,
     check_positive,
     register,
@@ -33,17 +36,24 @@ def local_sgd(payload: Payload, grad: BoundGrad, *, local_lr: float, local_steps
 
 
 def local_msgd(
-    payload: Payload, grad: BoundGrad, *, local_lr: float, momentum: float, local_steps: int
+    payload: Payload,
+    grad: BoundGrad,
+    *,
+    local_lr: float,
+    momentum: float,
+    local_steps: int,
+    initial_momentum: Tensor | None = None,
 ) -> Message:
-    """OrLoMo's worker (spec §3.13, A4, A5): local momentum restarted at zero, γ inside the momentum::
+    """OrLoMo's worker (spec §3.13, A4, A5): local momentum with γ inside, restarted at zero by default::
 
         x_0 = w_s ; m_0 = 0 ;  m_{h+1} = β m_h + γ ∇f(x_h; ξ_h) ;  x_{h+1} = x_h − m_{h+1}
 
-    sends ``(m_H, Δ = x_0 − x_H)``. With β = 0 it is :func:`local_sgd` (spec R17).
+    sends ``(m_H, Δ = x_0 − x_H)``. With β = 0 it is :func:`local_sgd` (spec R17). ``initial_momentum`` replaces
+    ``m_0 = 0`` (copied, not modified).
     """
     gamma = local_lr * payload.lr_scale
     x = payload.params.clone()
-    m = zeros_like(x)
+    m = zeros_like(x) if initial_momentum is None else initial_momentum.clone()
     for h in range(local_steps):
         g = grad(x, h)
         m.mul_(momentum).add_(g, alpha=gamma)
@@ -76,7 +86,7 @@ class ALSGD(DelayAdaptive, Rule):
         check_int_at_least("local_steps", self.local_steps, 1)
         self._check_delay()
 
-    def work(self, payload: Payload, grad: BoundGrad) -> Message:
+    def work(self, payload: Payload, grad: BoundGrad, worker_state: WorkerState | None = None) -> Message:
         return local_sgd(payload, grad, local_lr=self.local_lr, local_steps=self.local_steps)
 
     def apply(self, state: ServerState, message: Message, *, t: int, worker: int) -> None:

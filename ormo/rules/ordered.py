@@ -29,6 +29,7 @@ from .base import (
     Payload,
     Rule,
     ServerState,
+    WorkerState,
     catch_up,
     check_choice,
     check_int_at_least,
@@ -226,11 +227,12 @@ class LocalOrMoDA(DelayAdaptive, _Ordered):
             return eta / self.local_steps
         return eta
 
-    def work(self, payload: Payload, grad: BoundGrad) -> Message:
+    def work(self, payload: Payload, grad: BoundGrad, worker_state: WorkerState | None = None) -> Message:
         return local_sgd(payload, grad, local_lr=self.local_lr, local_steps=self.local_steps)
 
 
 GROUP_DECAYS: tuple[str, ...] = ("beta", "beta_pow_H")
+MOMENTUM_INITS: tuple[str, ...] = ("zero", "previous")
 
 
 @register
@@ -239,7 +241,9 @@ class OrLoMo(DelayAdaptive, _Ordered):
     """Ordered local momentum (OrLoMo; spec §3.13, A3–A5). Worker: H local MSGD steps from ``w_s`` with zero
     initial momentum and γ inside it; sends ``(m_H, Δ)``. Server: OrMo's shift and group weights, ``Δ`` applied at
     once with ``η_t``, ``m`` entering the momentum with its group's weight and the parameter with the coefficient
-    its group-mates already received. ``group_decay='beta_pow_H'`` makes each group stand for H MSGD steps."""
+    its group-mates already received. ``group_decay='beta_pow_H'`` makes each group stand for H MSGD steps;
+    ``local_momentum_init='previous'`` starts each round from the worker's last ``m_H`` instead of zero (spec A4;
+    the H = 1 reduction to OrMo-DA holds only for 'zero')."""
 
     name: ClassVar[str] = "orlomo"
     worker_sends: ClassVar[str] = "(m, Δ, s)"
@@ -251,6 +255,7 @@ class OrLoMo(DelayAdaptive, _Ordered):
     delay_rule: DelayRule = "inverse"
     delay_threshold: float = 1.0
     group_decay: str = "beta"
+    local_momentum_init: str = "zero"
 
     def __post_init__(self) -> None:
         check_positive("lr", self.lr)
@@ -258,6 +263,7 @@ class OrLoMo(DelayAdaptive, _Ordered):
         check_positive("local_lr", self.local_lr)
         check_int_at_least("local_steps", self.local_steps, 1)
         check_choice("group_decay", self.group_decay, GROUP_DECAYS)
+        check_choice("local_momentum_init", self.local_momentum_init, MOMENTUM_INITS)
         self._check_delay()
 
     def _group_steps(self) -> int:
@@ -266,10 +272,22 @@ class OrLoMo(DelayAdaptive, _Ordered):
     def _eta(self, state: OrderedState, tau: int) -> float:
         return self.lr_at(self.lr * state.lr_scale, tau, state.num_workers)
 
-    def work(self, payload: Payload, grad: BoundGrad) -> Message:
-        return local_msgd(
-            payload, grad, local_lr=self.local_lr, momentum=self.momentum, local_steps=self.local_steps
+    def init_worker(self, params0: Tensor) -> WorkerState | None:
+        return WorkerState(momentum=zeros_like(params0)) if self.local_momentum_init == "previous" else None
+
+    def work(self, payload: Payload, grad: BoundGrad, worker_state: WorkerState | None = None) -> Message:
+        previous = worker_state.momentum if worker_state is not None else None
+        msg = local_msgd(
+            payload,
+            grad,
+            local_lr=self.local_lr,
+            momentum=self.momentum,
+            local_steps=self.local_steps,
+            initial_momentum=previous,
         )
+        if previous is not None:
+            previous.copy_(msg.momentum)
+        return msg
 
     def _consume(self, state: OrderedState, message: Message, n: int, eta: float) -> None:
         assert message.momentum is not None

@@ -15,6 +15,7 @@ from .base import (
     Payload,
     Rule,
     ServerState,
+    WorkerState,
     check_choice,
     check_int_at_least,
     check_momentum,
@@ -114,7 +115,8 @@ class PRSGDm(Rule):
 
     Worker, from the server's ``(w̄, ū)``: ``x ← w̄, v ← ū``; H times ``v ← β v + ∇f(x; ξ_h)``, ``x ← x − γ v``;
     sends ``(x, v)``. Server: once all K messages of the round are in, ``w̄ ← mean x_k``, ``ū ← mean v_k``.
-    ``average_momentum=False`` averages the parameters only (and the workers restart from ``v = 0``).
+    ``average_momentum=False`` averages the parameters only: each worker keeps its own ``v`` from round to round and
+    sends ``x`` alone.
     """
 
     name: ClassVar[str] = "prsgdm"
@@ -142,29 +144,35 @@ class PRSGDm(Rule):
         )
 
     def payload(self, state: PRSGDmState, *, index: int) -> Payload:  # type: ignore[override]
-        return Payload(index=index, params=state.params, momentum=state.momentum, lr_scale=state.lr_scale)
+        momentum = state.momentum if self.average_momentum else None
+        return Payload(index=index, params=state.params, momentum=momentum, lr_scale=state.lr_scale)
 
-    def work(self, payload: Payload, grad: BoundGrad) -> Message:
+    def init_worker(self, params0: Tensor) -> WorkerState | None:
+        return None if self.average_momentum else WorkerState(momentum=zeros_like(params0))
+
+    def work(self, payload: Payload, grad: BoundGrad, worker_state: WorkerState | None = None) -> Message:
         gamma = self.local_lr * payload.lr_scale
         x = payload.params.clone()
-        if self.average_momentum and payload.momentum is not None:
-            v = payload.momentum.clone()
+        if worker_state is not None:  # parameter-only averaging: the worker's own buffer, updated in place
+            v = worker_state.momentum
         else:
-            v = zeros_like(x)
+            v = payload.momentum.clone() if payload.momentum is not None else zeros_like(x)
         for h in range(self.local_steps):
             g = grad(x, h)
             v.mul_(self.momentum).add_(g)
             x.add_(v, alpha=-gamma)
-        return Message(index=payload.index, update=x, momentum=v)
+        return Message(index=payload.index, update=x, momentum=None if worker_state is not None else v)
 
     def apply(self, state: PRSGDmState, message: Message, *, t: int, worker: int) -> None:  # type: ignore[override]
-        assert message.momentum is not None
         state.sum_params.add_(message.update)
-        state.sum_momentum.add_(message.momentum)
+        if self.average_momentum:
+            assert message.momentum is not None
+            state.sum_momentum.add_(message.momentum)
         state.received += 1
         if state.received == state.num_workers:
             torch.div(state.sum_params, state.num_workers, out=state.params)
-            torch.div(state.sum_momentum, state.num_workers, out=state.momentum)
             state.sum_params.zero_()
-            state.sum_momentum.zero_()
+            if self.average_momentum:
+                torch.div(state.sum_momentum, state.num_workers, out=state.momentum)
+                state.sum_momentum.zero_()
             state.received = 0
