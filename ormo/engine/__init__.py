@@ -1,7 +1,15 @@
 """Engines: where messages come from. The simulator and the timing models never import Ray."""
 
 from .events import EVENT_FIELDS, Event, EventLog, EventLogError
-from .simulator import GradFnError, NonFiniteError, SimulationError, SimulationResult, check_order, simulate
+from .simulator import (
+    GradFnError,
+    NonFiniteError,
+    SimulationError,
+    SimulationResult,
+    Simulator,
+    check_order,
+    simulate,
+)
 from .timing import HeavyTailed, Homogeneous, OneSlow, PerWorker, Replay, SlowFraction, TimingModel
 
 __all__ = [
@@ -18,6 +26,7 @@ __all__ = [
     "Replay",
     "SimulationError",
     "SimulationResult",
+    "Simulator",
     "SlowFraction",
     "TimingModel",
     "check_order",

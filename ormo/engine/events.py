@@ -101,6 +101,14 @@ class EventLog(Sequence[Event]):
         """The arrival order: the worker consumed at each iteration."""
         return list(self._cols["worker"])
 
+    def state_dict(self) -> dict[str, Any]:
+        """The columns as numpy arrays (compact in a checkpoint) and the metadata."""
+        return {"meta": dict(self.meta), "columns": {name: self.column(name) for name in EVENT_FIELDS}}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.meta = dict(sd["meta"])
+        self._cols = {name: np.asarray(sd["columns"][name]).tolist() for name in EVENT_FIELDS}
+
     # -- disk ---------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the log (gzip-compressed when the name ends in ``.gz``); returns the path."""

@@ -173,8 +173,21 @@ class _HeapSource:
         self.seq += 1
 
     def next(self, t: int, last_time: float) -> tuple[int, float]:
-        arrival, _, worker = heapq.heappop(self.heap)
+        arrival, seq, worker = heapq.heappop(self.heap)
+        self._last = (arrival, seq, worker)
         return worker, arrival
+
+    def undo(self, t: int, worker: int, arrival: float) -> None:
+        heapq.heappush(self.heap, self._last)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"heap": list(self.heap), "seq": self.seq, "clock": self.clock.state_dict()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.heap = [tuple(h) for h in sd["heap"]]
+        heapq.heapify(self.heap)
+        self.seq = sd["seq"]
+        self.clock.load_state_dict(sd["clock"])
 
 
 class _OrderSource:
@@ -189,7 +202,18 @@ class _OrderSource:
 
     def next(self, t: int, last_time: float) -> tuple[int, float]:
         worker = self.order[t]
-        return worker, max(self.ready.pop(worker), last_time)
+        self._last = self.ready.pop(worker)
+        return worker, max(self._last, last_time)
+
+    def undo(self, t: int, worker: int, arrival: float) -> None:
+        self.ready[worker] = self._last
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ready": dict(self.ready), "clock": self.clock.state_dict()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.ready = dict(sd["ready"])
+        self.clock.load_state_dict(sd["clock"])
 
 
 class _ReplaySource:
@@ -204,6 +228,15 @@ class _ReplaySource:
     def next(self, t: int, last_time: float) -> tuple[int, float]:
         return self.workers[t], self.times[t]
 
+    def undo(self, t: int, worker: int, arrival: float) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        pass
+
 
 # --------------------------------------------------------------------------------------------------------
 
@@ -213,6 +246,211 @@ def _copy_payload(p: Payload, into: Tensor | None) -> tuple[Payload, Tensor]:
     buf = into.copy_(p.params) if into is not None else p.params.clone()
     mom = p.momentum.clone() if p.momentum is not None else None
     return Payload(index=p.index, params=buf, momentum=mom, lr_scale=p.lr_scale), buf
+
+
+class Simulator:
+    """The discrete-event loop of spec §2.2, one server iteration per :meth:`step`, resumable bit for bit.
+
+    Arguments are those of :func:`simulate` (``num_iterations`` only bounds what an ``order``/``Replay`` allows),
+    plus ``lr_schedule(t) -> float``: a factor for the learning rates, set as ``state.lr_scale`` before iteration
+    ``t``; the payload sent after iteration ``t`` carries the same factor to the worker's local rate.
+
+    :meth:`state_dict` captures everything that determines the rest of the run (rule and worker states, what each
+    worker was sent, pending arrivals, every random generator, the event log); :meth:`load_state_dict` on a freshly
+    built simulator with the same arguments continues exactly where it stopped.
+    """
+
+    def __init__(
+        self,
+        rule: Rule,
+        params0: Tensor,
+        grad_fn: GradFn,
+        *,
+        num_workers: int,
+        num_iterations: int | None = None,
+        order: Sequence[int] | None = None,
+        timing: Any = None,
+        seed: int = 0,
+        scheduler: str | None = None,
+        check_finite: bool = True,
+        lr_schedule: Callable[[int], float] | None = None,
+    ) -> None:
+        if not isinstance(rule, Rule):
+            raise invalid("rule", type(rule).__name__, "a rule built by ormo.make_rule(name, ...)")
+        self.params0 = _check_params(params0)
+        self.num_workers = K = check_int_at_least("num_workers", num_workers, 1)
+        self.seed = check_seed(seed)
+        self.scheduler = check_choice("scheduler", scheduler if scheduler is not None else rule.scheduler, SCHEDULERS)
+        if not callable(grad_fn):
+            raise invalid("grad_fn", type(grad_fn).__name__, "a callable grad_fn(params, worker, index, step)")
+        if num_iterations is not None:
+            check_int_at_least("num_iterations", num_iterations, 0)
+        timing = check_timing(timing if timing is not None else Homogeneous())
+        self.rule, self.grad_fn, self.check_finite, self.lr_schedule = rule, grad_fn, check_finite, lr_schedule
+
+        self.source: _HeapSource | _OrderSource | _ReplaySource
+        if isinstance(timing, Replay):
+            if order is not None:
+                raise ConfigError("give either order= or timing=Replay(...), not both (a replay fixes the order)")
+            recorded_k = timing.log.meta.get("num_workers")
+            if recorded_k is not None and recorded_k != K:
+                raise invalid("num_workers", K, f"equal to the replayed log's num_workers={recorded_k}")
+            self.limit: int | None = len(timing.log) if num_iterations is None else num_iterations
+            if len(timing.log) < self.limit:
+                raise invalid("num_iterations", self.limit, f"<= the replayed log's length {len(timing.log)}")
+            check_order(timing.log.workers[: self.limit], K, self.scheduler)
+            self.source = _ReplaySource(timing.log)
+        elif order is not None:
+            order_list = check_order(order, K, self.scheduler)
+            self.limit = len(order_list) if num_iterations is None else num_iterations
+            if len(order_list) != self.limit:
+                raise invalid("num_iterations", self.limit, f"equal to len(order)={len(order_list)} (or omitted)")
+            self.source = _OrderSource(order_list, timing.bind(K, self.seed))
+        else:
+            self.limit = num_iterations
+            self.source = _HeapSource(timing.bind(K, self.seed))
+
+        self.events = EventLog(
+            {
+                "rule": rule.name,
+                "hyperparameters": rule.describe()["hyperparameters"],
+                "scheduler": self.scheduler,
+                "num_workers": K,
+                "seed": self.seed,
+                "timing": timing.describe(),
+                "engine": "simulator",
+            }
+        )
+        self.state = rule.init(self.params0, num_workers=K)
+        self.worker_states = [rule.init_worker(self.params0) for _ in range(K)]
+        self._steps = rule.local_steps
+        if lr_schedule is not None:
+            self.state.lr_scale = float(lr_schedule(0))
+        # What each worker was sent. Under async every worker owns a buffer reused across its messages (its previous
+        # message has been consumed before it is re-dispatched); a sync round shares one snapshot.
+        first, _ = _copy_payload(rule.payload(self.state, index=0), None)
+        self.snapshots: list[Payload] = [first] * K
+        self.own_buffers: list[Tensor | None] = [None] * K
+        self.dispatch_time = [0.0] * K
+        self.idle = [0.0] * K
+        self.waiting: list[tuple[int, float]] = []  # C: (worker, arrival time)
+        self.t, self.now = 0, 0.0
+        for k in range(K):
+            self.source.dispatch(k, 0.0, self._steps)
+
+    # -- running ------------------------------------------------------------------------------------------
+    def step(self) -> Event:
+        """Server iteration ``t``: take the next arrival, compute its message lazily, PRE, UPDATE, SCHEDULE."""
+        rule, state, t = self.rule, self.state, self.t
+        if self.limit is not None and t >= self.limit:
+            raise ConfigError(f"iteration {t} is past the end of the given order/replay ({self.limit} iterations)")
+        k, now = self.source.next(t, self.now)
+        payload = self.snapshots[k]
+        # The message depends only on the worker's snapshot, so it is computed and checked before PRE(t): a bad one
+        # stops the run with the server exactly at the iteration boundary w_t.
+        try:
+            grad = _CheckedGrad(self.grad_fn, self.params0, t, k, payload.index, self.check_finite)
+            message = rule.work(payload, grad, self.worker_states[k])
+            if self.check_finite:
+                _check_message(message, t, k, already_checked=grad.last)
+        except SimulationError as e:
+            self.source.undo(t, k, now)
+            e.partial = self.result()
+            raise
+        self.now = now
+        if self.lr_schedule is not None:
+            state.lr_scale = float(self.lr_schedule(t))
+        rule.begin_iteration(state, t=t, waiting_empty=not self.waiting)
+        rule.apply(state, message, t=t, worker=k)
+        event = self.events.append(
+            t=t, worker=k, index=payload.index, sim_time=now, dispatch_time=self.dispatch_time[k]
+        )
+        self.waiting.append((k, now))
+
+        if self.scheduler == "async":
+            self.snapshots[k], self.own_buffers[k] = _copy_payload(
+                rule.payload(state, index=t + 1), self.own_buffers[k]
+            )
+            self.dispatch_time[k] = now
+            self.source.dispatch(k, now, self._steps)
+            self.waiting.clear()
+        elif len(self.waiting) == self.num_workers:
+            shared, _ = _copy_payload(rule.payload(state, index=t + 1), None)
+            for j, arrived in self.waiting:
+                self.idle[j] += now - arrived
+            for j in range(self.num_workers):
+                self.snapshots[j] = shared
+                self.dispatch_time[j] = now
+                self.source.dispatch(j, now, self._steps)
+            self.waiting.clear()
+        self.t = t + 1
+        return event
+
+    def run(self, until: int | None = None, callback: Callback | None = None) -> Simulator:
+        """Step until ``t == until`` (default: the end of the order/replay), calling ``callback(event, state)``."""
+        until = self.limit if until is None else until
+        if until is None:
+            raise ConfigError("num_iterations is required when no order= or timing=Replay(...) is given")
+        while self.t < until:
+            event = self.step()
+            if callback is not None:
+                callback(event, self.state)
+        return self
+
+    def result(self) -> SimulationResult:
+        events, K = self.events, self.num_workers
+        return SimulationResult(
+            params=self.state.params.clone(),
+            events=events,
+            state=self.state,
+            worker_states=self.worker_states,
+            rule=self.rule,
+            scheduler=self.scheduler,
+            num_workers=K,
+            sim_time_s=events[-1].sim_time if len(events) else 0.0,
+            messages_per_worker=np.bincount(events.column("worker"), minlength=K).tolist(),
+            idle_time_s=list(self.idle),
+            delay=delay_stats(events.column("delay")),
+        )
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit for bit (for ``torch.save``; shared snapshot tensors stay shared)."""
+        return {
+            "t": self.t,
+            "now": self.now,
+            "rule_state": self.state.state_dict(),
+            "worker_states": [w.state_dict() if w is not None else None for w in self.worker_states],
+            "snapshots": [(p.index, p.params, p.momentum, p.lr_scale) for p in self.snapshots],
+            "own": [b is not None for b in self.own_buffers],
+            "dispatch_time": list(self.dispatch_time),
+            "idle": list(self.idle),
+            "waiting": list(self.waiting),
+            "source": self.source.state_dict(),
+            "events": self.events.state_dict(),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.t, self.now = int(sd["t"]), float(sd["now"])
+        self.state.load_state_dict(sd["rule_state"])
+        for w, wsd in zip(self.worker_states, sd["worker_states"], strict=True):
+            if w is not None:
+                w.load_state_dict(wsd)
+        copies: dict[int, Tensor] = {}  # keep one tensor per saved tensor, as shared as it was
+
+        def same(x: Tensor | None) -> Tensor | None:
+            if x is None:
+                return None
+            return copies.setdefault(id(x), x.clone())
+
+        self.snapshots = [
+            Payload(index=i, params=same(p), momentum=same(m), lr_scale=s) for i, p, m, s in sd["snapshots"]
+        ]
+        self.own_buffers = [p.params if own else None for p, own in zip(self.snapshots, sd["own"], strict=True)]
+        self.dispatch_time, self.idle = list(sd["dispatch_time"]), list(sd["idle"])
+        self.waiting = [tuple(w) for w in sd["waiting"]]  # type: ignore[misc]
+        self.source.load_state_dict(sd["source"])
+        self.events.load_state_dict(sd["events"])
 
 
 def simulate(
@@ -228,6 +466,7 @@ def simulate(
     scheduler: str | None = None,
     callback: Callback | None = None,
     check_finite: bool = True,
+    lr_schedule: Callable[[int], float] | None = None,
 ) -> SimulationResult:
     """Run ``rule`` on a simulated parameter server with ``num_workers`` workers.
 
@@ -246,124 +485,27 @@ def simulate(
         scheduler: 'sync' or 'async'; default the rule's own (spec §2.2).
         callback: ``callback(event, state)`` after every iteration (``state.params`` is ``w_{t+1}``).
         check_finite: stop with :class:`NonFiniteError` on a NaN/Inf gradient or message (one pass per tensor).
+        lr_schedule: ``lr_schedule(t) -> float``, a factor on the learning rates at iteration ``t`` (default 1).
 
     Returns:
         :class:`SimulationResult` with ``params`` (= ``w_T``), ``events`` and summary statistics.
     """
-    if not isinstance(rule, Rule):
-        raise invalid("rule", type(rule).__name__, "a rule built by ormo.make_rule(name, ...)")
-    params0 = _check_params(params0)
-    K = check_int_at_least("num_workers", num_workers, 1)
-    seed = check_seed(seed)
-    sched = check_choice("scheduler", scheduler if scheduler is not None else rule.scheduler, SCHEDULERS)
-    if not callable(grad_fn):
-        raise invalid("grad_fn", type(grad_fn).__name__, "a callable grad_fn(params, worker, index, step)")
-    if num_iterations is not None:
-        check_int_at_least("num_iterations", num_iterations, 0)
-    timing = check_timing(timing if timing is not None else Homogeneous())
-
-    source: _HeapSource | _OrderSource | _ReplaySource
-    if isinstance(timing, Replay):
-        if order is not None:
-            raise ConfigError("give either order= or timing=Replay(...), not both (a replay fixes the order)")
-        recorded_k = timing.log.meta.get("num_workers")
-        if recorded_k is not None and recorded_k != K:
-            raise invalid("num_workers", K, f"equal to the replayed log's num_workers={recorded_k}")
-        T = len(timing.log) if num_iterations is None else num_iterations
-        if len(timing.log) < T:
-            raise invalid("num_iterations", T, f"<= the replayed log's length {len(timing.log)}")
-        check_order(timing.log.workers[:T], K, sched)
-        source = _ReplaySource(timing.log)
-    elif order is not None:
-        order_list = check_order(order, K, sched)
-        T = len(order_list) if num_iterations is None else num_iterations
-        if len(order_list) != T:
-            raise invalid("num_iterations", T, f"equal to len(order)={len(order_list)} (or omitted)")
-        source = _OrderSource(order_list, timing.bind(K, seed))
-    else:
-        if num_iterations is None:
-            raise ConfigError("num_iterations is required when no order= or timing=Replay(...) is given")
-        T = num_iterations
-        source = _HeapSource(timing.bind(K, seed))
-
-    events = EventLog(
-        {
-            "rule": rule.name,
-            "hyperparameters": rule.describe()["hyperparameters"],
-            "scheduler": sched,
-            "num_workers": K,
-            "seed": seed,
-            "timing": timing.describe(),
-            "engine": "simulator",
-        }
+    sim = Simulator(
+        rule,
+        params0,
+        grad_fn,
+        num_workers=num_workers,
+        num_iterations=num_iterations,
+        order=order,
+        timing=timing,
+        seed=seed,
+        scheduler=scheduler,
+        check_finite=check_finite,
+        lr_schedule=lr_schedule,
     )
-    state = rule.init(params0, num_workers=K)
-    worker_states = [rule.init_worker(params0) for _ in range(K)]
-    steps = rule.local_steps
-
-    def finish() -> SimulationResult:
-        return SimulationResult(
-            params=state.params.clone(),
-            events=events,
-            state=state,
-            worker_states=worker_states,
-            rule=rule,
-            scheduler=sched,
-            num_workers=K,
-            sim_time_s=events[-1].sim_time if len(events) else 0.0,
-            messages_per_worker=np.bincount(events.column("worker"), minlength=K).tolist(),
-            idle_time_s=idle,
-            delay=delay_stats(events.column("delay")),
-        )
-
-    # Per-worker snapshots of what each was sent. Under async every worker owns a buffer reused across its messages
-    # (its previous message has been consumed before it is re-dispatched); a sync round shares one snapshot.
-    first, _ = _copy_payload(rule.payload(state, index=0), None)
-    snapshots: list[Payload] = [first] * K
-    own_buffers: list[Tensor | None] = [None] * K
-    dispatch_time = [0.0] * K
-    idle = [0.0] * K
-    waiting: list[tuple[int, float]] = []  # C: (worker, arrival time)
-    for k in range(K):
-        source.dispatch(k, 0.0, steps)
-    now = 0.0
-
-    for t in range(T):
-        k, now = source.next(t, now)
-        payload = snapshots[k]
-        # The message depends only on the worker's snapshot, so it is computed and checked before PRE(t): a bad one
-        # stops the run with the server exactly at the iteration boundary w_t.
-        try:
-            grad = _CheckedGrad(grad_fn, params0, t, k, payload.index, check_finite)
-            message = rule.work(payload, grad, worker_states[k])
-            if check_finite:
-                _check_message(message, t, k, already_checked=grad.last)
-        except SimulationError as e:
-            e.partial = finish()
-            raise
-        rule.begin_iteration(state, t=t, waiting_empty=not waiting)
-        rule.apply(state, message, t=t, worker=k)
-        event = events.append(t=t, worker=k, index=payload.index, sim_time=now, dispatch_time=dispatch_time[k])
-        waiting.append((k, now))
-
-        if sched == "async":
-            snapshots[k], own_buffers[k] = _copy_payload(rule.payload(state, index=t + 1), own_buffers[k])
-            dispatch_time[k] = now
-            source.dispatch(k, now, steps)
-            waiting.clear()
-        elif len(waiting) == K:
-            shared, _ = _copy_payload(rule.payload(state, index=t + 1), None)
-            for j, arrived in waiting:
-                idle[j] += now - arrived
-            for j in range(K):
-                snapshots[j] = shared
-                dispatch_time[j] = now
-                source.dispatch(j, now, steps)
-            waiting.clear()
-        if callback is not None:
-            callback(event, state)
-
-    return finish()
+    if sim.limit is None:
+        raise ConfigError("num_iterations is required when no order= or timing=Replay(...) is given")
+    return sim.run(sim.limit, callback).result()
 
 
 def all_finite(tensor: Tensor) -> bool:
@@ -401,13 +543,19 @@ class _CheckedGrad:
             raise GradFnError(
                 f"{where} returned {got}; expected a torch.Tensor of shape {tuple(p0.shape)}, dtype {p0.dtype}, "
                 f"device {p0.device} (same as params0)",
-                t=t, worker=worker, index=index, step=step,
+                t=t,
+                worker=worker,
+                index=index,
+                step=step,
             )
         if self.check_finite and not all_finite(g):
             raise NonFiniteError(
                 f"grad_fn(params, worker={worker}, index={index}, step={step}) returned NaN/Inf values at server "
                 f"iteration t={t}; the run stopped before applying it (parameters untouched)",
-                t=t, worker=worker, index=index, step=step,
+                t=t,
+                worker=worker,
+                index=index,
+                step=step,
             )
         self.last = g
         return g
@@ -421,5 +569,7 @@ def _check_message(message: Message, t: int, worker: int, *, already_checked: Te
             raise NonFiniteError(
                 f"the message of worker {worker} (index {message.index}) at server iteration t={t} has NaN/Inf "
                 f"values in its {name}; the run stopped before applying it (parameters untouched)",
-                t=t, worker=worker, index=message.index,
+                t=t,
+                worker=worker,
+                index=message.index,
             )
