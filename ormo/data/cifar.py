@@ -1,0 +1,185 @@
+"""``cifar10`` and ``cifar100``: the "python version" archives of Krizhevsky (2009), *Learning Multiple Layers of
+Features from Tiny Images*, https://www.cs.toronto.edu/~kriz/cifar.html.
+
+In ``data_dir`` the loader uses, in this order: the extracted folder (``cifar-10-batches-py/`` with
+``data_batch_1`` … ``data_batch_5`` and ``test_batch``; ``cifar-100-python/`` with ``train`` and ``test``), else the
+``.tar.gz`` archive, whose MD5 is checked against :data:`MD5` and whose members are read in place (nothing is
+extracted, so a read-only data directory works), else, with ``download=True``, a fresh download of the archive.
+
+Each member is a pickle (written by Python 2, hence ``encoding="bytes"``) of a dict with ``b"data"``, an N×3072
+uint8 array whose rows are 3×32×32 images in row-major order (all red, then green, then blue), and the labels
+``b"labels"`` (CIFAR-10) or ``b"fine_labels"`` (CIFAR-100's 100 classes). Unpickling runs code from the file: read
+only archives that pass the checksum, or folders you extracted yourself.
+"""
+
+from __future__ import annotations
+
+import pickle
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+from .base import Dataset, DatasetError, register_dataset
+from .download import download as fetch
+from .download import verify_md5
+
+#: Expected MD5 of each archive, by file name (tests substitute the checksums of their small archives).
+MD5: dict[str, str] = {
+    "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+    "cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
+}
+
+#: Where each archive is downloaded from, by file name.
+URLS: dict[str, str] = {
+    "cifar-10-python.tar.gz": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "cifar-100-python.tar.gz": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+}
+
+_IMAGE_SHAPE = (3, 32, 32)
+_PIXELS = 3 * 32 * 32
+
+
+@dataclass(frozen=True)
+class CifarLayout:
+    """Where one CIFAR variant keeps its batches, and how its labels are stored."""
+
+    #: Registry name.
+    name: str
+    #: Archive file name (a key of :data:`MD5` and :data:`URLS`).
+    archive: str
+    #: Top-level folder inside the archive (and after extraction).
+    folder: str
+    #: Member files of the training set, in order.
+    train_files: tuple[str, ...]
+    #: Member files of the test set.
+    test_files: tuple[str, ...]
+    #: Key of the label list in each pickle.
+    label_key: bytes
+    num_classes: int
+
+
+CIFAR10 = CifarLayout(name="cifar10", archive="cifar-10-python.tar.gz", folder="cifar-10-batches-py",
+                      train_files=tuple(f"data_batch_{i}" for i in range(1, 6)), test_files=("test_batch",),
+                      label_key=b"labels", num_classes=10)
+CIFAR100 = CifarLayout(name="cifar100", archive="cifar-100-python.tar.gz", folder="cifar-100-python",
+                       train_files=("train",), test_files=("test",), label_key=b"fine_labels", num_classes=100)
+
+
+@register_dataset("cifar10")
+def cifar10(*, data_dir: Path, download: bool) -> Dataset:
+    """CIFAR-10: 50,000 training and 10,000 test 3×32×32 images, 10 classes."""
+    return load_cifar(CIFAR10, data_dir=data_dir, download=download)
+
+
+@register_dataset("cifar100")
+def cifar100(*, data_dir: Path, download: bool) -> Dataset:
+    """CIFAR-100: 50,000 training and 10,000 test 3×32×32 images, 100 fine classes."""
+    return load_cifar(CIFAR100, data_dir=data_dir, download=download)
+
+
+def load_cifar(layout: CifarLayout, *, data_dir: Path, download: bool) -> Dataset:
+    """Read ``layout`` from ``data_dir`` (folder, else verified archive, else download); see the module docstring."""
+    folder, archive = data_dir / layout.folder, data_dir / layout.archive
+    url, md5 = URLS[layout.archive], MD5[layout.archive]
+    if folder.is_dir():
+        train = [_read_from_folder(folder, f, layout) for f in layout.train_files]
+        test = [_read_from_folder(folder, f, layout) for f in layout.test_files]
+    else:
+        if archive.is_file():
+            try:
+                verify_md5(archive, md5, url=url)
+            except DatasetError:
+                if not download:
+                    raise
+                fetch(url, archive, md5=md5)  # replace the corrupt copy
+        elif download:
+            fetch(url, archive, md5=md5)
+        else:
+            raise DatasetError(
+                f"{layout.name}: found neither the folder {folder}/ nor the archive {archive}; download {url} and "
+                f"put it in {data_dir} (or pass download=True, or point data_dir or $ORMO_DATA elsewhere)"
+            )
+        train, test = _read_from_archive(archive, layout)
+    train_x, train_y = _stack(train)
+    test_x, test_y = _stack(test)
+    return Dataset(name=layout.name, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
+                   num_classes=layout.num_classes)
+
+
+def _read_from_folder(folder: Path, file: str, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray]:
+    path = folder / file
+    if not path.is_file():
+        raise DatasetError(
+            f"{layout.name}: the folder {folder}/ has no file {file!r} (expected {', '.join(layout.train_files)}, "
+            f"{', '.join(layout.test_files)}); extract {layout.archive} again, or delete the folder so that the "
+            f"archive in {folder.parent} is read instead"
+        )
+    with open(path, "rb") as f:
+        return _decode(f, source=str(path), layout=layout)
+
+
+def _read_from_archive(archive: Path, layout: CifarLayout
+                       ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[np.ndarray, np.ndarray]]]:
+    def member(tf: tarfile.TarFile, file: str) -> tuple[np.ndarray, np.ndarray]:
+        name = f"{layout.folder}/{file}"
+        try:
+            info = tf.getmember(name)
+        except KeyError:
+            raise DatasetError(
+                f"{layout.name}: the archive {archive} has no member {name!r}; it is not the CIFAR python archive: "
+                f"delete it and download {URLS[layout.archive]} again"
+            ) from None
+        f = tf.extractfile(info)
+        if f is None:
+            raise DatasetError(f"{layout.name}: member {name!r} of {archive} is not a regular file")
+        with f:
+            return _decode(f, source=f"{archive}:{name}", layout=layout)
+
+    try:
+        with tarfile.open(archive, "r:gz") as tf:
+            train = [member(tf, file) for file in layout.train_files]
+            test = [member(tf, file) for file in layout.test_files]
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise DatasetError(
+            f"{layout.name}: could not read the archive {archive} ({type(e).__name__}: {e}); it is truncated or "
+            f"corrupt: delete it and download {URLS[layout.archive]} again (or pass download=True)"
+        ) from e
+    return train, test
+
+
+def _decode(f: IO[bytes], *, source: str, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray]:
+    """One batch as (N×3072 uint8 array, int64 labels), after checking its structure."""
+    try:
+        batch: Any = pickle.load(f, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, ValueError) as e:
+        raise DatasetError(f"{layout.name}: {source} is not a readable pickle ({type(e).__name__}: {e})") from e
+    if not isinstance(batch, dict) or b"data" not in batch or layout.label_key not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise DatasetError(f"{layout.name}: {source} should hold a dict with keys b'data' and "
+                           f"{layout.label_key!r}; found {keys}")
+    data = batch[b"data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _PIXELS:
+        found = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DatasetError(f"{layout.name}: b'data' in {source} is a {found}; expected an N×{_PIXELS} uint8 array "
+                           "(3×32×32 images in row-major order)")
+    labels = np.asarray(batch[layout.label_key])
+    if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+        raise DatasetError(f"{layout.name}: {layout.label_key!r} in {source} has shape {labels.shape} and dtype "
+                           f"{labels.dtype}; expected {data.shape[0]} integer labels, one per image")
+    if labels.size and (labels.min() < 0 or labels.max() >= layout.num_classes):
+        raise DatasetError(f"{layout.name}: labels in {source} span [{labels.min()}, {labels.max()}]; expected "
+                           f"values in [0, {layout.num_classes})")
+    return data, labels.astype(np.int64)
+
+
+def _stack(batches: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    data = np.concatenate([d for d, _ in batches])
+    labels = np.concatenate([y for _, y in batches])
+    # Costs one float32 copy of the set (600 MB for CIFAR-10's training set); the uint8 source is then freed.
+    x = torch.from_numpy(data).view(-1, *_IMAGE_SHAPE).to(torch.float32).div_(255.0)
+    return x, torch.from_numpy(labels)

@@ -1,0 +1,155 @@
+"""``tinyimagenet``: Tiny ImageNet (Le & Yang, 2015, CS231N), 200 classes of 3×64×64 images.
+
+The standard folder ``tiny-imagenet-200/`` in ``data_dir``::
+
+    wnids.txt                         one WordNet id per line; line order = class index
+    train/<wnid>/images/*.JPEG        500 training images per class (100,000 in all), read in file-name order
+    val/images/*.JPEG                 10,000 validation images, used as the test set
+    val/val_annotations.txt           tab-separated: file name, wnid, then a bounding box (ignored)
+
+The official test split has no labels and is not read. With ``download=True`` and no folder, the zip archive is
+fetched (MD5-checked) and extracted into a temporary folder, which is renamed into place only when complete.
+Images are decoded with Pillow and converted to RGB (a few training images are grayscale).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import Dataset, DatasetError, register_dataset
+from .download import download as fetch
+from .download import md5_of
+
+FOLDER = "tiny-imagenet-200"
+ARCHIVE = "tiny-imagenet-200.zip"
+#: Expected MD5 of the archive, by file name (tests substitute the checksum of their small archive).
+MD5: dict[str, str] = {ARCHIVE: "90528d7ca1a48142e341f4ef8d21d0de"}
+#: Where the archive is downloaded from, by file name.
+URLS: dict[str, str] = {ARCHIVE: "http://cs231n.stanford.edu/tiny-imagenet-200.zip"}
+
+IMAGE_SIZE = 64
+# Pillow releases the GIL while decoding, so threads overlap file reads and JPEG decoding (~110,000 small files).
+_DECODE_THREADS = min(8, os.cpu_count() or 1)
+
+
+@register_dataset("tinyimagenet")
+def tinyimagenet(*, data_dir: Path, download: bool) -> Dataset:
+    """100,000 training and 10,000 test (the labelled validation split) 3×64×64 images, 200 classes."""
+    root = data_dir / FOLDER
+    if not root.is_dir():
+        if not download:
+            raise DatasetError(
+                f"tinyimagenet: no folder {root}/; download {URLS[ARCHIVE]}, unzip it in {data_dir} (it creates "
+                f"{FOLDER}/), or pass download=True"
+            )
+        _download_and_extract(data_dir)
+    wnids = _read_wnids(root)
+    class_of = {w: i for i, w in enumerate(wnids)}
+    train_files: list[Path] = []
+    train_labels: list[int] = []
+    for i, wnid in enumerate(wnids):
+        images = root / "train" / wnid / "images"
+        if not images.is_dir():
+            raise DatasetError(f"tinyimagenet: class {wnid} of {root / 'wnids.txt'} has no folder {images}/; the "
+                               f"folder {root}/ is incomplete: unzip {ARCHIVE} again")
+        files = sorted(images.glob("*.JPEG"))
+        train_files += files
+        train_labels += [i] * len(files)
+    test_files, test_labels = _read_val_annotations(root, class_of)
+    train_x = _decode_all(train_files)
+    test_x = _decode_all(test_files)
+    return Dataset(name="tinyimagenet", train_x=train_x, train_y=torch.tensor(train_labels, dtype=torch.int64),
+                   test_x=test_x, test_y=torch.tensor(test_labels, dtype=torch.int64), num_classes=len(wnids))
+
+
+def _read_wnids(root: Path) -> list[str]:
+    path = root / "wnids.txt"
+    if not path.is_file():
+        raise DatasetError(f"tinyimagenet: no class list {path}; the folder {root}/ is incomplete: unzip "
+                           f"{ARCHIVE} again")
+    wnids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not wnids or len(set(wnids)) != len(wnids):
+        raise DatasetError(f"tinyimagenet: {path} should list distinct WordNet ids, one per line; found "
+                           f"{len(wnids)} lines, {len(set(wnids))} distinct")
+    return wnids
+
+
+def _read_val_annotations(root: Path, class_of: dict[str, int]) -> tuple[list[Path], list[int]]:
+    path = root / "val" / "val_annotations.txt"
+    if not path.is_file():
+        raise DatasetError(f"tinyimagenet: no validation labels {path} (tab-separated: file name, wnid, box); the "
+                           f"folder {root}/ is incomplete: unzip {ARCHIVE} again")
+    files: list[Path] = []
+    labels: list[int] = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1] not in class_of:
+            raise DatasetError(f"tinyimagenet: line {number} of {path} should be 'file<TAB>wnid<TAB>box…' with a "
+                               f"wnid from wnids.txt; found {line!r}")
+        image = root / "val" / "images" / fields[0]
+        if not image.is_file():
+            raise DatasetError(f"tinyimagenet: {path} line {number} lists {fields[0]}, but {image} does not exist; "
+                               f"the folder {root}/ is incomplete: unzip {ARCHIVE} again")
+        files.append(image)
+        labels.append(class_of[fields[1]])
+    return files, labels
+
+
+def _decode_all(files: list[Path]) -> torch.Tensor:
+    """N×3×64×64 float32 in [0, 1]. Holds one uint8 copy (N·12 KB) and one float32 copy of the set."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as e:  # Pillow is not a dependency of ormo
+        raise ImportError("the 'tinyimagenet' dataset needs Pillow: pip install pillow") from e
+    out = np.empty((len(files), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+
+    def decode(i: int) -> None:
+        try:
+            with Image.open(files[i]) as img:
+                rgb = np.asarray(img.convert("RGB"))
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise DatasetError(f"tinyimagenet: cannot decode {files[i]} ({type(e).__name__}: {e}); the file is "
+                               f"corrupt: unzip {ARCHIVE} again") from e
+        if rgb.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
+            raise DatasetError(f"tinyimagenet: {files[i]} is {rgb.shape[1]}×{rgb.shape[0]} pixels; expected "
+                               f"{IMAGE_SIZE}×{IMAGE_SIZE}")
+        out[i] = rgb
+
+    with ThreadPoolExecutor(max_workers=_DECODE_THREADS) as pool:
+        for _ in pool.map(decode, range(len(files))):  # consume to re-raise the first error
+            pass
+    return torch.from_numpy(out).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+
+
+def _download_and_extract(data_dir: Path) -> None:
+    """Fetch (or reuse a verified) archive, extract it beside its destination, then rename the folder into place."""
+    archive, url, md5 = data_dir / ARCHIVE, URLS[ARCHIVE], MD5[ARCHIVE]
+    if not (archive.is_file() and md5_of(archive) == md5):  # absent or corrupt: (re)download
+        fetch(url, archive, md5=md5)
+    staging = Path(tempfile.mkdtemp(prefix=f".{FOLDER}.", dir=data_dir))
+    try:
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                for name in zf.namelist():  # refuse absolute paths and '..' (no writes outside the staging folder)
+                    if name.startswith(("/", "\\")) or ".." in Path(name).parts:
+                        raise DatasetError(f"tinyimagenet: {archive} has an unsafe member name {name!r}")
+                if f"{FOLDER}/wnids.txt" not in zf.namelist():
+                    raise DatasetError(f"tinyimagenet: {archive} has no member {FOLDER}/wnids.txt; it is not the "
+                                       f"Tiny ImageNet archive: delete it and download {url} again")
+                zf.extractall(staging)
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise DatasetError(f"tinyimagenet: could not extract {archive} ({type(e).__name__}: {e}); delete it "
+                               f"and download {url} again") from e
+        os.replace(staging / FOLDER, data_dir / FOLDER)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

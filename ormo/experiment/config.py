@@ -1,0 +1,423 @@
+"""Experiment configuration: one frozen, validated dataclass per component, read from TOML.
+
+A file has the sections ``[method]`` (with ``[method.options]``), ``[model]``, ``[data]`` (with ``[data.options]``),
+``[schedule]``, ``[timing]`` and ``[train]``, plus top-level ``name`` and ``extends`` (a path, relative to the file,
+of a base file whose values this one overrides). Overrides from the command line are ``section.key=value`` with a
+TOML value (``method.lr=0.05``, ``method.options.delay_rule="none"``, ``train.epochs=2``); a bare word is taken
+as a string. Unknown sections or keys and wrong types are errors naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..engine.timing import HeavyTailed, Homogeneous, OneSlow, PerWorker, SlowFraction, TimingModel
+from ..rules import Rule, make_rule
+from ..rules.base import (
+    ConfigError,
+    check_choice,
+    check_int_at_least,
+    check_positive,
+    invalid,
+    rule_class,
+)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The update rule and its hyperparameters (``ormo rules`` lists them)."""
+
+    #: registry name of the rule, e.g. "ormo", "orlomo", "ssgdm"
+    name: str = "ormo"
+    #: server / global learning rate η (per message); unset = the rule's default. Ignored by rules without one.
+    lr: float | None = None
+    #: momentum β; ignored by rules without momentum (asgd, ssgd, al-sgd, da-asgd)
+    momentum: float | None = None
+    #: local learning rate γ of local-update methods; ignored by one-step methods
+    local_lr: float | None = None
+    #: local steps H per message of local-update methods; ignored by one-step methods
+    local_steps: int | None = None
+    #: the rule's own switches, e.g. {delay_rule = "inverse", group_decay = "beta"}; checked strictly
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        rule_class(self.name)  # unknown names list the valid ones
+        self.build()  # validates every value
+
+    def build(self) -> Rule:
+        """The rule: the common hyperparameters where the rule has them, then every option."""
+        accepted = {f.name for f in dataclasses.fields(rule_class(self.name))}  # type: ignore[arg-type]
+        hp = {
+            k: v
+            for k, v in (("lr", self.lr), ("momentum", self.momentum), ("local_lr", self.local_lr),
+                         ("local_steps", self.local_steps))
+            if v is not None and k in accepted
+        }
+        for k in self.options:
+            if k in hp or k in ("lr", "momentum", "local_lr", "local_steps"):
+                raise ConfigError(f"method.options.{k}: set it as method.{k}")
+        return make_rule(self.name, **hp, **self.options)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network (``ormo.models``)."""
+
+    #: registry name: resnet20, resnet32, resnet56, squeezenet, lenet, mlp, or one you registered
+    name: str = "resnet20"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The dataset and how workers sample it (``ormo.data``)."""
+
+    #: registry name: digits (bundled, the default), cifar10, cifar100, tinyimagenet, synthetic
+    name: str = "digits"
+    #: folder holding the archives (default $ORMO_DATA or ~/.cache/ormo)
+    data_dir: str | None = None
+    #: fetch a missing archive from its official location (checksum verified)
+    download: bool = False
+    #: keep only this many training examples (seeded, class-balanced); unset = all
+    subset: int | None = None
+    #: minibatch size per gradient (per local step for local methods)
+    batch_size: int = 64
+    #: random crop (padding 4) and horizontal flip on training batches
+    augment: bool = False
+    #: dataset-specific options, e.g. {upsample = true} for digits
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_int_at_least("data.batch_size", self.batch_size, 1)
+        if self.subset is not None:
+            check_int_at_least("data.subset", self.subset, 1)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule, applied per message by samples consumed, to η (gradient methods) and γ (local ones)."""
+
+    #: linear warm-up length in epochs (0 = none)
+    warmup_epochs: float = 0.0
+    #: the factor the warm-up starts from (reaches 1 at the end of the warm-up)
+    warmup_start: float = 0.1
+    #: epochs at which the rate is multiplied by ``decay``
+    milestones: list[float] = field(default_factory=list)
+    #: the step-decay factor
+    decay: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.warmup_epochs < 0:
+            raise invalid("schedule.warmup_epochs", self.warmup_epochs, ">= 0")
+        check_positive("schedule.warmup_start", self.warmup_start)
+        check_positive("schedule.decay", self.decay)
+        if list(self.milestones) != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
+            raise invalid("schedule.milestones", list(self.milestones), "increasing positive epochs")
+
+    def factor(self, epoch: float) -> float:
+        """The learning-rate factor after ``epoch`` epochs of samples."""
+        f = 1.0
+        if self.warmup_epochs > 0 and epoch < self.warmup_epochs:
+            f = self.warmup_start + (1.0 - self.warmup_start) * epoch / self.warmup_epochs
+        return f * self.decay ** sum(1 for m in self.milestones if epoch >= m)
+
+
+TIMING_MODELS: dict[str, type[TimingModel]] = {
+    "homogeneous": Homogeneous,
+    "per_worker": PerWorker,
+    "slow_fraction": SlowFraction,
+    "one_slow": OneSlow,
+    "heavy_tailed": HeavyTailed,
+}
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """Worker speeds (``ormo.engine.timing``). Parameters that a model does not take must stay unset."""
+
+    #: homogeneous, per_worker, slow_fraction, one_slow or heavy_tailed
+    model: str = "homogeneous"
+    #: slow_fraction: share of slow workers (the highest ids)
+    fraction: float | None = None
+    #: slow_fraction: how many times slower the slow workers are
+    slowdown: float | None = None
+    #: one_slow: Slow/Fast ratio of worker K-1
+    ratio: float | None = None
+    #: heavy_tailed: Pareto shape
+    alpha: float | None = None
+    #: heavy_tailed: cap on the slowdown
+    cap: float | None = None
+    #: per_worker: one mean step time per worker
+    step_times_s: list[float] | None = None
+    #: mean time of one local step of a fast worker, seconds
+    step_time_s: float | None = None
+    #: gamma, exponential or none
+    jitter: str | None = None
+    #: coefficient of variation of the gamma jitter
+    jitter_cv: float | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("timing.model", self.model, tuple(TIMING_MODELS))
+        self.build()
+
+    def build(self) -> TimingModel:
+        cls = TIMING_MODELS[self.model]
+        accepted = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        kw: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "model" or v is None:
+                continue
+            if f.name not in accepted:
+                raise ConfigError(
+                    f"timing.{f.name} does not apply to timing.model={self.model!r} (it takes: "
+                    f"{', '.join(sorted(accepted))})"
+                )
+            kw[f.name] = tuple(v) if f.name == "step_times_s" else v
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How long, how many workers, and the run's bookkeeping."""
+
+    #: training length in epochs of samples consumed (a fraction is fine)
+    epochs: float = 10.0
+    #: number of workers K
+    num_workers: int = 16
+    #: L2 weight decay λ, added by the worker to its gradient (spec A13)
+    weight_decay: float = 0.0
+    #: evaluate the server model on the test set every this many epochs
+    eval_every: float = 1.0
+    #: write a checkpoint every this many epochs (and at the end)
+    checkpoint_every: float = 1.0
+    #: seeds the model, the data stream and the timing model
+    seed: int = 0
+    #: cpu, cuda, or cuda:N
+    device: str = "cpu"
+    #: also write TensorBoard event files (needs the tensorboard package)
+    tensorboard: bool = False
+    #: a label for tables and plots (e.g. "K=16 het."); default: derived from the varied settings
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        check_positive("train.epochs", self.epochs)
+        check_int_at_least("train.num_workers", self.num_workers, 1)
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise invalid("train.weight_decay", self.weight_decay, "a finite number >= 0")
+        check_positive("train.eval_every", self.eval_every)
+        check_positive("train.checkpoint_every", self.checkpoint_every)
+        check_int_at_least("train.seed", self.seed, 0)
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise invalid("train.device", self.device, "'cpu', 'cuda' or 'cuda:N'")
+
+
+SECTIONS: dict[str, type] = {
+    "method": MethodConfig,
+    "model": ModelConfig,
+    "data": DataConfig,
+    "schedule": ScheduleConfig,
+    "timing": TimingConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment: what to train, how, and under which worker speeds."""
+
+    name: str = "experiment"
+    method: MethodConfig = field(default_factory=MethodConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: str) -> ExperimentConfig:
+        """A copy with ``{"section.key": toml_value_text}`` overrides applied."""
+        return from_dict(apply_overrides(self.to_dict(), [f"{k}={v}" for k, v in overrides.items()]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading, type checking, overrides
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field annotation (int accepted for float); returns the value, lists as lists."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(key, value, a)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if annotation is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
+        return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r} ({type(value).__name__})")
+        return dict(value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r} ({type(value).__name__})")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r} ({type(value).__name__})")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r} ({type(value).__name__})")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # pragma: no cover
+
+
+def _build_section(name: str, cls: type, table: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{name}] must be a table, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kw = {}
+    for key, value in table.items():
+        if key not in names:
+            raise ConfigError(f"unknown key {name}.{key}; [{name}] accepts: {', '.join(names)}")
+        kw[key] = _check_type(f"{name}.{key}", value, hints[key])
+    try:
+        return cls(**kw)
+    except ConfigError as e:
+        raise ConfigError(f"[{name}] {e}") from None
+
+
+def from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Build and validate a config from a (TOML-shaped) dictionary."""
+    data = dict(data)
+    data.pop("extends", None)
+    data.pop("sweep", None)  # read by `ormo sweep` (ormo.experiment.sweep); a single run ignores it
+    unknown = [k for k in data if k not in SECTIONS and k != "name"]
+    if unknown:
+        raise ConfigError(f"unknown section or key {unknown[0]!r}; expected: name, {', '.join(SECTIONS)}")
+    name = _check_type("name", data.get("name", "experiment"), str)
+    return ExperimentConfig(name=name, **{s: _build_section(s, cls, data.get(s, {})) for s, cls in SECTIONS.items()})
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config file, following ``extends`` chains (relative to each file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'extends' loops back to itself")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    base = data.pop("extends", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: extends must be a path string, got {base!r}")
+        data = _merge(read_toml(path.parent / base, (*_seen, path.resolve())), data)
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """A TOML value (``0.05``, ``true``, ``[80, 120]``, ``"x"``); anything that is not TOML is a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a TOML-shaped dictionary."""
+    data = _merge({}, data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. method.lr=0.05)")
+        path, text = item.split("=", 1)
+        keys = [k.strip() for k in path.strip().split(".")]
+        if len(keys) == 1 and keys[0] == "name":
+            data["name"] = parse_value(text)
+            continue
+        if len(keys) < 2 or keys[0] not in SECTIONS:
+            raise ConfigError(f"override {item!r}: the key must be section.key with section in {', '.join(SECTIONS)}")
+        names = [f.name for f in dataclasses.fields(SECTIONS[keys[0]])]
+        if keys[1] not in names:
+            raise ConfigError(f"unknown key {keys[0]}.{keys[1]}; [{keys[0]}] accepts: {', '.join(names)}")
+        if len(keys) > 2 and keys[1] != "options":
+            raise ConfigError(f"override {item!r}: only {keys[0]}.options takes a further key")
+        node = data.setdefault(keys[0], {})
+        for k in keys[1:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = parse_value(text)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read ``path`` (or start from the defaults), apply overrides, validate."""
+    data = read_toml(path) if path is not None else {}
+    return from_dict(apply_overrides(data, overrides or []))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(cfg: ExperimentConfig) -> str:
+    """The resolved config as TOML (unset values are omitted, so reading it back gives the same config)."""
+    d = cfg.to_dict()
+    lines = [f"name = {_toml_value(d.pop('name'))}", ""]
+    for section, table in d.items():
+        subtables = {k: v for k, v in table.items() if isinstance(v, dict)}
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None and k not in subtables]
+        lines.append("")
+        for sub, values in subtables.items():
+            if values:
+                lines.append(f"[{section}.{sub}]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+                lines.append("")
+    return "\n".join(lines)

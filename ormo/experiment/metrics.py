@@ -1,0 +1,89 @@
+"""Metrics files of a run: ``metrics.jsonl`` (one JSON object per evaluation) and ``metrics.csv`` (the same rows),
+optionally TensorBoard scalars. Rows are rewritten whole on resume, so the files never hold rows from a timeline
+that a resumed run did not follow."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+METRIC_FIELDS: tuple[str, ...] = (
+    "epoch",
+    "iteration",
+    "gradients",
+    "sim_time_s",
+    "train_loss",
+    "test_loss",
+    "test_acc",
+    "delay_mean",
+    "delay_max",
+    "lr_scale",
+)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _jsonable(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+class MetricsWriter:
+    """Keeps every row in memory and rewrites both files atomically after each new row (they are small)."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = False) -> None:
+        self.run_dir = run_dir
+        self.rows: list[dict[str, Any]] = []
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:  # pragma: no cover - depends on the environment
+                msg = "train.tensorboard = true needs the tensorboard package (pip install tensorboard)"
+                raise RuntimeError(msg) from e
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def reset(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = [dict(r) for r in rows]
+        self._flush()
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(dict(row))
+        self._flush()
+        if self._tb is not None:
+            for key in ("train_loss", "test_loss", "test_acc", "delay_mean", "delay_max", "lr_scale"):
+                if row.get(key) is not None:
+                    self._tb.add_scalar(key, row[key], row["iteration"])
+            self._tb.flush()
+
+    def _flush(self) -> None:
+        _atomic_write(self.run_dir / "metrics.jsonl",
+                      "".join(json.dumps({k: _jsonable(r.get(k)) for k in METRIC_FIELDS}) + "\n" for r in self.rows))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(METRIC_FIELDS), lineterminator="\n")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: r.get(k) for k in METRIC_FIELDS})
+        _atomic_write(self.run_dir / "metrics.csv", buf.getvalue())
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl`` (NaN written as null comes back as NaN)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        rows.append({k: (math.nan if v is None and k in METRIC_FIELDS else v) for k, v in r.items()})
+    return rows

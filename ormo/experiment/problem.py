@@ -1,0 +1,132 @@
+"""A model on a dataset, seen by the engine as ``grad_fn(params, worker, index, step)``.
+
+Conventions (spec §9):
+
+* A13, weight decay: the worker adds ``λ·x`` to its gradient, at the point it evaluates.
+* A14, BatchNorm running statistics: every worker keeps its own (updated by its training-mode forward passes and
+  kept across its messages); each message carries them to the server, which keeps the latest it consumed and
+  evaluates the server parameters with those.
+* A16, training loss: the mean of the workers' minibatch losses (for a local method, the mean over its H steps is
+  the message's loss); the run loop averages it over the last epoch of messages.
+* The minibatch is a pure function of (seed, worker, parameter index, local step), and so is its augmentation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..data import Dataset, load_dataset
+from ..data.augment import Augment, normalize
+from ..data.sampler import minibatch_generator, minibatch_indices
+from ..flat import FlatModel
+from ..models import build_model
+from .config import ExperimentConfig
+
+EVAL_BATCH = 1000
+
+
+class TrainProblem:
+    """Builds the dataset and the model of ``cfg`` and serves gradients to an engine."""
+
+    def __init__(self, cfg: ExperimentConfig, *, dataset: Dataset | None = None) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.train.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"train.device={cfg.train.device!r} but CUDA is not available on this machine")
+        d = cfg.data
+        ds = dataset or load_dataset(
+            d.name, data_dir=d.data_dir, download=d.download, subset=d.subset, seed=cfg.train.seed, **d.options
+        )
+        self.dataset = ds
+        c, h, _ = ds.image_shape
+        model = build_model(cfg.model.name, num_classes=ds.num_classes, in_channels=c, image_size=h,
+                            seed=cfg.train.seed)
+        self.model = model.to(self.device)
+        self.flat = FlatModel(self.model)
+        # Data lives on the device once; a minibatch is one gather.
+        self.train_x, self.train_y = ds.train_x.to(self.device), ds.train_y.to(self.device)
+        self.test_x, self.test_y = ds.test_x.to(self.device), ds.test_y.to(self.device)
+        self.mean, self.std = ds.mean, ds.std
+        self.augment = Augment(crop_padding=4, flip=True, mean=ds.mean, std=ds.std) if d.augment else None
+        self.batch_size, self.seed = d.batch_size, cfg.train.seed
+        self.weight_decay = cfg.train.weight_decay
+        self.params0 = self.flat.params.detach().clone()
+        k = cfg.train.num_workers
+        self.worker_buffers = [self.flat.buffers.clone() for _ in range(k)]
+        self.server_buffers = self.flat.buffers.clone()
+        self._loss_sum, self._loss_count = 0.0, 0
+
+    @property
+    def train_size(self) -> int:
+        return int(self.train_x.shape[0])
+
+    # -- the engine's view ----------------------------------------------------------------------------------
+    def batch(self, worker: int, index: int, step: int) -> tuple[Tensor, Tensor]:
+        """The (augmented, normalized) minibatch of ``worker`` at parameter ``index``, local step ``step``."""
+        idx = minibatch_indices(self.train_size, self.batch_size, seed=self.seed, worker=worker, index=index,
+                                step=step).to(self.device)
+        x, y = self.train_x[idx], self.train_y[idx]
+        if self.augment is not None:
+            x = self.augment(x, minibatch_generator(self.seed, worker, index, step, stream=1))
+        else:
+            x = normalize(x, self.mean, self.std)
+        return x, y
+
+    def grad_fn(self, params: Tensor, worker: int, index: int, step: int) -> Tensor:
+        """Stochastic gradient at ``params`` (plus ``λ·params``), updating the worker's BN statistics."""
+        x, y = self.batch(worker, index, step)
+        flat = self.flat
+        flat.load_params(params)
+        flat.buffers.copy_(self.worker_buffers[worker])
+        self.model.train()
+        flat.zero_grad()
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        self.worker_buffers[worker].copy_(flat.buffers)
+        self.server_buffers.copy_(flat.buffers)  # the message carries them; the server keeps the latest
+        self._loss_sum += float(loss.detach())  # one host sync per gradient (CPU: free)
+        self._loss_count += 1
+        g = flat.grad.clone()  # the engine may hold it past the next gradient (local loops)
+        if self.weight_decay:
+            g.add_(params, alpha=self.weight_decay)
+        return g
+
+    def pop_message_loss(self) -> float:
+        """Mean loss of the gradients computed since the last call (one message's H steps)."""
+        out = self._loss_sum / self._loss_count if self._loss_count else float("nan")
+        self._loss_sum, self._loss_count = 0.0, 0
+        return out
+
+    # -- evaluation -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, params: Tensor) -> tuple[float, float]:
+        """(test loss, test accuracy in %) of the server parameters with the server's BN statistics."""
+        self.flat.load_params(params)
+        self.flat.buffers.copy_(self.server_buffers)
+        self.model.eval()
+        total_loss, correct, n = 0.0, 0, int(self.test_x.shape[0])
+        for start in range(0, n, EVAL_BATCH):
+            x = normalize(self.test_x[start : start + EVAL_BATCH], self.mean, self.std)
+            y = self.test_y[start : start + EVAL_BATCH]
+            out = self.model(x)
+            total_loss += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+        return total_loss / n, 100.0 * correct / n
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "worker_buffers": [b.clone() for b in self.worker_buffers],
+            "server_buffers": self.server_buffers.clone(),
+            "loss": (self._loss_sum, self._loss_count),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        for b, saved in zip(self.worker_buffers, sd["worker_buffers"], strict=True):
+            b.copy_(saved)
+        self.server_buffers.copy_(sd["server_buffers"])
+        self._loss_sum, self._loss_count = sd["loss"]

@@ -1,0 +1,142 @@
+"""Learning curves per setting: test accuracy and training loss against epochs and against simulated time.
+
+Figures are drawn on matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``) without pyplot, so the
+user's backend and pyplot's figure list are left alone. Each method is one line, the mean over its seeds, with a
+shaded band from the seeds' minimum to their maximum. Seeds are first interpolated onto a common grid that ends where
+the shortest seed ends (a seed that diverged ends at its last finite value), so the mean never mixes in fewer seeds.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .runs import RunRecord
+from .tables import display_name, method_order, select_labels
+
+try:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("ormo.report.plots needs matplotlib (pip install matplotlib)") from e
+
+#: (row, column) of each panel: (y metric, y axis title, x key, x axis title)
+_PANELS = {
+    (0, 0): ("test_acc", "test accuracy (%)", "epoch", "epochs"),
+    (0, 1): ("train_loss", "training loss", "epoch", "epochs"),
+    (1, 0): ("test_acc", "test accuracy (%)", "sim_time_s", "simulated wall-clock time (s)"),
+    (1, 1): ("train_loss", "training loss", "sim_time_s", "simulated wall-clock time (s)"),
+}
+
+#: points of the common simulated-time grid
+_TIME_GRID_POINTS = 200
+
+
+def slugify(label: str) -> str:
+    """A file-name stem for a setting label: ``"K=16 het."`` -> ``"k-16-het"``."""
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "setting"
+
+
+def _finite_curve(rows: Sequence[dict], x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """One seed's (x, y) points, sorted by x, up to its first non-finite y after the first finite one.
+
+    Leading NaNs (the epoch-0 row has no training loss) are dropped; a NaN later on means the run diverged there,
+    so the curve stops (later points would only be interpolated across the divergence).
+    """
+    x = np.array([r.get(x_key, np.nan) for r in rows], dtype=np.float64)
+    y = np.array([r.get(y_key, np.nan) for r in rows], dtype=np.float64)
+    finite = np.isfinite(x) & np.isfinite(y)
+    if not finite.any():
+        return x[:0], y[:0]
+    start = int(np.argmax(finite))
+    gaps = np.flatnonzero(~finite[start:])
+    stop = start + int(gaps[0]) if gaps.size else len(finite)
+    x, y = x[start:stop], y[start:stop]
+    order = np.argsort(x, kind="stable")
+    return x[order], y[order]
+
+
+def mean_band(
+    curves: Sequence[tuple[np.ndarray, np.ndarray]], *, time_grid: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(grid, mean, min, max) over seeds' curves, each interpolated linearly onto one grid.
+
+    The grid spans the range every curve covers (latest start .. earliest end). With ``time_grid`` it is
+    ``_TIME_GRID_POINTS`` evenly spaced times; otherwise it is the union of the curves' own x values in that range
+    (evaluation epochs, which usually coincide, so no value is interpolated). Empty arrays if the range is empty.
+    """
+    curves = [c for c in curves if len(c[0])]
+    if not curves:
+        empty = np.empty(0)
+        return empty, empty, empty, empty
+    lo = max(float(x[0]) for x, _ in curves)
+    hi = min(float(x[-1]) for x, _ in curves)
+    if lo > hi:
+        empty = np.empty(0)
+        return empty, empty, empty, empty
+    if time_grid:
+        grid = np.linspace(lo, hi, _TIME_GRID_POINTS) if hi > lo else np.array([lo])
+    else:
+        xs = np.concatenate([x for x, _ in curves])
+        grid = np.unique(xs[(xs >= lo) & (xs <= hi)])
+    stacked = np.stack([np.interp(grid, x, y) for x, y in curves])
+    return grid, stacked.mean(axis=0), stacked.min(axis=0), stacked.max(axis=0)
+
+
+def _draw_setting(label: str, records: Sequence[RunRecord], path: Path, *, dpi: int) -> None:
+    fig = Figure(figsize=(11.0, 8.0), layout="constrained")
+    FigureCanvasAgg(fig)  # attaches itself to fig: savefig renders with Agg whatever the user's backend is
+    axes = fig.subplots(2, 2, squeeze=False)
+    fig.suptitle(label)
+    methods = method_order(r.method for r in records)
+    for (row, col), (y_key, y_title, x_key, x_title) in _PANELS.items():
+        ax = axes[row][col]
+        for index, method in enumerate(methods):
+            seeds = [r for r in records if r.method == method]
+            curves = [_finite_curve(r.metrics, x_key, y_key) for r in seeds]
+            grid, mean, low, high = mean_band(curves, time_grid=(x_key == "sim_time_s"))
+            if not len(grid):
+                continue
+            color = f"C{index % 10}"  # the same colour for a method in all four panels
+            ax.plot(grid, mean, color=color, marker="o" if len(grid) == 1 else None,
+                    label=f"{display_name(method)} (n={len(seeds)})")
+            if len(seeds) > 1:
+                ax.fill_between(grid, low, high, color=color, alpha=0.2, linewidth=0)
+        ax.set_xlabel(x_title)
+        ax.set_ylabel(y_title)
+        ax.set_title(f"{label}: {y_title} vs {'epochs' if x_key == 'epoch' else 'simulated time'}", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+    fig.savefig(path, dpi=dpi)
+
+
+def plot_runs(
+    records: Sequence[RunRecord], out_dir: str | Path, *, labels: Sequence[str] | None = None, dpi: int = 100
+) -> list[Path]:
+    """One PNG per setting label, ``<out_dir>/<slug>.png``, in first-seen label order (or that of ``labels``, which
+    also keeps only those settings); returns their paths.
+
+    Each figure has four panels: test accuracy and training loss against epochs (top) and against simulated
+    wall-clock time ``sim_time_s`` (bottom). Labels whose slugs collide get ``-2``, ``-3``, ... appended.
+    """
+    if not records:
+        raise ValueError("plot_runs() needs at least one run record, got none")
+    records = select_labels(records, labels)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    used: set[str] = set()
+    for label in dict.fromkeys(r.label for r in records):
+        stem, k = slugify(label), 1
+        while (stem if k == 1 else f"{stem}-{k}") in used:
+            k += 1
+        stem = stem if k == 1 else f"{stem}-{k}"
+        used.add(stem)
+        path = out / f"{stem}.png"
+        _draw_setting(label, [r for r in records if r.label == label], path, dpi=dpi)
+        paths.append(path)
+    return paths

@@ -1,0 +1,184 @@
+"""Run directories as plain records, read from their files only (reports never import training code).
+
+A run directory holds ``run.json`` (name, label, method, seed, status and, once finished, ``summary`` and
+``final``), ``config.toml`` (the resolved configuration) and ``metrics.jsonl`` (one row per evaluation, NaN written
+as null). A sweep writes many of them under one folder, e.g. ``SWEEP/<method>/<setting-slug>/seed<k>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tomllib
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PathLike = str | os.PathLike[str]
+
+#: the defaults of ``train.num_workers`` and ``timing.model`` (a resolved config.toml may leave them out)
+_DEFAULT_NUM_WORKERS = 16
+_DEFAULT_TIMING_MODEL = "homogeneous"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run directory, as read from its files."""
+
+    #: the run directory
+    path: Path
+    #: ``run.json`` name (the experiment's name)
+    name: str
+    #: the rule's registry name, e.g. ``"ormo-da"``
+    method: str
+    #: the setting the run belongs to in tables and plots, e.g. ``"K=16 het."``
+    label: str
+    #: the run's seed (``train.seed``)
+    seed: int
+    #: ``"running"``, ``"finished"``, ``"failed"`` or ``"interrupted"``
+    status: str
+    #: ``config.toml`` as a nested dict (empty when the file is missing)
+    config: dict[str, Any] = field(repr=False)
+    #: ``metrics.jsonl`` rows in file order; null values come back as NaN
+    metrics: list[dict[str, Any]] = field(repr=False)
+    #: ``run.json`` summary (only for finished runs; empty otherwise)
+    summary: dict[str, Any] = field(repr=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+
+def _as_path_list(paths: PathLike | Iterable[PathLike]) -> list[Path]:
+    # A str is iterable too: treat one path as a list of one.
+    if isinstance(paths, str | os.PathLike):
+        return [Path(paths)]
+    return [Path(p) for p in paths]
+
+
+def find_runs(paths: PathLike | Iterable[PathLike]) -> list[Path]:
+    """The run directories under ``paths``, without duplicates.
+
+    Each path is a run directory (it holds ``run.json``), a ``run.json`` file, or a folder searched recursively
+    for ``run.json``; the runs found under one folder come in sorted path order, folders in the order given.
+    A path that does not exist raises ``FileNotFoundError``; a folder without runs contributes nothing.
+    """
+    found: list[Path] = []
+    seen: set[Path] = set()
+    for path in _as_path_list(paths):
+        if not path.exists():
+            raise FileNotFoundError(f"run path {str(path)!r} does not exist (expected a run directory or a folder "
+                                    f"holding run directories)")
+        if path.is_file():
+            if path.name != "run.json":
+                raise ValueError(f"run path {str(path)!r} is a file but not a run.json; pass its run directory")
+            candidates = [path.parent]
+        elif (path / "run.json").is_file():
+            candidates = [path]
+        else:
+            candidates = sorted(p.parent for p in path.rglob("run.json") if p.is_file())
+        for run_dir in candidates:
+            key = run_dir.resolve()
+            if key not in seen:
+                seen.add(key)
+                found.append(run_dir)
+    return found
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not valid TOML: {e}") from e
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Rows of ``metrics.jsonl``; null (how the writer stores NaN) comes back as NaN."""
+    if not path.is_file():
+        return []
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{str(path)!r} line {lineno} is not valid JSON: {e}") from e
+        rows.append({k: (math.nan if v is None else v) for k, v in row.items()})
+    return rows
+
+
+def derived_label(config: dict[str, Any]) -> str:
+    """The setting label of a run whose ``run.json`` has none: ``train.label`` if the config has one, otherwise
+    ``f"K={train.num_workers} {timing.model}"``, e.g. ``"K=16 homogeneous"``."""
+    train = config.get("train", {})
+    if train.get("label"):
+        return str(train["label"])
+    num_workers = train.get("num_workers", _DEFAULT_NUM_WORKERS)
+    timing_model = config.get("timing", {}).get("model", _DEFAULT_TIMING_MODEL)
+    return f"K={num_workers} {timing_model}"
+
+
+def read_run(run_dir: PathLike) -> RunRecord:
+    """The record of one run directory (any status)."""
+    run_dir = Path(run_dir)
+    info = _read_json(run_dir / "run.json")
+    config = _read_config(run_dir / "config.toml")
+    method = info.get("method") or config.get("method", {}).get("name")
+    if not method:
+        raise ValueError(f"{str(run_dir / 'run.json')!r} has no method, and config.toml no [method] name")
+    seed = info.get("seed", config.get("train", {}).get("seed"))
+    if seed is None:
+        raise ValueError(f"{str(run_dir / 'run.json')!r} has no seed, and config.toml no [train] seed")
+    return RunRecord(
+        path=run_dir,
+        name=str(info.get("name") or config.get("name") or run_dir.name),
+        method=str(method),
+        label=str(info["label"]) if info.get("label") else derived_label(config),
+        seed=int(seed),
+        status=str(info.get("status", "unknown")),
+        config=config,
+        metrics=_read_metrics(run_dir / "metrics.jsonl"),
+        summary=dict(info.get("summary") or {}),
+    )
+
+
+def load_runs(paths: PathLike | Iterable[PathLike], *, include_unfinished: bool = False) -> list[RunRecord]:
+    """The records of every run under ``paths`` (see ``find_runs``), in the order found.
+
+    Runs whose status is not ``"finished"`` are skipped with a warning that names them, unless
+    ``include_unfinished=True`` (their metrics stop early and they have no summary). Raises ``ValueError`` when
+    nothing is left, naming the paths searched.
+    """
+    path_list = _as_path_list(paths)
+    records = [read_run(p) for p in find_runs(path_list)]
+    searched = ", ".join(repr(str(p)) for p in path_list) or "(no paths given)"
+    if not include_unfinished:
+        skipped = [r for r in records if not r.finished]
+        if skipped:
+            listing = "; ".join(f"{str(r.path)!r} ({r.status})" for r in skipped)
+            warnings.warn(f"skipping {len(skipped)} unfinished run(s): {listing}; pass include_unfinished=True "
+                          f"to keep them", stacklevel=2)
+        records = [r for r in records if r.finished]
+        if not records and skipped:
+            raise ValueError(f"no finished runs under {searched} ({len(skipped)} unfinished skipped; pass "
+                             f"include_unfinished=True to use them)")
+    if not records:
+        raise ValueError(f"no runs found under {searched} (a run directory holds run.json)")
+    return records

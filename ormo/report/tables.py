@@ -1,0 +1,236 @@
+"""Mean ± std over seeds in the papers' layout: one row per method, one column per (setting, metric).
+
+A cell summarises each seed's FINAL value of a metric (the last ``metrics.jsonl`` row) by its mean and its
+population standard deviation (``ddof=0``, as the papers' 5-run standard deviations suggest). A NaN or infinite
+mean (some seed diverged: the writer stores NaN as null) is shown as ``diverged``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .runs import RunRecord
+
+#: registry name -> display name, in the papers' row order
+METHOD_NAMES: dict[str, str] = {
+    "asgd": "ASGD",
+    "naive-asgdm": "naive ASGDm",
+    "shifted-momentum": "shifted momentum",
+    "smega2": "SMEGA2",
+    "ormo": "OrMo",
+    "ormo-da": "OrMo-DA",
+    "ormo-vanilla": "OrMo (vanilla SGD step)",
+    "ssgd": "SSGD",
+    "ssgdm": "SSGDm",
+    "da-asgd": "DA-ASGD",
+    "prsgdm": "PRSGDm",
+    "al-sgd": "AL-SGD",
+    "local-ormo-da": "local OrMo-DA",
+    "orlomo": "OrLoMo",
+}
+
+#: metric name -> column heading
+METRIC_NAMES: dict[str, str] = {
+    "train_loss": "train loss",
+    "test_loss": "test loss",
+    "test_acc": "test acc. (%)",
+    "delay_mean": "mean delay",
+    "delay_max": "max delay",
+    "delay_p50": "median delay",
+    "delay_p90": "p90 delay",
+    "delay_p99": "p99 delay",
+    "sim_time_s": "sim. time (s)",
+}
+
+#: metrics read from run.json ``summary.delay`` (over the whole run) rather than from the last metrics row
+_SUMMARY_DELAY_METRICS = {"delay_mean": "mean", "delay_max": "max", "delay_p50": "p50", "delay_p90": "p90",
+                          "delay_p99": "p99"}
+
+
+def display_name(method: str) -> str:
+    """The papers' name of a rule (``"ormo-da"`` -> ``"OrMo-DA"``); unknown names are returned as they are."""
+    return METHOD_NAMES.get(method, method)
+
+
+def method_order(methods: Iterable[str]) -> list[str]:
+    """``methods`` without duplicates in the papers' row order; unknown names follow, in first-seen order."""
+    unique = list(dict.fromkeys(methods))
+    known = list(METHOD_NAMES)
+    return sorted(unique, key=lambda m: (known.index(m), 0) if m in METHOD_NAMES else (len(known), unique.index(m)))
+
+
+def final_value(record: RunRecord, metric: str) -> float:
+    """The value of ``metric`` that a table reports for one run.
+
+    ``delay_mean``, ``delay_max``, ``delay_p50``, ``delay_p90`` and ``delay_p99`` come from run.json
+    ``summary.delay`` (the whole run); every other metric is the last metrics row's value (NaN if it is null).
+    """
+    if metric in _SUMMARY_DELAY_METRICS:
+        delay = record.summary.get("delay")
+        key = _SUMMARY_DELAY_METRICS[metric]
+        if not isinstance(delay, Mapping) or key not in delay:
+            raise ValueError(f"run {str(record.path)!r} (status {record.status!r}) has no summary.delay.{key} "
+                             f"for metric {metric!r}; delay metrics need finished runs")
+        value = delay[key]
+    else:
+        if not record.metrics:
+            raise ValueError(f"run {str(record.path)!r} has no metrics rows (metrics.jsonl missing or empty)")
+        last = record.metrics[-1]
+        if metric not in last:
+            raise ValueError(f"metric {metric!r} is not in the metrics rows of run {str(record.path)!r} "
+                             f"(it has: {', '.join(sorted(last))})")
+        value = last[metric]
+    return math.nan if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class CellStats:
+    """One metric of one (method, setting) over its seeds."""
+
+    mean: float
+    #: population standard deviation (ddof=0)
+    std: float
+    #: number of seeds
+    n: int
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The statistics behind a table. ``cells[(method, label)][metric]`` is a ``CellStats``."""
+
+    metrics: tuple[str, ...]
+    #: rows: methods in the papers' order, unknown ones after
+    methods: tuple[str, ...]
+    #: settings in the order the records first show them
+    labels: tuple[str, ...]
+    cells: dict[tuple[str, str], dict[str, CellStats]]
+    #: seeds of each (method, label), sorted
+    seeds: dict[tuple[str, str], tuple[int, ...]]
+
+
+def summarize(
+    records: Sequence[RunRecord],
+    metrics: Sequence[str] = ("train_loss", "test_acc"),
+    *,
+    labels: Sequence[str] | None = None,
+) -> Summary:
+    """Per (method, setting label): mean and population std over seeds of each metric's final value, and n.
+
+    Settings come in the order the records first show them (``load_runs`` on a sweep folder: sorted by path), or in
+    the order of ``labels``, which also keeps only those settings.
+
+    Two runs with the same method, label and seed are an error (one would be counted twice): give them distinct
+    labels or pass only one of them.
+    """
+    if not records:
+        raise ValueError("summarize() needs at least one run record, got none")
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    records = select_labels(records, labels)
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for r in records:
+        group = groups.setdefault((r.method, r.label), [])
+        twin = next((o for o in group if o.seed == r.seed), None)
+        if twin is not None:
+            raise ValueError(f"two runs of method {r.method!r}, label {r.label!r} and seed {r.seed}: "
+                             f"{str(twin.path)!r} and {str(r.path)!r}; give them distinct labels or pass only one")
+        group.append(r)
+    cells: dict[tuple[str, str], dict[str, CellStats]] = {}
+    for key, group in groups.items():
+        cells[key] = {}
+        for metric in metrics:
+            values = np.array([final_value(r, metric) for r in group], dtype=np.float64)
+            # errstate: a diverged seed (inf) gives a NaN std without a RuntimeWarning; the cell says "diverged".
+            with np.errstate(invalid="ignore", over="ignore"):
+                cells[key][metric] = CellStats(mean=float(np.mean(values)), std=float(np.std(values, ddof=0)),
+                                               n=len(group))
+    return Summary(
+        metrics=tuple(metrics),
+        methods=tuple(method_order(r.method for r in records)),
+        labels=tuple(dict.fromkeys(r.label for r in records)),
+        cells=cells,
+        seeds={key: tuple(sorted(r.seed for r in group)) for key, group in groups.items()},
+    )
+
+
+def select_labels(records: Sequence[RunRecord], labels: Sequence[str] | None) -> list[RunRecord]:
+    """The records of the settings in ``labels``, settings in that order (all records, as they are, if None)."""
+    if labels is None:
+        return list(records)
+    if isinstance(labels, str):
+        labels = (labels,)
+    present = list(dict.fromkeys(r.label for r in records))
+    missing = [label for label in labels if label not in present]
+    if missing:
+        raise ValueError(f"labels {missing!r} match no run; the runs' labels are: {present!r}")
+    rank = {label: i for i, label in enumerate(labels)}
+    return sorted((r for r in records if r.label in rank), key=lambda r: rank[r.label])
+
+
+def format_cell(stats: CellStats | None, *, decimals: int = 2) -> str:
+    """``"90.95±0.27"``; ``"diverged"`` for a NaN or infinite mean; ``"—"`` where the method has no runs."""
+    if stats is None:
+        return "—"
+    if not math.isfinite(stats.mean):
+        return "diverged"
+    return f"{stats.mean:.{decimals}f}±{stats.std:.{decimals}f}"
+
+
+def _decimals_for(decimals: int | Mapping[str, int], metric: str) -> int:
+    return decimals if isinstance(decimals, int) else decimals.get(metric, 2)
+
+
+def format_table(summary: Summary, *, decimals: int | Mapping[str, int] = 2) -> str:
+    """A Markdown table in the papers' layout: one row per method, and for each setting (in first-seen order) one
+    column per metric. ``decimals`` is one count for all metrics or a per-metric mapping (default 2)."""
+    header = ["Method"] + [f"{label} {METRIC_NAMES.get(m, m)}" for label in summary.labels for m in summary.metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for method in summary.methods:
+        row = [display_name(method)]
+        for label in summary.labels:
+            stats = summary.cells.get((method, label), {})
+            row += [format_cell(stats.get(m), decimals=_decimals_for(decimals, m)) for m in summary.metrics]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_csv(summary: Summary) -> str:
+    """One line per method × setting × metric: method, name, label, metric, mean, std, n (full precision)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["method", "name", "label", "metric", "mean", "std", "n"])
+    for method in summary.methods:
+        for label in summary.labels:
+            stats = summary.cells.get((method, label))
+            if stats is None:
+                continue
+            for metric in summary.metrics:
+                s = stats[metric]
+                writer.writerow([method, display_name(method), label, metric, repr(s.mean), repr(s.std), s.n])
+    return buf.getvalue()
+
+
+def write_table(
+    records: Sequence[RunRecord],
+    out_dir: str | Path,
+    *,
+    metrics: Sequence[str] = ("train_loss", "test_acc"),
+    labels: Sequence[str] | None = None,
+    decimals: int | Mapping[str, int] = 2,
+) -> str:
+    """Summarise ``records`` (see ``summarize``), write ``table.md`` and ``table.csv`` into ``out_dir`` (created if
+    needed), and return the Markdown text."""
+    summary = summarize(records, metrics, labels=labels)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = format_table(summary, decimals=decimals)
+    (out / "table.md").write_text(text, encoding="utf-8")
+    (out / "table.csv").write_text(format_csv(summary), encoding="utf-8")
+    return text

@@ -1,0 +1,667 @@
+"""The datasets layer: loaders on small archives and folders built here in the real formats, subsets, augmentation
+and the minibatch sampler. Expected values are computed independently (numpy, Pillow, loops over images)."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ormo.data import (
+    AUGMENT_STREAM,
+    INDICES_STREAM,
+    Augment,
+    Dataset,
+    DatasetError,
+    cifar,
+    dataset_names,
+    load_dataset,
+    minibatch_generator,
+    minibatch_indices,
+    normalize,
+    register_dataset,
+    tinyimagenet,
+)
+from ormo.data import base as data_base
+from ormo.rules.base import ConfigError
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def digits() -> Dataset:
+    return load_dataset("digits")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# digits
+
+
+def test_digits_shapes_ranges_and_stratified_split(digits):
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    counts = np.bincount(raw.target)
+    expected_test = [round(0.2 * c) for c in counts]  # the documented split: round(20 %) of each class
+    assert digits.image_shape == (1, 8, 8) and digits.num_classes == 10
+    assert digits.train_x.shape == (1797 - sum(expected_test), 1, 8, 8) == (1438, 1, 8, 8)
+    assert digits.test_x.shape == (359, 1, 8, 8)
+    assert digits.train_x.dtype == torch.float32 and digits.train_y.dtype == torch.int64
+    assert float(digits.train_x.min()) == 0.0 and float(digits.train_x.max()) == 1.0
+    assert torch.bincount(digits.test_y, minlength=10).tolist() == expected_test
+    # Train and test together are exactly the bundled images (as a multiset of (pixels, label) rows).
+    ours = torch.cat([torch.cat([digits.train_x, digits.test_x]).reshape(-1, 64) * 16,
+                      torch.cat([digits.train_y, digits.test_y])[:, None].float()], dim=1)
+    theirs = np.concatenate([raw.data, raw.target[:, None]], axis=1)
+    assert sorted(map(tuple, ours.numpy().round().astype(int))) == sorted(map(tuple, theirs.astype(int)))
+
+
+def test_digits_statistics_are_those_of_the_training_set(digits):
+    x = digits.train_x.numpy().astype(np.float64)
+    assert digits.mean == pytest.approx((x.mean(),), abs=1e-7)
+    assert digits.std == pytest.approx((x.std(),), abs=1e-7)
+
+
+def test_channel_stats_merges_chunks_exactly_enough():
+    x = torch.rand(10, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    mean, std = data_base.channel_stats(x, chunk=3)  # chunks of 3, 3, 3 and 1 images
+    ref = x.numpy().astype(np.float64)
+    np.testing.assert_allclose(mean, ref.mean(axis=(0, 2, 3)), atol=1e-7)
+    np.testing.assert_allclose(std, ref.std(axis=(0, 2, 3)), atol=1e-7)
+
+
+def test_digits_split_is_fixed_whatever_the_seed(digits):
+    again = load_dataset("digits", seed=7)
+    assert torch.equal(again.train_x, digits.train_x) and torch.equal(again.test_y, digits.test_y)
+
+
+def _bilinear_reference(img: np.ndarray, size: int) -> np.ndarray:
+    """Half-pixel-centred bilinear upsampling (align_corners=False), written out per output pixel."""
+    n = img.shape[0]
+    out = np.empty((size, size))
+    for i in range(size):
+        for j in range(size):
+            sy, sx = max((i + 0.5) * n / size - 0.5, 0.0), max((j + 0.5) * n / size - 0.5, 0.0)
+            y0, x0 = min(int(sy), n - 1), min(int(sx), n - 1)
+            y1, x1 = min(y0 + 1, n - 1), min(x0 + 1, n - 1)
+            fy, fx = sy - y0, sx - x0
+            out[i, j] = ((1 - fy) * ((1 - fx) * img[y0, x0] + fx * img[y0, x1])
+                         + fy * ((1 - fx) * img[y1, x0] + fx * img[y1, x1]))
+    return out
+
+
+def test_digits_upsampled_is_bilinear_and_three_channel(digits):
+    up = load_dataset("digits", upsample=True)
+    assert up.image_shape == (3, 32, 32) and up.train_x.shape == (1438, 3, 32, 32)
+    assert torch.equal(up.train_y, digits.train_y)
+    assert torch.equal(up.train_x[:, 0], up.train_x[:, 1]) and torch.equal(up.train_x[:, 0], up.train_x[:, 2])
+    for k in (0, 500):
+        expected = _bilinear_reference(digits.train_x[k, 0].numpy().astype(np.float64), 32)
+        np.testing.assert_allclose(up.train_x[k, 0].numpy(), expected, atol=1e-6)
+    assert float(up.train_x.min()) >= 0.0 and float(up.train_x.max()) <= 1.0
+    with pytest.raises(ConfigError, match=r"invalid upsample: 'yes'"):
+        load_dataset("digits", upsample="yes")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# subsets
+
+
+def test_subset_is_class_balanced_seeded_and_drawn_from_the_training_set(digits):
+    sub = load_dataset("digits", subset=50, seed=3)
+    assert torch.bincount(sub.train_y).tolist() == [5] * 10
+    assert torch.equal(sub.test_x, digits.test_x)  # the test set is never subset by `subset`
+    rows = {tuple(r) for r in digits.train_x.reshape(len(digits.train_x), -1).tolist()}
+    assert all(tuple(r) in rows for r in sub.train_x.reshape(50, -1).tolist())
+    assert torch.equal(load_dataset("digits", subset=50, seed=3).train_x, sub.train_x)
+    assert not torch.equal(load_dataset("digits", subset=50, seed=4).train_x, sub.train_x)
+    x = sub.train_x.numpy().astype(np.float64)
+    assert sub.mean == pytest.approx((x.mean(),)) and sub.std == pytest.approx((x.std(),))
+
+    odd = load_dataset("digits", subset=13, seed=0)
+    counts = torch.bincount(odd.train_y, minlength=10)
+    assert int(counts.sum()) == 13 and int(counts.max() - counts.min()) == 1
+
+
+def test_test_subset_option(digits):
+    sub = load_dataset("digits", test_subset=20)
+    assert sub.test_size == 20 and torch.bincount(sub.test_y).tolist() == [2] * 10
+    assert torch.equal(sub.train_x, digits.train_x)
+
+
+def _blobs(counts: list[int], *, test: int = 4) -> Dataset:
+    y = torch.cat([torch.full((c,), k, dtype=torch.int64) for k, c in enumerate(counts)])
+    x = (torch.arange(len(y), dtype=torch.float32) / len(y)).reshape(-1, 1, 1, 1)
+    return Dataset(name="blobs", train_x=x, train_y=y, test_x=torch.zeros(test, 1, 1, 1),
+                   test_y=torch.zeros(test, dtype=torch.int64), num_classes=len(counts))
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A copy of the registry, so that the datasets a test registers vanish with it."""
+    monkeypatch.setattr(data_base, "_REGISTRY", dict(data_base._REGISTRY))
+
+
+def test_subset_gives_a_small_class_all_it_has_and_shares_the_rest(registry):
+    @register_dataset("uneven")
+    def uneven() -> Dataset:
+        return _blobs([2, 10, 10])
+
+    assert torch.bincount(load_dataset("uneven", subset=12).train_y).tolist() == [2, 5, 5]
+    assert sorted(torch.bincount(load_dataset("uneven", subset=21).train_y).tolist()) == [2, 9, 10]
+    assert load_dataset("uneven", subset=22).train_size == 22
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1439, 2.5, True, "10"])
+def test_bad_subset_is_rejected(bad):
+    with pytest.raises(ConfigError, match=r"invalid subset: .*\(must be None or an integer in \[1, 1438\]\)"):
+        load_dataset("digits", subset=bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# registry
+
+
+def test_builtin_names_and_unknown_name_lists_them():
+    assert {"digits", "cifar10", "cifar100", "tinyimagenet", "synthetic"} <= set(dataset_names())
+    with pytest.raises(ConfigError, match=r"unknown dataset 'cifar11'; valid names: .*cifar10.*digits"):
+        load_dataset("cifar11")
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(ConfigError, match=r"dataset 'digits' has no option 'upsampel'; accepted: upsample, test_sub"):
+        load_dataset("digits", upsampel=True)
+    with pytest.raises(ConfigError, match=r"dataset 'cifar10' has no option 'seed_offset'"):
+        load_dataset("cifar10", seed_offset=1)
+
+
+def test_user_registered_dataset_gets_seed_options_and_subsetting(registry):
+    @register_dataset("blobs")
+    def blobs(*, seed: int, per_class: int = 4) -> Dataset:
+        assert seed == 11
+        return _blobs([per_class] * 3)
+
+    assert "blobs" in dataset_names()
+    ds = load_dataset("blobs", seed=11, per_class=6, subset=9)
+    assert ds.train_size == 9 and torch.bincount(ds.train_y).tolist() == [3, 3, 3]
+    assert ds.image_shape == (1, 1, 1) and ds.num_classes == 3
+    with pytest.raises(ConfigError, match="registered twice"):
+        register_dataset("blobs")(blobs)
+    with pytest.raises(ConfigError, match=r"'blobs' has no option 'size'; accepted: per_class, test_subset"):
+        load_dataset("blobs", seed=11, size=3)
+
+    @register_dataset("broken")
+    def broken() -> Dataset:
+        return (torch.zeros(1), torch.zeros(1))  # type: ignore[return-value]
+
+    with pytest.raises(ConfigError, match="returned tuple, not a Dataset"):
+        load_dataset("broken")
+
+
+def test_dataset_checks_its_tensors():
+    y = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ConfigError, match=r"invalid train_x: .*float64.*float32 tensor of shape N×C×H×W"):
+        Dataset("d", torch.zeros(2, 1, 2, 2, dtype=torch.float64), y, torch.zeros(1, 1, 2, 2), y[:1], 2)
+    with pytest.raises(ConfigError, match=r"invalid train_x range: \(0.0, 255.0\)"):
+        Dataset("d", torch.full((2, 1, 2, 2), 255.0).index_fill_(0, torch.tensor([0]), 0.0), y,
+                torch.zeros(1, 1, 2, 2), y[:1], 2)
+    with pytest.raises(ConfigError, match=r"invalid test_y range: \(5, 5\)"):
+        Dataset("d", torch.zeros(2, 1, 2, 2), y, torch.zeros(1, 1, 2, 2), torch.tensor([5]), 2)
+    with pytest.raises(ConfigError, match=r"invalid test_x: .*images of shape \(1, 2, 2\)"):
+        Dataset("d", torch.zeros(2, 1, 2, 2), y, torch.zeros(1, 3, 2, 2), y[:1], 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 on small archives in the real format
+
+_LAYOUTS = {"cifar10": cifar.CIFAR10, "cifar100": cifar.CIFAR100}
+
+
+def _cifar_batch(rng: np.random.Generator, n: int, layout: cifar.CifarLayout) -> dict:
+    batch = {b"batch_label": b"small test batch", b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+             layout.label_key: rng.integers(0, layout.num_classes, n).tolist(),
+             b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
+    if layout.label_key == b"fine_labels":
+        batch[b"coarse_labels"] = [k // 5 for k in batch[b"fine_labels"]]
+    return batch
+
+
+def _write_cifar(root: Path, name: str, *, omit: str | None = None, replace: dict | None = None) -> dict:
+    """Write the extracted folder of ``name`` under ``root`` (2 images per training file, 3 per test file)."""
+    layout = _LAYOUTS[name]
+    rng = np.random.default_rng(0)
+    folder = root / layout.folder
+    folder.mkdir(parents=True)
+    batches = {}
+    for file in layout.train_files + layout.test_files:
+        batch = _cifar_batch(rng, 3 if file in layout.test_files else 2, layout)
+        batch.update((replace or {}).get(file, {}))
+        batches[file] = batch
+        if file != omit:
+            (folder / file).write_bytes(pickle.dumps(batch, protocol=2))
+    return batches
+
+
+def _tar_gz(folder: Path, archive: Path) -> Path:
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(folder, arcname=folder.name)
+    return archive
+
+
+def _cifar_archive(tmp_path: Path, name: str, monkeypatch, **kwargs) -> tuple[Path, dict]:
+    """``data/<archive>.tar.gz`` alone in ``data/`` (built from a folder elsewhere), its MD5 put in the table."""
+    layout = _LAYOUTS[name]
+    batches = _write_cifar(tmp_path / "src", name, **kwargs)
+    data = tmp_path / "data"
+    data.mkdir()
+    archive = _tar_gz(tmp_path / "src" / layout.folder, data / layout.archive)
+    monkeypatch.setitem(cifar.MD5, layout.archive, _md5(archive))
+    return data, batches
+
+
+def _expected(batches: dict, files: tuple[str, ...], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    x = np.concatenate([batches[f][b"data"] for f in files]).reshape(-1, 3, 32, 32) / 255.0
+    y = np.concatenate([batches[f][label_key] for f in files])
+    return x, y
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+@pytest.mark.parametrize("route", ["archive", "folder"])
+def test_cifar_reads_archive_and_folder(tmp_path, monkeypatch, name, route):
+    layout = _LAYOUTS[name]
+    if route == "archive":
+        data, batches = _cifar_archive(tmp_path, name, monkeypatch)
+    else:
+        data = tmp_path / "data"
+        batches = _write_cifar(data, name)  # no archive, no checksum needed
+    ds = load_dataset(name, data_dir=data)
+    train_x, train_y = _expected(batches, layout.train_files, layout.label_key)
+    test_x, test_y = _expected(batches, layout.test_files, layout.label_key)
+    assert ds.num_classes == layout.num_classes and ds.image_shape == (3, 32, 32)
+    assert ds.train_x.shape == (2 * len(layout.train_files), 3, 32, 32) and ds.test_size == 3
+    np.testing.assert_allclose(ds.train_x.numpy(), train_x, atol=1e-7)
+    np.testing.assert_allclose(ds.test_x.numpy(), test_x, atol=1e-7)
+    assert ds.train_y.tolist() == train_y.tolist() and ds.test_y.tolist() == test_y.tolist()
+    # Row-major 3×32×32: pixel (c, h, w) of image 0 is byte c·1024 + h·32 + w of its row.
+    row = batches[layout.train_files[0]][b"data"][0]
+    assert float(ds.train_x[0, 2, 5, 7]) == pytest.approx(row[2 * 1024 + 5 * 32 + 7] / 255.0)
+
+
+def test_cifar_default_data_dir_comes_from_the_environment(tmp_path, monkeypatch):
+    data, _ = _cifar_archive(tmp_path, "cifar10", monkeypatch)
+    monkeypatch.setenv("ORMO_DATA", str(data))
+    assert load_dataset("cifar10").train_size == 10
+
+
+def test_cifar_wrong_checksum_says_to_download_again(tmp_path, monkeypatch):
+    data, _ = _cifar_archive(tmp_path, "cifar10", monkeypatch)
+    monkeypatch.setitem(cifar.MD5, "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")  # the real one
+    with pytest.raises(DatasetError, match=r"checksum mismatch for .*cifar-10-python.tar.gz: md5 [0-9a-f]{32}, "
+                                           r"expected c58f30108f718f92721af3b95e74349a.*download=True"):
+        load_dataset("cifar10", data_dir=data)
+
+
+def test_cifar_truncated_archive(tmp_path, monkeypatch):
+    data, _ = _cifar_archive(tmp_path, "cifar10", monkeypatch)
+    archive = data / "cifar-10-python.tar.gz"
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(DatasetError, match="checksum mismatch"):
+        load_dataset("cifar10", data_dir=data)
+    monkeypatch.setitem(cifar.MD5, "cifar-10-python.tar.gz", _md5(archive))  # past the checksum: the reader's error
+    with pytest.raises(DatasetError, match=r"could not read the archive .*truncated or corrupt.*download"):
+        load_dataset("cifar10", data_dir=data)
+
+
+def test_cifar_missing_member(tmp_path, monkeypatch):
+    data, _ = _cifar_archive(tmp_path, "cifar10", monkeypatch, omit="test_batch")
+    with pytest.raises(DatasetError, match=r"has no member 'cifar-10-batches-py/test_batch'"):
+        load_dataset("cifar10", data_dir=data)
+
+
+def test_cifar_missing_files_say_where_to_put_the_archive(tmp_path):
+    with pytest.raises(DatasetError) as info:
+        load_dataset("cifar100", data_dir=tmp_path)
+    msg = str(info.value)
+    assert f"{tmp_path}/cifar-100-python/" in msg and f"{tmp_path}/cifar-100-python.tar.gz" in msg
+    assert f"https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and put it in {tmp_path}" in msg
+    assert "download=True" in msg
+
+
+def test_cifar_incomplete_folder_names_the_missing_file(tmp_path):
+    _write_cifar(tmp_path, "cifar10", omit="data_batch_3")
+    with pytest.raises(DatasetError, match=r"cifar-10-batches-py/ has no file 'data_batch_3'"):
+        load_dataset("cifar10", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("replace", "message"),
+    [
+        ({b"data": np.zeros((2, 100), dtype=np.uint8)}, r"uint8 array of shape \(2, 100\); expected an N×3072 uint8"),
+        ({b"data": np.zeros((2, 3072), dtype=np.float32)}, r"float32 array .*expected an N×3072 uint8"),
+        ({b"labels": [0, 1, 2]}, r"has shape \(3,\) .*expected 2 integer labels"),
+        ({b"labels": [0, 10]}, r"labels in .* span \[0, 10\]; expected values in \[0, 10\)"),
+    ],
+)
+def test_cifar_malformed_batch(tmp_path, replace, message):
+    _write_cifar(tmp_path, "cifar10", replace={"data_batch_2": replace})
+    with pytest.raises(DatasetError, match=message):
+        load_dataset("cifar10", data_dir=tmp_path)
+
+
+def test_cifar_member_that_is_not_a_pickle(tmp_path):
+    _write_cifar(tmp_path, "cifar100")
+    (tmp_path / "cifar-100-python" / "test").write_bytes(b"not a pickle")
+    with pytest.raises(DatasetError, match=r"cifar-100-python/test is not a readable pickle"):
+        load_dataset("cifar100", data_dir=tmp_path)
+
+
+def test_cifar_download_verifies_and_renames_into_place(tmp_path, monkeypatch):
+    mirror, batches = _cifar_archive(tmp_path, "cifar10", monkeypatch)
+    monkeypatch.setitem(cifar.URLS, "cifar-10-python.tar.gz", (mirror / "cifar-10-python.tar.gz").as_uri())
+    data = tmp_path / "cache" / "ormo"  # created by the download
+    ds = load_dataset("cifar10", data_dir=data, download=True)
+    assert _md5(data / "cifar-10-python.tar.gz") == cifar.MD5["cifar-10-python.tar.gz"]
+    assert [p.name for p in data.iterdir()] == ["cifar-10-python.tar.gz"]  # no temporary file left
+    assert ds.test_y.tolist() == batches["test_batch"][b"labels"]
+    # A corrupt copy is replaced when download=True.
+    (data / "cifar-10-python.tar.gz").write_bytes(b"garbage")
+    assert load_dataset("cifar10", data_dir=data, download=True).train_size == 10
+
+
+def test_cifar_download_errors_leave_no_file(tmp_path, monkeypatch):
+    mirror, _ = _cifar_archive(tmp_path, "cifar10", monkeypatch)
+    data = tmp_path / "cache"
+    monkeypatch.setitem(cifar.URLS, "cifar-10-python.tar.gz", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    with pytest.raises(DatasetError, match=r"could not download http://127.0.0.1:9/.*put it at .*cache"):
+        load_dataset("cifar10", data_dir=data, download=True)
+    monkeypatch.setitem(cifar.URLS, "cifar-10-python.tar.gz", (mirror / "cifar-10-python.tar.gz").as_uri())
+    monkeypatch.setitem(cifar.MD5, "cifar-10-python.tar.gz", "0" * 32)
+    with pytest.raises(DatasetError, match=r"downloaded .* has md5 [0-9a-f]{32}, expected 0{32}"):
+        load_dataset("cifar10", data_dir=data, download=True)
+    assert list(data.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny ImageNet on a tiny folder
+
+_WNIDS = ["n0000002", "n0000001"]  # not sorted: class order must follow wnids.txt
+_VAL = [("val_0.JPEG", "n0000001"), ("val_1.JPEG", "n0000002")]
+
+
+def _color(k: int) -> tuple[int, int, int]:
+    return (40 * k + 10, 200 - 30 * k, 90 + 20 * k)
+
+
+def _write_tiny(root: Path) -> Path:
+    """2 classes × 3 training images (solid colours, one grayscale), 2 validation images, in the real layout."""
+    from PIL import Image
+
+    folder = root / "tiny-imagenet-200"
+    (folder / "val" / "images").mkdir(parents=True)
+    (folder / "wnids.txt").write_text("\n".join(_WNIDS) + "\n")
+    for c, wnid in enumerate(_WNIDS):
+        images = folder / "train" / wnid / "images"
+        images.mkdir(parents=True)
+        (folder / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
+        for i in range(3):
+            img = Image.new("RGB", (64, 64), _color(3 * c + i))
+            (img.convert("L") if (c, i) == (1, 2) else img).save(images / f"{wnid}_{i}.JPEG", quality=95)
+    lines = []
+    for k, (file, wnid) in enumerate(_VAL):
+        Image.new("RGB", (64, 64), _color(6 + k)).save(folder / "val" / "images" / file, quality=95)
+        lines.append(f"{file}\t{wnid}\t0\t0\t63\t63")
+    (folder / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _pil_pixels(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB")).transpose(2, 0, 1) / 255.0
+
+
+def test_tinyimagenet_reads_the_standard_layout(tmp_path):
+    folder = _write_tiny(tmp_path)
+    ds = load_dataset("tinyimagenet", data_dir=tmp_path)
+    assert ds.num_classes == 2 and ds.image_shape == (3, 64, 64)
+    assert ds.train_y.tolist() == [0, 0, 0, 1, 1, 1] and ds.test_y.tolist() == [1, 0]
+    for k, (c, i) in enumerate([(c, i) for c in range(2) for i in range(3)]):
+        path = folder / "train" / _WNIDS[c] / "images" / f"{_WNIDS[c]}_{i}.JPEG"
+        np.testing.assert_allclose(ds.train_x[k].numpy(), _pil_pixels(path), atol=1e-7)
+        if (c, i) != (1, 2):  # solid colours survive JPEG to within a few levels
+            mean_rgb = ds.train_x[k].mean(dim=(1, 2)).numpy() * 255
+            np.testing.assert_allclose(mean_rgb, _color(3 * c + i), atol=3)
+    gray = ds.train_x[5]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[0], gray[2])
+    np.testing.assert_allclose(ds.test_x[1].numpy(), _pil_pixels(folder / "val" / "images" / "val_1.JPEG"))
+
+
+def test_tinyimagenet_missing_folder_says_where_to_unzip(tmp_path):
+    with pytest.raises(DatasetError, match=rf"no folder {tmp_path}/tiny-imagenet-200/; download "
+                                           r"http://cs231n.stanford.edu/tiny-imagenet-200.zip, unzip it in .*"
+                                           r"download=True"):
+        load_dataset("tinyimagenet", data_dir=tmp_path)
+
+
+def _break_annotations(folder: Path) -> None:
+    (folder / "val" / "val_annotations.txt").unlink()
+
+
+def _break_listed_image(folder: Path) -> None:
+    (folder / "val" / "images" / "val_1.JPEG").unlink()
+
+
+def _break_image_bytes(folder: Path) -> None:
+    (folder / "train" / "n0000001" / "images" / "n0000001_1.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
+
+
+def _break_image_size(folder: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (32, 64)).save(folder / "val" / "images" / "val_0.JPEG")
+
+
+def _break_wnid(folder: Path) -> None:
+    (folder / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn9999999\t0\t0\t1\t1\n")
+
+
+def _break_class_folder(folder: Path) -> None:
+    (folder / "wnids.txt").write_text("\n".join([*_WNIDS, "n0000003"]))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_break_annotations, r"no validation labels .*val/val_annotations.txt"),
+        (_break_listed_image, r"line 2 lists val_1.JPEG, but .*val/images/val_1.JPEG does not exist"),
+        (_break_image_bytes, r"cannot decode .*n0000001_1.JPEG .*corrupt"),
+        (_break_image_size, r"val_0.JPEG is 32×64 pixels; expected 64×64"),
+        (_break_wnid, r"line 1 of .*val_annotations.txt should be .* a wnid from wnids.txt"),
+        (_break_class_folder, r"class n0000003 .* has no folder .*train/n0000003/images/"),
+    ],
+)
+def test_tinyimagenet_damaged_folder(tmp_path, damage, message):
+    damage(_write_tiny(tmp_path))
+    with pytest.raises(DatasetError, match=message):
+        load_dataset("tinyimagenet", data_dir=tmp_path)
+
+
+def test_tinyimagenet_download_extracts_the_zip(tmp_path, monkeypatch):
+    folder = _write_tiny(tmp_path / "src")
+    zip_path = tmp_path / "mirror" / "tiny-imagenet-200.zip"
+    zip_path.parent.mkdir()
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        for p in sorted(folder.rglob("*")):
+            zf.write(p, p.relative_to(folder.parent).as_posix())
+    monkeypatch.setitem(tinyimagenet.URLS, "tiny-imagenet-200.zip", zip_path.as_uri())
+    monkeypatch.setitem(tinyimagenet.MD5, "tiny-imagenet-200.zip", _md5(zip_path))
+    data = tmp_path / "data"
+    ds = load_dataset("tinyimagenet", data_dir=data, download=True)
+    assert ds.train_size == 6 and ds.test_y.tolist() == [1, 0]
+    assert sorted(p.name for p in data.iterdir()) == ["tiny-imagenet-200", "tiny-imagenet-200.zip"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# synthetic
+
+
+def test_synthetic_is_determined_by_the_seed():
+    opts = dict(num_classes=3, image_shape=(2, 5, 4), train_size=30, test_size=9, noise=0.1)
+    a, b = load_dataset("synthetic", seed=1, **opts), load_dataset("synthetic", seed=1, **opts)
+    c = load_dataset("synthetic", seed=2, **opts)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    assert not torch.equal(a.train_x, c.train_x)
+    assert a.image_shape == (2, 5, 4) and a.train_x.shape == (30, 2, 5, 4) and a.test_size == 9
+    assert torch.bincount(a.train_y).tolist() == [10, 10, 10]
+    # The test set does not depend on the training set's size.
+    assert torch.equal(load_dataset("synthetic", seed=1, **{**opts, "train_size": 7}).test_x, a.test_x)
+
+
+def test_synthetic_without_noise_gives_the_class_prototypes():
+    ds = load_dataset("synthetic", num_classes=2, image_shape=(1, 3, 3), train_size=10, test_size=4, noise=0.0)
+    for c in range(2):
+        members = ds.train_x[ds.train_y == c]
+        assert torch.equal(members, members[:1].expand_as(members))
+        assert float(members.min()) >= 0.25 and float(members.max()) <= 0.75
+        assert torch.equal(ds.test_x[ds.test_y == c][0], members[0])
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("image_shape", (3, 32), r"invalid image_shape: \(3, 32\) \(must be three positive integers"),
+        ("image_shape", (3, 0, 4), "three positive integers"),
+        ("noise", -0.1, r"invalid noise: -0.1 \(must be a finite number >= 0\)"),
+        ("num_classes", 0, r"invalid num_classes: 0 \(must be an integer >= 1\)"),
+        ("train_size", 1.5, "invalid train_size"),
+    ],
+)
+def test_synthetic_bad_options(option, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_dataset("synthetic", **{option: value})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# augmentation
+
+
+def _batch(n: int = 64, c: int = 3, h: int = 8, w: int = 10) -> torch.Tensor:
+    return torch.rand(n, c, h, w, generator=torch.Generator().manual_seed(123)) + 0.1  # no zeros: padding shows
+
+
+def test_crop_is_a_window_of_the_zero_padded_image():
+    x, p = _batch(), 3
+    out = Augment(crop_padding=p, flip=False)(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    padded = torch.zeros(64, 3, 8 + 2 * p, 10 + 2 * p)
+    padded[:, :, p:-p, p:-p] = x
+    offsets = []
+    for n in range(64):
+        hits = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
+                if torch.equal(out[n], padded[n, :, dy:dy + 8, dx:dx + 10])]
+        assert hits, f"image {n} is no window of its padded image"
+        offsets.append(hits[0])
+    assert len(set(offsets)) > 10  # offsets vary per image
+
+
+def test_flip_mirrors_about_half_the_images():
+    x = _batch()
+    out = Augment(crop_padding=0, flip=True)(x, torch.Generator().manual_seed(0))
+    flipped = [torch.equal(out[n], x[n].flip(-1)) for n in range(64)]
+    kept = [torch.equal(out[n], x[n]) for n in range(64)]
+    assert all(f != k for f, k in zip(flipped, kept, strict=True))
+    assert 16 <= sum(flipped) <= 48
+
+
+def test_crop_and_flip_follow_the_documented_draw_order():
+    x, p = _batch(n=16), 2
+    out = Augment(crop_padding=p, flip=True)(x, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # replay: row offsets, column offsets, then coins
+    oy, ox = torch.randint(0, 2 * p + 1, (16,), generator=g), torch.randint(0, 2 * p + 1, (16,), generator=g)
+    coins = torch.rand(16, generator=g)
+    padded = F.pad(x, (p, p, p, p))
+    for n in range(16):
+        window = padded[n, :, oy[n]:oy[n] + 8, ox[n]:ox[n] + 10]
+        assert torch.equal(out[n], window.flip(-1) if coins[n] < 0.5 else window)
+
+
+def test_fixed_generator_seed_gives_identical_output():
+    x, aug = _batch(), Augment(crop_padding=4, flip=True, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    a = aug(x, torch.Generator().manual_seed(9))
+    assert torch.equal(a, aug(x, torch.Generator().manual_seed(9)))
+    assert not torch.equal(a, aug(x, torch.Generator().manual_seed(10)))
+
+
+def test_normalization_standardizes_the_training_set():
+    ds = load_dataset("synthetic", image_shape=(3, 6, 6), train_size=200, test_size=10)
+    z = normalize(ds.train_x, ds.mean, ds.std).double()
+    assert z.mean(dim=(0, 2, 3)).abs().max() < 1e-5
+    assert (z.std(dim=(0, 2, 3), correction=0) - 1).abs().max() < 1e-5
+    only_normalize = Augment(crop_padding=0, flip=False, mean=ds.mean, std=ds.std)
+    assert torch.equal(only_normalize(ds.train_x, None), normalize(ds.train_x, ds.mean, ds.std))
+
+
+def test_augment_bad_inputs():
+    with pytest.raises(ConfigError, match=r"invalid crop_padding: -1"):
+        Augment(crop_padding=-1)
+    with pytest.raises(ConfigError, match="both given or both None"):
+        Augment(mean=(0.5,))
+    with pytest.raises(ConfigError, match=r"invalid std: \(0.0,\) \(must be values > 0\)"):
+        Augment(mean=(0.5,), std=(0.0,))
+    with pytest.raises(ConfigError, match="invalid generator: None"):
+        Augment()(_batch(), None)
+    with pytest.raises(ConfigError, match="one value per channel"):
+        normalize(_batch(c=3), (0.5,), (0.2,))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampler
+
+
+def test_minibatch_indices_are_a_pure_function_of_the_key():
+    idx = minibatch_indices(1000, 64, seed=1, worker=2, index=3, step=4)
+    assert idx.dtype == torch.int64 and idx.shape == (64,)
+    assert int(idx.min()) >= 0 and int(idx.max()) < 1000
+    assert torch.equal(idx, minibatch_indices(1000, 64, seed=1, worker=2, index=3, step=4))
+    g = minibatch_generator(1, 2, 3, 4, INDICES_STREAM)  # the documented construction
+    assert torch.equal(idx, torch.randint(0, 1000, (64,), generator=g))
+
+
+def test_different_keys_and_streams_draw_differently():
+    key = dict(seed=1, worker=2, index=3, step=4)
+    base = minibatch_indices(10**6, 32, **key)
+    for field in key:
+        other = minibatch_indices(10**6, 32, **{**key, field: key[field] + 1})
+        assert not torch.equal(base, other), field
+    aug = torch.randint(0, 10**6, (32,), generator=minibatch_generator(1, 2, 3, 4, AUGMENT_STREAM))
+    assert not torch.equal(base, aug)
+    # Over many keys the draws look uniform: each tenth of [0, 1000) gets about a tenth of 12,800 draws.
+    draws = torch.cat([minibatch_indices(1000, 64, seed=0, worker=w, index=t, step=0)
+                       for w in range(4) for t in range(50)])
+    counts = torch.bincount(draws // 100, minlength=10)
+    assert int(counts.min()) > 1130 and int(counts.max()) < 1430  # ±4.5 binomial standard deviations
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(num_examples=0, batch_size=4), r"invalid num_examples: 0 \(must be an integer >= 1\)"),
+        (dict(num_examples=10, batch_size=0), r"invalid batch_size: 0"),
+        (dict(num_examples=10, batch_size=4, worker=-1), r"invalid worker: -1"),
+    ],
+)
+def test_sampler_bad_inputs(kwargs, message):
+    key = {"seed": 0, "worker": 0, "index": 0, "step": 0}
+    with pytest.raises(ConfigError, match=message):
+        minibatch_indices(**{**key, **kwargs})
+

@@ -1,0 +1,285 @@
+"""The reporting layer on hand-written run directories: finding and loading runs, the mean ± std table, and plots.
+
+The sweep below has 3 methods × 2 settings × 3 seeds; each run's final metrics row holds values chosen here, so every
+number in the table can be checked against numpy on those values.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+
+from ormo.report import display_name, find_runs, format_table, load_runs, method_order, summarize, write_table
+from ormo.report.plots import mean_band, plot_runs, slugify
+
+SETTINGS = ("K=16 hom.", "K=16 het.")
+SEEDS = (0, 1, 2)
+# (method, setting) -> per-seed final (train_loss, test_acc). Methods are written in an order that is not the papers'.
+FINAL = {
+    ("ssgd", "K=16 hom."): [(0.03, 90.60), (0.04, 90.95), (0.05, 91.30)],
+    ("ssgd", "K=16 het."): [(0.10, 88.00), (0.12, 88.50), (0.14, 89.00)],
+    ("ormo", "K=16 hom."): [(0.02, 91.50), (0.02, 91.70), (0.05, 91.60)],
+    ("ormo", "K=16 het."): [(0.06, 90.10), (0.07, 90.30), (0.08, 90.20)],
+    ("asgd", "K=16 hom."): [(0.20, 85.00), (0.25, 86.00), (0.30, 87.00)],
+    ("asgd", "K=16 het."): [(0.50, 80.00), (0.60, 79.00), (0.70, 81.00)],
+}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(
+    root: Path,
+    *,
+    method: str,
+    label: str | None,
+    seed: int,
+    final_loss: float,
+    final_acc: float,
+    epochs: int = 3,
+    seconds_per_epoch: float = 10.0,
+    status: str = "finished",
+    delay_max: int = 30,
+    num_workers: int = 16,
+    timing: str = "slow_fraction",
+) -> Path:
+    """One run directory under ``root/<method>/<slug>/seed<k>``: rows at epochs 0..epochs, the last one holding the
+    chosen final values (NaN is written as null, as the metrics writer does)."""
+    run_dir = root / method / slugify(label or "nolabel") / f"seed{seed}"
+    run_dir.mkdir(parents=True)
+    rows = []
+    for epoch in range(epochs + 1):
+        frac = epoch / epochs
+        rows.append({
+            "epoch": float(epoch), "iteration": 100 * epoch, "gradients": 100 * epoch,
+            "sim_time_s": seconds_per_epoch * epoch,
+            "train_loss": None if epoch == 0 else 2.0 + frac * (final_loss - 2.0),
+            "test_loss": 2.3 - frac, "test_acc": 10.0 + frac * (final_acc - 10.0),
+            "delay_mean": 15.0, "delay_max": 20, "lr_scale": 1.0,
+        })
+    for key, value in (("train_loss", final_loss), ("test_acc", final_acc)):
+        rows[-1][key] = None if math.isnan(value) else value
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    info = {"name": "sweep", "label": label, "method": method, "seed": seed, "status": status}
+    if status == "finished":
+        info["summary"] = {"delay": {"mean": 15.0, "max": delay_max, "p50": 15, "p90": 25, "p99": 29},
+                           "sim_time_s": rows[-1]["sim_time_s"]}
+        info["final"] = rows[-1]
+    (run_dir / "run.json").write_text(json.dumps(info), encoding="utf-8")
+    (run_dir / "config.toml").write_text(
+        f'name = "sweep"\n\n[method]\nname = "{method}"\nlr = 0.1\nmomentum = 0.9\n\n[model]\nname = "mlp"\n\n'
+        f'[data]\nname = "digits"\nbatch_size = 64\n\n[timing]\nmodel = "{timing}"\n\n'
+        f"[train]\nepochs = {float(epochs)}\nnum_workers = {num_workers}\nseed = {seed}\n",
+        encoding="utf-8",
+    )
+    return run_dir
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    root = tmp_path / "sweep"
+    for (method, label), finals in FINAL.items():
+        for seed, (loss, acc) in zip(SEEDS, finals, strict=True):
+            write_run(root, method=method, label=label, seed=seed, final_loss=loss, final_acc=acc,
+                      delay_max=30 + 10 * seed)
+    return root
+
+
+# ---- find / load -------------------------------------------------------------------------------------------------
+
+
+def test_find_runs_searches_folders_recursively_and_drops_duplicates(sweep: Path) -> None:
+    found = find_runs(sweep)
+    assert len(found) == 18
+    assert found == sorted(found)
+    one = sweep / "ormo" / "k-16-het" / "seed1"
+    assert find_runs(one) == [one]
+    assert find_runs(one / "run.json") == [one]
+    assert find_runs([one, sweep]) == [one] + [p for p in found if p != one]
+    assert find_runs([str(sweep / "asgd")]) == [p for p in found if p.parts[-3] == "asgd"]
+
+
+def test_find_runs_missing_path_names_it(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        find_runs(tmp_path / "nowhere")
+
+
+def test_load_runs_reads_run_config_and_metrics(sweep: Path) -> None:
+    records = load_runs(sweep)
+    assert len(records) == 18
+    r = next(r for r in records if r.path == sweep / "ormo" / "k-16-het" / "seed2")
+    assert (r.name, r.method, r.label, r.seed, r.status) == ("sweep", "ormo", "K=16 het.", 2, "finished")
+    assert r.config["train"]["num_workers"] == 16 and r.config["method"]["lr"] == 0.1
+    assert len(r.metrics) == 4
+    assert math.isnan(r.metrics[0]["train_loss"])  # null at epoch 0 comes back as NaN
+    assert r.metrics[-1]["test_acc"] == 90.20
+    assert r.summary["delay"]["max"] == 50
+
+
+def test_load_runs_skips_unfinished_with_a_warning_naming_them(sweep: Path) -> None:
+    write_run(sweep, method="ormo", label="K=16 het.", seed=7, final_loss=1.0, final_acc=50.0, status="interrupted")
+    with pytest.warns(UserWarning, match=r"seed7.*interrupted"):
+        records = load_runs(sweep)
+    assert len(records) == 18 and all(r.seed != 7 for r in records)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = load_runs(sweep, include_unfinished=True)
+    assert len(kept) == 19
+    assert next(r for r in kept if r.seed == 7).summary == {}
+
+
+def test_load_runs_without_runs_says_where_it_looked(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"no runs found under '.*empty'"):
+        load_runs([empty])
+    only_running = tmp_path / "running"
+    write_run(only_running, method="asgd", label="x", seed=0, final_loss=1.0, final_acc=1.0, status="running")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="include_unfinished=True"):
+        load_runs(only_running)
+
+
+def test_label_falls_back_to_workers_and_timing_model(tmp_path: Path) -> None:
+    write_run(tmp_path, method="asgd", label=None, seed=0, final_loss=0.5, final_acc=80.0, num_workers=4,
+              timing="one_slow")
+    (record,) = load_runs(tmp_path)
+    assert record.label == "K=4 one_slow"
+
+
+# ---- tables ------------------------------------------------------------------------------------------------------
+
+
+def test_display_names_and_row_order() -> None:
+    assert display_name("ormo-vanilla") == "OrMo (vanilla SGD step)"
+    assert display_name("my-rule") == "my-rule"
+    assert method_order(["my-rule", "ssgd", "orlomo", "asgd", "ormo-da", "ssgd", "another"]) == [
+        "asgd", "ormo-da", "ssgd", "orlomo", "my-rule", "another"]
+
+
+def test_summarize_matches_numpy_on_the_final_values(sweep: Path) -> None:
+    summary = summarize(load_runs(sweep))
+    assert summary.methods == ("asgd", "ormo", "ssgd")
+    assert summary.labels == ("K=16 het.", "K=16 hom.")  # first seen in sorted path order: k-16-het < k-16-hom
+    for key, finals in FINAL.items():
+        losses, accs = np.array(finals).T
+        cell = summary.cells[key]
+        assert cell["train_loss"].mean == pytest.approx(np.mean(losses), abs=1e-12)
+        assert cell["train_loss"].std == pytest.approx(np.std(losses), abs=1e-12)  # population std, ddof=0
+        assert cell["test_acc"].mean == pytest.approx(np.mean(accs), abs=1e-12)
+        assert cell["test_acc"].std == pytest.approx(np.std(accs), abs=1e-12)
+        assert cell["train_loss"].n == cell["test_acc"].n == 3
+        assert summary.seeds[key] == SEEDS
+
+
+def test_delay_max_comes_from_the_run_summary(sweep: Path) -> None:
+    # The metrics rows say delay_max = 20; the run summaries say 30, 40, 50 (seeds 0, 1, 2).
+    cell = summarize(load_runs(sweep), metrics=("delay_max",)).cells[("ormo", "K=16 hom.")]["delay_max"]
+    assert (cell.mean, cell.std, cell.n) == (40.0, pytest.approx(np.std([30, 40, 50])), 3)
+
+
+def test_summarize_rejects_the_same_seed_twice(sweep: Path, tmp_path: Path) -> None:
+    copy = write_run(tmp_path / "other", method="asgd", label="K=16 hom.", seed=0, final_loss=0.2, final_acc=85.0)
+    with pytest.raises(ValueError, match=r"method 'asgd', label 'K=16 hom\.' and seed 0.*seed0"):
+        summarize(load_runs([sweep, copy]))
+
+
+def test_labels_select_and_order_the_settings(sweep: Path) -> None:
+    records = load_runs(sweep)
+    assert summarize(records, labels=["K=16 hom."]).labels == ("K=16 hom.",)
+    with pytest.raises(ValueError, match=r"labels \['K=8'\] match no run; the runs' labels are"):
+        summarize(records, labels=["K=8", "K=16 hom."])
+
+
+def test_markdown_table_cells_and_layout(sweep: Path) -> None:
+    text = format_table(summarize(load_runs(sweep), labels=SETTINGS))  # settings in the papers' order
+    lines = text.splitlines()
+    assert lines[0] == ("| Method | K=16 hom. train loss | K=16 hom. test acc. (%) | K=16 het. train loss "
+                        "| K=16 het. test acc. (%) |")
+    assert lines[1] == "|:---|---:|---:|---:|---:|"
+    # Hand-computed: ssgd hom. loss 0.03/0.04/0.05 -> 0.04 ± 0.0082; acc 90.60/90.95/91.30 -> 90.95 ± 0.286.
+    assert lines[2:] == [
+        "| ASGD | 0.25±0.04 | 86.00±0.82 | 0.60±0.08 | 80.00±0.82 |",
+        "| OrMo | 0.03±0.01 | 91.60±0.08 | 0.07±0.01 | 90.20±0.08 |",
+        "| SSGD | 0.04±0.01 | 90.95±0.29 | 0.12±0.02 | 88.50±0.41 |",
+    ]
+
+
+def test_unknown_methods_come_last_and_missing_cells_show_a_dash(sweep: Path, tmp_path: Path) -> None:
+    extra = write_run(tmp_path / "extra", method="my-rule", label="K=16 het.", seed=0, final_loss=0.3,
+                      final_acc=70.0)
+    lines = format_table(summarize(load_runs([extra, sweep]))).splitlines()
+    assert lines[0].startswith("| Method | K=16 het. train loss")  # settings in first-seen order
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| ASGD", "| OrMo", "| SSGD", "| my-rule"]
+    assert lines[-1] == "| my-rule | 0.30±0.00 | 70.00±0.00 | — | — |"
+
+
+def test_write_table_writes_markdown_and_csv(sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    text = write_table(load_runs(sweep), out, labels=SETTINGS)
+    assert (out / "table.md").read_text(encoding="utf-8") == text
+    with (out / "table.csv").open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 2 * 2  # methods × settings × metrics
+    assert list(rows[0]) == ["method", "name", "label", "metric", "mean", "std", "n"]
+    assert [(r["method"], r["label"], r["metric"]) for r in rows[:4]] == [
+        ("asgd", "K=16 hom.", "train_loss"), ("asgd", "K=16 hom.", "test_acc"),
+        ("asgd", "K=16 het.", "train_loss"), ("asgd", "K=16 het.", "test_acc")]
+    for r in rows:
+        values = np.array(FINAL[(r["method"], r["label"])])[:, 0 if r["metric"] == "train_loss" else 1]
+        assert float(r["mean"]) == pytest.approx(np.mean(values), abs=1e-12)
+        assert float(r["std"]) == pytest.approx(np.std(values), abs=1e-12)
+        assert r["n"] == "3" and r["name"] == display_name(r["method"])
+
+
+def test_a_nan_final_value_shows_diverged(tmp_path: Path) -> None:
+    for seed, loss in enumerate([0.1, math.nan, 0.2]):
+        write_run(tmp_path, method="naive-asgdm", label="K=32", seed=seed, final_loss=loss, final_acc=10.0)
+    out = tmp_path / "report"
+    text = write_table(load_runs(tmp_path), out)
+    assert text.splitlines()[-1] == "| naive ASGDm | diverged | 10.00±0.00 |"
+    rows = list(csv.DictReader((out / "table.csv").open(newline="", encoding="utf-8")))
+    assert rows[0]["metric"] == "train_loss" and math.isnan(float(rows[0]["mean"]))
+
+
+# ---- plots -------------------------------------------------------------------------------------------------------
+
+
+def test_mean_band_on_hand_values() -> None:
+    a = (np.array([0.0, 1.0, 2.0]), np.array([0.0, 1.0, 2.0]))
+    b = (np.array([0.0, 2.0, 3.0]), np.array([0.0, 4.0, 9.0]))  # b at x=1 interpolates to 2
+    grid, mean, low, high = mean_band([a, b], time_grid=False)
+    np.testing.assert_allclose(grid, [0.0, 1.0, 2.0])  # stops where the shorter curve stops
+    np.testing.assert_allclose(mean, [0.0, 1.5, 3.0])
+    np.testing.assert_allclose(low, [0.0, 1.0, 2.0])
+    np.testing.assert_allclose(high, [0.0, 2.0, 4.0])
+    grid, *_ = mean_band([a, b], time_grid=True)
+    assert grid[0] == 0.0 and grid[-1] == 2.0 and len(grid) == 200
+
+
+def test_plot_runs_writes_one_png_per_setting(sweep: Path, tmp_path: Path) -> None:
+    backend = matplotlib.get_backend()
+    paths = plot_runs(load_runs(sweep), tmp_path / "plots")
+    assert [p.name for p in paths] == ["k-16-het.png", "k-16-hom.png"]
+    for p in paths:
+        data = p.read_bytes()
+        assert data[:8] == PNG_SIGNATURE
+        assert len(data) > 20_000  # four panels with lines, not an empty canvas
+    assert matplotlib.get_backend() == backend
+
+
+def test_plot_runs_with_seeds_of_different_lengths(tmp_path: Path) -> None:
+    # Seeds end at different epochs and times; one ormo seed diverges (its last loss is NaN).
+    for seed, (epochs, seconds) in enumerate([(2, 10.0), (3, 12.0), (4, 9.0)]):
+        write_run(tmp_path, method="asgd", label="uneven", seed=seed, final_loss=0.5, final_acc=80.0,
+                  epochs=epochs, seconds_per_epoch=seconds)
+        write_run(tmp_path, method="ormo", label="uneven", seed=seed, final_loss=math.nan if seed == 1 else 0.3,
+                  final_acc=85.0, epochs=epochs, seconds_per_epoch=seconds)
+    records = load_runs(tmp_path)
+    (path,) = plot_runs(records, tmp_path / "plots")
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 20_000

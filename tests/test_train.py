@@ -1,0 +1,174 @@
+"""Training on the simulator end to end: a short run on digits, resume after a kill, divergence, sweeps and reports."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ormo.experiment import load_config, train
+from ormo.experiment.metrics import METRIC_FIELDS, read_metrics
+from ormo.experiment.run import read_run_info
+from ormo.experiment.sweep import plan_sweep, run_sweep
+from ormo.report import load_runs, plot_runs, summarize, write_table
+from ormo.rules.base import ConfigError
+
+SMALL = [
+    "model.name=mlp",
+    "data.batch_size=16",
+    "train.num_workers=4",
+    "train.epochs=2",
+    "train.eval_every=0.5",
+    "train.checkpoint_every=0.5",
+    "method.lr=0.02",
+    "method.momentum=0.9",
+    "data.subset=320",
+]
+
+
+def test_short_run_writes_everything(tmp_path):
+    cfg = load_config(None, SMALL)
+    res = train(cfg, tmp_path / "run", progress=False)
+    d = tmp_path / "run"
+    for name in ("config.toml", "run.json", "metrics.jsonl", "metrics.csv", "events.jsonl", "checkpoint.pt",
+                 "final.pt"):
+        assert (d / name).is_file(), name
+    info = read_run_info(d)
+    assert info["status"] == "finished" and info["seed"] == 0 and info["versions"]["torch"] == torch.__version__
+    rows = read_metrics(d)
+    assert [r["epoch"] for r in rows] == pytest.approx([0, 0.5, 1.0, 1.5, 2.0], abs=0.05)
+    assert set(rows[0]) == set(METRIC_FIELDS)
+    assert math.isnan(rows[0]["train_loss"]) and rows[-1]["train_loss"] < rows[1]["train_loss"]
+    assert rows[-1]["test_acc"] > 50  # it learns
+    assert rows[-1]["iteration"] == len(res.metrics and open(d / "events.jsonl").readlines()) - 1
+    assert torch.equal(torch.load(d / "final.pt")["params"], res.params)
+    assert load_config(d / "config.toml") == cfg
+    csv_lines = (d / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0] == ",".join(METRIC_FIELDS) and len(csv_lines) == len(rows) + 1
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path):
+    cfg = load_config(None, [*SMALL, "train.epochs=0.25"])
+    train(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match="already holds a run; continue it with `ormo train --resume"):
+        train(cfg, tmp_path / "run", progress=False)
+    again = train(None, tmp_path / "run", resume=True, progress=False)  # finished: returns its results
+    assert again.final["iteration"] == read_metrics(tmp_path / "run")[-1]["iteration"]
+    with pytest.raises(ConfigError, match="no config.toml there"):
+        train(None, tmp_path / "elsewhere", resume=True, progress=False)
+
+
+@pytest.mark.parametrize("method", ["ormo", "orlomo", "ssgdm"])
+def test_resume_after_a_kill_at_a_random_point_is_bit_identical(tmp_path, method):
+    overrides = [*SMALL, f"method.name={method}", "train.epochs=4", "train.checkpoint_every=0.25",
+                 "timing.model=slow_fraction", "timing.fraction=0.5", "timing.slowdown=3.0", "data.augment=true",
+                 "method.local_steps=2"]
+    reference = train(load_config(None, overrides), tmp_path / "reference", progress=False)
+
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "ormo", "train", "--run-dir", str(run_dir), "--quiet"]
+    for o in overrides:
+        cmd += ["--set", o]
+    config_file = tmp_path / "empty.toml"
+    config_file.write_text("")
+    proc = subprocess.Popen([*cmd, str(config_file)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    time.sleep(random.Random(method).uniform(0.0, 0.3))  # somewhere after the first checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if read_run_info(run_dir)["status"] == "finished":
+        pytest.skip("the run finished before it could be killed (machine too fast for this test's timing)")
+
+    resumed = train(None, run_dir, resume=True, progress=False)
+    assert torch.equal(resumed.params, reference.params)
+    ref_rows, rows = read_metrics(tmp_path / "reference"), read_metrics(run_dir)
+    assert json.dumps(rows) == json.dumps(ref_rows)  # every evaluation, NaN included, bit for bit
+    assert (run_dir / "events.jsonl").read_text().splitlines()[1:] == \
+        (tmp_path / "reference" / "events.jsonl").read_text().splitlines()[1:]
+
+
+def test_a_diverging_run_is_recorded_as_diverged(tmp_path):
+    cfg = load_config(None, [*SMALL, "method.name=naive-asgdm", "method.lr=1e20", "train.epochs=1"])
+    res = train(cfg, tmp_path / "run", progress=False)
+    info = read_run_info(tmp_path / "run")
+    assert info["status"] == "finished" and "NaN/Inf" in info["diverged"]
+    assert math.isnan(res.final["train_loss"]) and 0 <= res.final["test_acc"] <= 100
+    assert torch.isfinite(res.params).all()
+
+
+def test_sweep_table_and_plot_round_trip(tmp_path):
+    cfg_file = tmp_path / "sweep.toml"
+    cfg_file.write_text(
+        'name = "tiny"\n[method]\nlr = 0.02\nmomentum = 0.9\n[model]\nname = "mlp"\n'
+        "[data]\nbatch_size = 16\nsubset = 160\n[train]\nepochs = 0.5\nnum_workers = 4\neval_every = 0.25\n"
+        '[sweep]\nmethods = ["asgd", "ormo"]\nseeds = [0, 1]\n'
+        '[[sweep.settings]]\nlabel = "K=4 hom."\nset = {"timing.model" = "homogeneous"}\n'
+        '[[sweep.settings]]\nlabel = "K=4 het."\nset = {"timing.model" = "one_slow", "timing.ratio" = 4.0}\n'
+    )
+    runs = plan_sweep(cfg_file, out=tmp_path / "out")
+    assert len(runs) == 8 and {r.label for r in runs} == {"K=4 hom.", "K=4 het."}
+    assert runs[0].run_dir == tmp_path / "out" / "K4-hom" / "asgd" / "seed0"
+    outcomes = run_sweep(runs, jobs=2, progress=False)
+    assert sorted(o for _, o in outcomes) == ["done"] * 8
+    assert sorted(o for _, o in run_sweep(runs, jobs=1, progress=False)) == ["skipped (finished)"] * 8
+
+    records = load_runs([tmp_path / "out"])
+    text = write_table(records, tmp_path / "report", labels=["K=4 hom.", "K=4 het."])
+    summary = summarize(records)
+    finals = [read_metrics(r.run_dir)[-1]["test_acc"] for r in runs if r.method == "ormo" and r.label == "K=4 het."]
+    cell = summary.cells[("ormo", "K=4 het.")]["test_acc"]
+    assert cell.mean == pytest.approx(sum(finals) / 2) and cell.n == 2
+    assert f"{cell.mean:.2f}±{cell.std:.2f}" in text and "OrMo" in text and "ASGD" in text
+    pngs = plot_runs(records, tmp_path / "report")
+    assert len(pngs) == 2
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+
+
+def test_sweep_plan_errors(tmp_path):
+    cfg_file = tmp_path / "s.toml"
+    cfg_file.write_text('[sweep]\nmethods = ["ormo"]\nrepeat = 3\n')
+    with pytest.raises(ConfigError, match="unknown key sweep.repeat"):
+        plan_sweep(cfg_file, out=tmp_path)
+    cfg_file.write_text('[sweep]\nmethods = [1]\n')
+    with pytest.raises(ConfigError, match="sweep.methods entries must be names"):
+        plan_sweep(cfg_file, out=tmp_path)
+    cfg_file.write_text('[sweep]\nmethods = ["ormo"]\n[[sweep.settings]]\nlabel = "a"\nset = {"train.epochs" = 1}\n')
+    with pytest.raises(ConfigError, match="unknown setting 'b'; this sweep has: a"):
+        plan_sweep(cfg_file, out=tmp_path, settings=["b"])
+    with pytest.raises(ConfigError, match="unknown rule 'nope'"):
+        plan_sweep(cfg_file, out=tmp_path, methods=["nope"])
+
+
+def test_cli_train_and_errors(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text("")
+    out = subprocess.run([sys.executable, "-m", "ormo", "train", str(cfg_file), "--run-dir", str(tmp_path / "r"),
+                          "--quiet", *sum((["--set", o] for o in [*SMALL, "train.epochs=0.25"]), [])],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["run_dir"] == str(tmp_path / "r")
+    bad = subprocess.run([sys.executable, "-m", "ormo", "train", str(cfg_file), "--set", "method.momentum=2"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "invalid momentum: 2" in bad.stderr
+
+
+def test_labels_are_recorded_for_reports(tmp_path):
+    cfg = load_config(None, [*SMALL, "train.epochs=0.25", "train.label='K=4 hom.'"])
+    train(cfg, tmp_path / "run", progress=False)
+    assert read_run_info(tmp_path / "run")["label"] == "K=4 hom."
+    assert Path(tmp_path / "run" / "run.json").is_file()
