@@ -234,7 +234,7 @@ def test_replay_mismatches(problem, tmp_path):
                       timing=replay)
     with pytest.raises(ConfigError, match="either order= or timing=Replay"):
         ormo.simulate(ormo.make_rule("ormo"), problem.w0, problem.grad_fn, num_workers=3, order=[0], timing=replay)
-    with pytest.raises(ConfigError, match="not feasible under the sync scheduler"):  # an async log, replayed sync
+    with pytest.raises(ConfigError, match="invalid scheduler: 'sync' \\(must be the replayed log's scheduler 'async'"):
         ormo.simulate(ormo.make_rule("ssgdm"), problem.w0, problem.grad_fn, num_workers=3,
                       timing=ormo.Replay(ormo.simulate(ormo.make_rule("ormo"), problem.w0, problem.grad_fn,
                                                        num_workers=3, order=[0, 0, 1]).events))
@@ -266,3 +266,37 @@ def test_corrupt_event_logs(tmp_path, content, pattern):
 def test_missing_event_log(tmp_path):
     with pytest.raises(EventLogError, match="does not exist"):
         ormo.Replay(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("record", "pattern"),
+    [
+        ('{"t": 0, "worker": 0.5, "index": 0, "sim_time": 1, "dispatch_time": 0}', r"worker=0.5 must be an integer"),
+        ('{"t": 0, "worker": -1, "index": 0, "sim_time": 1, "dispatch_time": 0}', r"worker=-1 must be >= 0"),
+        ('{"t": 0, "worker": 0, "index": 0, "sim_time": 1, "dispatch_time": 2}', r"dispatch_time=2.0 is after"),
+    ],
+)
+def test_event_log_records_are_checked(tmp_path, record, pattern):
+    path = tmp_path / "e.jsonl"
+    path.write_text('{"format": "ormo.events", "version": 1}\n' + record + "\n")
+    with pytest.raises(ormo.EventLogError, match=pattern):
+        ormo.EventLog.load(path)
+
+
+def test_event_log_times_must_not_go_back(tmp_path):
+    path = tmp_path / "e.jsonl"
+    path.write_text('{"format": "ormo.events", "version": 1}\n'
+                    '{"t": 0, "worker": 0, "index": 0, "sim_time": 2, "dispatch_time": 0}\n'
+                    '{"t": 1, "worker": 1, "index": 0, "sim_time": 1, "dispatch_time": 0}\n')
+    with pytest.raises(ormo.EventLogError, match=r":3: sim_time=1.0 goes back in time"):
+        ormo.EventLog.load(path)
+
+
+def test_replaying_a_replay_does_not_nest_metadata():
+    problem = Quadratic()
+    first = ormo.simulate(ormo.make_rule("ormo"), problem.w0, problem.grad_fn, num_workers=2, num_iterations=6)
+    second = ormo.simulate(ormo.make_rule("ormo"), problem.w0, problem.grad_fn, num_workers=2,
+                           timing=ormo.Replay(first.events))
+    third = ormo.simulate(ormo.make_rule("ormo"), problem.w0, problem.grad_fn, num_workers=2,
+                          timing=ormo.Replay(second.events))
+    assert third.events.meta["timing"] == second.events.meta["timing"]

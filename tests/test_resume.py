@@ -94,12 +94,30 @@ def test_constant_schedule_factor_equals_a_scaled_learning_rate(name):
     assert max_rel_diff(a.params, b.params) <= 1e-12
 
 
-def test_schedule_scales_the_local_rate_of_local_methods():
+@pytest.mark.parametrize("name", ["al-sgd", "local-ormo-da", "orlomo", "prsgdm"])
+def test_schedule_drives_the_local_rate_of_local_methods_only(name):
+    """For local-update methods the schedule scales γ (the issue: "to η for gradient methods and to γ for local
+    ones"), never η as well: a factor 0.5 is exactly local_lr × 0.5."""
     problem = Quadratic(seed=2)
-    order = random_async_order(np.random.default_rng(1), 3, 30)
-    a = ormo.simulate(ormo.make_rule("al-sgd", lr=1.0, local_lr=0.2, local_steps=3, delay_rule="none"), problem.w0,
-                      problem.grad_fn, num_workers=3, order=order, lr_schedule=lambda t: 0.5)
-    # γ and η both scaled by 0.5: the same as γ = 0.1 with a global lr of 0.5
-    b = ormo.simulate(ormo.make_rule("al-sgd", lr=0.5, local_lr=0.1, local_steps=3, delay_rule="none"), problem.w0,
-                      problem.grad_fn, num_workers=3, order=order)
+    k = 3
+    order = random_async_order(np.random.default_rng(1), k, 30) if name != "prsgdm" else [0, 1, 2] * 10
+    hp = {"local_steps": 3} | ({"lr": 0.7} if name != "prsgdm" else {})
+    a = ormo.simulate(ormo.make_rule(name, local_lr=0.2, **hp), problem.w0, problem.grad_fn, num_workers=k,
+                      order=order, lr_schedule=lambda t: 0.5)
+    b = ormo.simulate(ormo.make_rule(name, local_lr=0.1, **hp), problem.w0, problem.grad_fn, num_workers=k,
+                      order=order)
     assert max_rel_diff(a.params, b.params) <= 1e-12
+
+
+def test_inverse_lr_divides_by_the_rate_the_worker_used():
+    """local OrMo-DA with delta_scale='inverse_lr' across a decay: Δ is divided by the γ its worker used (its factor
+    at dispatch, carried by the message), not by the γ in force when the server applies it."""
+    rule = ormo.make_rule("local-ormo-da", lr=1.0, momentum=0.5, local_lr=0.2, local_steps=1,
+                          delta_scale="inverse_lr", delay_rule="none")
+    state = rule.init(torch.zeros(3, dtype=torch.float64), num_workers=1)
+    state.local_lr_scale = 0.1  # the schedule has just decayed γ tenfold
+    g = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    message = ormo.Message(index=0, update=0.2 * 1.0 * g, local_lr_scale=1.0)  # computed before the decay
+    rule.begin_iteration(state, t=0, waiting_empty=True)
+    rule.apply(state, message, t=0, worker=0)
+    assert torch.allclose(state.momentum, g) and torch.allclose(state.params, -g)

@@ -69,7 +69,7 @@ def test_existing_run_directory_is_not_overwritten(tmp_path):
 
 @pytest.mark.parametrize("method", ["ormo", "orlomo", "ssgdm"])
 def test_resume_after_a_kill_at_a_random_point_is_bit_identical(tmp_path, method):
-    overrides = [*SMALL, f"method.name={method}", "train.epochs=4", "train.checkpoint_every=0.25",
+    overrides = [*SMALL, "data.subset=1400", f"method.name={method}", "train.epochs=6", "train.checkpoint_every=0.25",
                  "timing.model=slow_fraction", "timing.fraction=0.5", "timing.slowdown=3.0", "data.augment=true",
                  "method.local_steps=2"]
     reference = train(load_config(None, overrides), tmp_path / "reference", progress=False)

@@ -146,10 +146,16 @@ class EventLog(Sequence[Event]):
         for lineno, line in enumerate(lines[1:], start=2):
             try:
                 rec = json.loads(line)
-                t, worker, index = int(rec["t"]), int(rec["worker"]), int(rec["index"])
+                t, worker, index = (_exact_int(rec[k], k) for k in ("t", "worker", "index"))
                 sim_time, dispatch_time = float(rec["sim_time"]), float(rec["dispatch_time"])
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise EventLogError(f"{path}:{lineno}: bad event record ({e!r}): {line[:200]}") from None
+            if worker < 0:
+                raise EventLogError(f"{path}:{lineno}: worker={worker} must be >= 0")
+            if len(log) and sim_time < log._cols["sim_time"][-1]:
+                raise EventLogError(f"{path}:{lineno}: sim_time={sim_time} goes back in time (events are in order)")
+            if dispatch_time > sim_time:
+                raise EventLogError(f"{path}:{lineno}: dispatch_time={dispatch_time} is after sim_time={sim_time}")
             if t != len(log):
                 raise EventLogError(f"{path}:{lineno}: event t={t}, expected t={len(log)} (events must be consecutive)")
             if not 0 <= index <= t:
@@ -158,6 +164,12 @@ class EventLog(Sequence[Event]):
                 raise EventLogError(f"{path}:{lineno}: delay={rec['delay']} but t - index = {t - index}")
             log.append(t=t, worker=worker, index=index, sim_time=sim_time, dispatch_time=dispatch_time)
         return log
+
+
+def _exact_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} must be an integer")
+    return value
 
 
 def _jsonable(obj: Any) -> Any:

@@ -16,6 +16,8 @@ the same arrival order see the same data, and a run replays bit for bit.
 from __future__ import annotations
 
 import heapq
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,7 +134,7 @@ def _check_params(params0: Any) -> Tensor:
         raise invalid("params0", "an empty tensor", "at least one parameter")
     if not bool(torch.isfinite(params0).all()):
         raise invalid("params0", "a tensor with NaN/Inf values", "finite")
-    return params0
+    return params0.detach()  # e.g. parameters_to_vector(model.parameters()): no autograd graph across the run
 
 
 def check_order(order: Any, num_workers: int, scheduler: str) -> list[int]:
@@ -180,6 +182,9 @@ class _HeapSource:
     def undo(self, t: int, worker: int, arrival: float) -> None:
         heapq.heappush(self.heap, self._last)
 
+    def check_index(self, t: int, index: int) -> None:
+        pass
+
     def state_dict(self) -> dict[str, Any]:
         return {"heap": list(self.heap), "seq": self.seq, "clock": self.clock.state_dict()}
 
@@ -208,6 +213,9 @@ class _OrderSource:
     def undo(self, t: int, worker: int, arrival: float) -> None:
         self.ready[worker] = self._last
 
+    def check_index(self, t: int, index: int) -> None:
+        pass
+
     def state_dict(self) -> dict[str, Any]:
         return {"ready": dict(self.ready), "clock": self.clock.state_dict()}
 
@@ -221,6 +229,7 @@ class _ReplaySource:
 
     def __init__(self, log: EventLog) -> None:
         self.workers, self.times = log.workers, log.column("sim_time").tolist()
+        self.indices = log.column("index").tolist()
 
     def dispatch(self, worker: int, now: float, steps: int) -> None:
         pass
@@ -230,6 +239,13 @@ class _ReplaySource:
 
     def undo(self, t: int, worker: int, arrival: float) -> None:
         pass
+
+    def check_index(self, t: int, index: int) -> None:
+        if index != self.indices[t]:
+            raise ConfigError(
+                f"the replayed log says iteration t={t} consumed index {self.indices[t]}, but replaying it here gives "
+                f"index {index}: the log was recorded with another scheduler or another rule's messages"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -252,8 +268,9 @@ class Simulator:
     """The discrete-event loop of spec §2.2, one server iteration per :meth:`step`, resumable bit for bit.
 
     Arguments are those of :func:`simulate` (``num_iterations`` only bounds what an ``order``/``Replay`` allows),
-    plus ``lr_schedule(t) -> float``: a factor for the learning rates, set as ``state.lr_scale`` before iteration
-    ``t``; the payload sent after iteration ``t`` carries the same factor to the worker's local rate.
+    plus ``lr_schedule(t) -> float``: a factor on the rate the rule's ``scheduled_rate`` names, set before iteration
+    ``t``: the server's η (``state.lr_scale``, gradient methods) or the workers' γ (``state.local_lr_scale``, sent
+    with the payloads of iteration ``t``; local-update methods).
 
     :meth:`state_dict` captures everything that determines the rest of the run (rule and worker states, what each
     worker was sent, pending arrivals, every random generator, the event log); :meth:`load_state_dict` on a freshly
@@ -298,6 +315,9 @@ class Simulator:
             self.limit: int | None = len(timing.log) if num_iterations is None else num_iterations
             if len(timing.log) < self.limit:
                 raise invalid("num_iterations", self.limit, f"<= the replayed log's length {len(timing.log)}")
+            recorded = timing.log.meta.get("scheduler")
+            if recorded is not None and recorded != self.scheduler:
+                raise invalid("scheduler", self.scheduler, f"the replayed log's scheduler {recorded!r}")
             check_order(timing.log.workers[: self.limit], K, self.scheduler)
             self.source = _ReplaySource(timing.log)
         elif order is not None:
@@ -325,7 +345,7 @@ class Simulator:
         self.worker_states = [rule.init_worker(self.params0) for _ in range(K)]
         self._steps = rule.local_steps
         if lr_schedule is not None:
-            self.state.lr_scale = float(lr_schedule(0))
+            self._set_rate(0)
         # What each worker was sent. Under async every worker owns a buffer reused across its messages (its previous
         # message has been consumed before it is re-dispatched); a sync round shares one snapshot.
         first, _ = _copy_payload(rule.payload(self.state, index=0), None)
@@ -346,20 +366,25 @@ class Simulator:
             raise ConfigError(f"iteration {t} is past the end of the given order/replay ({self.limit} iterations)")
         k, now = self.source.next(t, self.now)
         payload = self.snapshots[k]
+        self.source.check_index(t, payload.index)
         # The message depends only on the worker's snapshot, so it is computed and checked before PRE(t): a bad one
-        # stops the run with the server exactly at the iteration boundary w_t.
+        # stops the run with the server exactly at the iteration boundary w_t, and the worker's own state as it was.
+        worker_state = self.worker_states[k]
+        saved = worker_state.state_dict() if worker_state is not None else None
         try:
             grad = _CheckedGrad(self.grad_fn, self.params0, t, k, payload.index, self.check_finite)
-            message = rule.work(payload, grad, self.worker_states[k])
+            message = rule.work(payload, grad, worker_state)
             if self.check_finite:
                 _check_message(message, t, k, already_checked=grad.last)
         except SimulationError as e:
             self.source.undo(t, k, now)
+            if worker_state is not None:
+                worker_state.load_state_dict(saved)
             e.partial = self.result()
             raise
         self.now = now
         if self.lr_schedule is not None:
-            state.lr_scale = float(self.lr_schedule(t))
+            self._set_rate(t)
         rule.begin_iteration(state, t=t, waiting_empty=not self.waiting)
         rule.apply(state, message, t=t, worker=k)
         event = self.events.append(
@@ -371,11 +396,13 @@ class Simulator:
             self.snapshots[k], self.own_buffers[k] = _copy_payload(
                 rule.payload(state, index=t + 1), self.own_buffers[k]
             )
+            self._check_sent(self.snapshots[k], t, k, payload.index)
             self.dispatch_time[k] = now
             self.source.dispatch(k, now, self._steps)
             self.waiting.clear()
         elif len(self.waiting) == self.num_workers:
             shared, _ = _copy_payload(rule.payload(state, index=t + 1), None)
+            self._check_sent(shared, t, k, payload.index)
             for j, arrived in self.waiting:
                 self.idle[j] += now - arrived
             for j in range(self.num_workers):
@@ -385,6 +412,31 @@ class Simulator:
             self.waiting.clear()
         self.t = t + 1
         return event
+
+    def _set_rate(self, t: int) -> None:
+        f = self.lr_schedule(t)  # type: ignore[misc]
+        if isinstance(f, bool) or not isinstance(f, numbers.Real) or not (0.0 <= f < math.inf):
+            raise invalid(f"lr_schedule({t})", f, "a finite number >= 0")
+        if self.rule.scheduled_rate == "local_lr":
+            self.state.local_lr_scale = float(f)
+        else:
+            self.state.lr_scale = float(f)
+
+    def _check_sent(self, payload: Payload, t: int, worker: int, index: int) -> None:
+        """The parameters about to be sent must be finite: catches a server update that overflowed (one summing pass
+        over the copy, the cost of the NaN check of a gradient)."""
+        if not self.check_finite:
+            return
+        for name, tensor in (("parameters", payload.params), ("momentum", payload.momentum)):
+            if tensor is not None and not all_finite(tensor):
+                err = NonFiniteError(
+                    f"the server {name} became NaN/Inf at iteration t={t}, after applying the message of worker "
+                    f"{worker} (index {index}, delay {t - index}): the run diverged (is the learning rate too large?)",
+                    t=t, worker=worker, index=index,
+                )
+                self.t = t + 1  # iteration t was applied: the partial result includes it
+                err.partial = self.result()
+                raise err
 
     def run(self, until: int | None = None, callback: Callback | None = None) -> Simulator:
         """Step until ``t == until`` (default: the end of the order/replay), calling ``callback(event, state)``."""
@@ -415,13 +467,19 @@ class Simulator:
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit for bit (for ``torch.save``; shared snapshot tensors stay shared)."""
+        """Everything needed to continue bit for bit: a deep copy (later steps do not change it), in which
+        snapshot tensors that workers share stay shared."""
+        copies: dict[int, Tensor] = {}
+
+        def same(x: Tensor | None) -> Tensor | None:
+            return None if x is None else copies.setdefault(id(x), x.clone())
+
         return {
             "t": self.t,
             "now": self.now,
             "rule_state": self.state.state_dict(),
             "worker_states": [w.state_dict() if w is not None else None for w in self.worker_states],
-            "snapshots": [(p.index, p.params, p.momentum, p.lr_scale) for p in self.snapshots],
+            "snapshots": [(p.index, same(p.params), same(p.momentum), p.lr_scale) for p in self.snapshots],
             "own": [b is not None for b in self.own_buffers],
             "dispatch_time": list(self.dispatch_time),
             "idle": list(self.idle),
@@ -532,7 +590,16 @@ class _CheckedGrad:
 
     def __call__(self, x: Tensor, step: int) -> Tensor:
         t, worker, index, p0 = self.t, self.worker, self.index, self.params0
-        g = self.grad_fn(x, worker, index, step)
+        version = x._version
+        # A detached view: a grad_fn may set requires_grad on it without touching the (possibly shared) snapshot.
+        g = self.grad_fn(x.detach(), worker, index, step)
+        if x._version != version:
+            raise GradFnError(
+                f"grad_fn(params, worker={worker}, index={index}, step={step}) changed its params argument in place "
+                f"at server iteration t={t}; it is the worker's copy of the server parameters (shared by a whole "
+                f"synchronous round) and must be read only: clone it first",
+                t=t, worker=worker, index=index, step=step,
+            )
         if not isinstance(g, Tensor) or g.shape != p0.shape or g.dtype != p0.dtype or g.device != p0.device:
             where = f"grad_fn(params, worker={worker}, index={index}, step={step}) at server iteration t={t}"
             got = (
@@ -548,6 +615,8 @@ class _CheckedGrad:
                 index=index,
                 step=step,
             )
+        if g.requires_grad:
+            g = g.detach()
         if self.check_finite and not all_finite(g):
             raise NonFiniteError(
                 f"grad_fn(params, worker={worker}, index={index}, step={step}) returned NaN/Inf values at server "

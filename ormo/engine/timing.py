@@ -205,7 +205,14 @@ class Replay:
         self.log = log if isinstance(log, EventLog) else EventLog.load(log)
 
     def describe(self) -> dict[str, Any]:
-        return {"model": "Replay", "events": len(self.log), "meta": self.log.meta}
+        m = self.log.meta  # only what identifies the recording: replaying a replay must not nest metadata
+        return {
+            "model": "Replay",
+            "events": len(self.log),
+            "recorded_rule": m.get("rule"),
+            "recorded_seed": m.get("seed"),
+            "recorded_engine": m.get("engine"),
+        }
 
 
 def check_timing(timing: Any) -> TimingModel | Replay:

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -43,22 +45,33 @@ def invalid(field: str, value: Any, constraint: str, fix: str | None = None) -> 
     return ConfigError(msg)
 
 
+def _is_real(value: Any) -> bool:
+    """A real number, numpy scalars included, but not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
 def check_positive(field: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:
         raise invalid(field, value, "a finite number > 0")
     return float(value)
 
 
 def check_momentum(field: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (0.0 <= value < 1.0):
+    if not _is_real(value) or not (0.0 <= value < 1.0):
         raise invalid(field, value, "a number in [0, 1)")
     return float(value)
 
 
 def check_int_at_least(field: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
         raise invalid(field, value, f"an integer >= {minimum}")
     return int(value)
+
+
+def check_bool(field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise invalid(field, value, "True or False")
+    return value
 
 
 def check_choice(field: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -73,7 +86,7 @@ class Payload:
 
     ``params`` is the parameter the worker evaluates at: ``w_index`` for most rules, SMEGA2's look-ahead estimate,
     or PRSGDm's averaged parameter ``w̄``. ``momentum`` is PRSGDm's averaged momentum ``ū`` (None otherwise).
-    ``lr_scale`` multiplies the worker's local learning rate γ (a schedule's factor at dispatch time).
+    ``lr_scale`` multiplies the worker's local learning rate γ (the schedule's factor at dispatch time).
     The tensors may alias the server state: an engine copies them before the server moves on.
     """
 
@@ -95,6 +108,8 @@ class Message:
     index: int
     update: Tensor
     momentum: Tensor | None = None
+    #: the factor the worker applied to its local rate γ (copied from the payload; 1 for one-step methods)
+    local_lr_scale: float = 1.0
 
     def tensors(self) -> list[tuple[str, Tensor]]:
         out = [("update", self.update)]
@@ -122,8 +137,10 @@ class ServerState:
 
     params: Tensor
     num_workers: int
-    #: Learning-rate factor set by the engine before each iteration (1.0 unless a schedule is used).
+    #: Factor on the server/global rate η, set by the engine before each iteration (1 unless a schedule drives η).
     lr_scale: float = 1.0
+    #: Factor on the workers' local rate γ, sent with every payload (1 unless a schedule drives γ).
+    local_lr_scale: float = 1.0
 
     def state_dict(self) -> dict[str, Any]:
         """A deep copy of every field (tensors cloned), suitable for ``torch.save``."""
@@ -154,13 +171,15 @@ class Rule:
     """Base class of every method: hyperparameters (a frozen dataclass in each subclass) plus the four steps.
 
     Class attributes say how the method is wired: ``scheduler`` ('sync' or 'async'), ``worker_sends`` and
-    ``server_sends`` (human-readable, from spec §4).
+    ``server_sends`` (human-readable, from spec §4), and ``scheduled_rate``: the rate a learning-rate schedule
+    drives, ``'lr'`` (η, gradient methods) or ``'local_lr'`` (γ, local-update methods).
     """
 
     name: ClassVar[str]
     scheduler: ClassVar[Scheduler]
     worker_sends: ClassVar[str]
     server_sends: ClassVar[str] = "(w, t+1)"
+    scheduled_rate: ClassVar[str] = "lr"
 
     @property
     def local_steps(self) -> int:
@@ -180,7 +199,7 @@ class Rule:
 
     def payload(self, state: ServerState, *, index: int) -> Payload:
         """What SCHEDULE sends after iteration ``index − 1`` (aliases the state; the engine copies it)."""
-        return Payload(index=index, params=state.params, lr_scale=state.lr_scale)
+        return Payload(index=index, params=state.params, lr_scale=state.local_lr_scale)
 
     # -- worker -------------------------------------------------------------------------------------------
     def init_worker(self, params0: Tensor) -> WorkerState | None:
@@ -198,6 +217,7 @@ class Rule:
             "scheduler": self.scheduler,
             "worker_sends": self.worker_sends,
             "server_sends": self.server_sends,
+            "scheduled_rate": self.scheduled_rate,
             "hyperparameters": hp,
         }
 

@@ -32,7 +32,7 @@ def local_sgd(payload: Payload, grad: BoundGrad, *, local_lr: float, local_steps
     x = payload.params.clone()
     for h in range(local_steps):
         x.add_(grad(x, h), alpha=-gamma)
-    return Message(index=payload.index, update=payload.params - x)
+    return Message(index=payload.index, update=payload.params - x, local_lr_scale=payload.lr_scale)
 
 
 def local_msgd(
@@ -58,7 +58,7 @@ def local_msgd(
         g = grad(x, h)
         m.mul_(momentum).add_(g, alpha=gamma)
         x.sub_(m)
-    return Message(index=payload.index, update=payload.params - x, momentum=m)
+    return Message(index=payload.index, update=payload.params - x, momentum=m, local_lr_scale=payload.lr_scale)
 
 
 @register
@@ -72,6 +72,7 @@ class ALSGD(DelayAdaptive, Rule):
 
     name: ClassVar[str] = "al-sgd"
     scheduler: ClassVar[str] = "async"
+    scheduled_rate: ClassVar[str] = "local_lr"
     worker_sends: ClassVar[str] = "(Δ, s)"
 
     lr: float = 1.0

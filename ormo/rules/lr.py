@@ -11,6 +11,7 @@ A rule multiplies its base learning rate η by ``delay_factor(rule, τ, K)``:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -39,8 +40,10 @@ def delay_factor(delay_rule: DelayRule, delay_threshold: float, tau: int, num_wo
     if delay_rule == "drop_above":
         return 1.0 if tau <= limit else 0.0
     factor = float(delay_rule(tau, num_workers))  # type: ignore[operator]
-    if not factor >= 0.0:
-        raise ConfigError(f"delay_rule returned {factor!r} for tau={tau}, num_workers={num_workers} (must be >= 0)")
+    if not (0.0 <= factor < math.inf):
+        raise ConfigError(
+            f"delay_rule returned {factor!r} for tau={tau}, num_workers={num_workers} (must be a finite number >= 0)"
+        )
     return factor
 
 

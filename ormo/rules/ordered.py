@@ -70,7 +70,7 @@ class _Ordered(Rule):
         """How many powers of β one group stands for (1, or H for OrLoMo's ``beta_pow_H``)."""
         return 1
 
-    def _eta(self, state: OrderedState, tau: int) -> float:
+    def _eta(self, state: OrderedState, message: Message, tau: int) -> float:
         return self.lr * state.lr_scale
 
     def init(self, params0: Tensor, *, num_workers: int) -> OrderedState:
@@ -103,7 +103,7 @@ class _Ordered(Rule):
 
     def apply(self, state: OrderedState, message: Message, *, t: int, worker: int) -> None:  # type: ignore[override]
         n = self.lateness(state, message.index)
-        eta = self._eta(state, t - message.index)
+        eta = self._eta(state, message, t - message.index)
         if eta != 0.0:
             self._consume(state, message, n, eta)
 
@@ -154,7 +154,7 @@ class OrMoDA(DelayAdaptive, _Ordered):
         check_momentum("momentum", self.momentum)
         self._check_delay()
 
-    def _eta(self, state: OrderedState, tau: int) -> float:
+    def _eta(self, state: OrderedState, message: Message, tau: int) -> float:
         return self.lr_at(self.lr * state.lr_scale, tau, state.num_workers)
 
 
@@ -201,6 +201,7 @@ class LocalOrMoDA(DelayAdaptive, _Ordered):
 
     name: ClassVar[str] = "local-ormo-da"
     worker_sends: ClassVar[str] = "(Δ, s)"
+    scheduled_rate: ClassVar[str] = "local_lr"
 
     lr: float = 1.0
     momentum: float = 0.9
@@ -218,11 +219,10 @@ class LocalOrMoDA(DelayAdaptive, _Ordered):
         check_choice("delta_scale", self.delta_scale, DELTA_SCALES)
         self._check_delay()
 
-    def _eta(self, state: OrderedState, tau: int) -> float:
+    def _eta(self, state: OrderedState, message: Message, tau: int) -> float:
         eta = self.lr_at(self.lr * state.lr_scale, tau, state.num_workers)
-        if self.delta_scale == "inverse_lr":
-            # Δ/γ with the worker's γ at dispatch; a schedule's factor is the same one the server uses now.
-            return eta / (self.local_lr * state.lr_scale)
+        if self.delta_scale == "inverse_lr":  # Δ/γ with the γ this worker used (its factor at dispatch)
+            return eta / (self.local_lr * message.local_lr_scale)
         if self.delta_scale == "inverse_steps":
             return eta / self.local_steps
         return eta
@@ -247,6 +247,7 @@ class OrLoMo(DelayAdaptive, _Ordered):
 
     name: ClassVar[str] = "orlomo"
     worker_sends: ClassVar[str] = "(m, Δ, s)"
+    scheduled_rate: ClassVar[str] = "local_lr"
 
     lr: float = 1.0
     momentum: float = 0.9
@@ -269,7 +270,7 @@ class OrLoMo(DelayAdaptive, _Ordered):
     def _group_steps(self) -> int:
         return self.local_steps if self.group_decay == "beta_pow_H" else 1
 
-    def _eta(self, state: OrderedState, tau: int) -> float:
+    def _eta(self, state: OrderedState, message: Message, tau: int) -> float:
         return self.lr_at(self.lr * state.lr_scale, tau, state.num_workers)
 
     def init_worker(self, params0: Tensor) -> WorkerState | None:

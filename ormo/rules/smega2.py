@@ -93,4 +93,4 @@ class SMEGA2(Rule):
                 est.add_(state.accumulator, alpha=-eta * beta * c / K)
         else:
             est.add_(state.momentum, alpha=-eta * beta * K)
-        return Payload(index=index, params=est, lr_scale=state.lr_scale)
+        return Payload(index=index, params=est, lr_scale=state.local_lr_scale)

@@ -16,6 +16,7 @@ from .base import (
     Rule,
     ServerState,
     WorkerState,
+    check_bool,
     check_choice,
     check_int_at_least,
     check_momentum,
@@ -121,6 +122,7 @@ class PRSGDm(Rule):
 
     name: ClassVar[str] = "prsgdm"
     scheduler: ClassVar[str] = "sync"
+    scheduled_rate: ClassVar[str] = "local_lr"
     worker_sends: ClassVar[str] = "(x_k, v_k)"
     server_sends: ClassVar[str] = "(w̄, ū) (to all K workers, once per round)"
 
@@ -133,6 +135,7 @@ class PRSGDm(Rule):
         check_positive("local_lr", self.local_lr)
         check_momentum("momentum", self.momentum)
         check_int_at_least("local_steps", self.local_steps, 1)
+        check_bool("average_momentum", self.average_momentum)
 
     def init(self, params0: Tensor, *, num_workers: int) -> PRSGDmState:
         return PRSGDmState(
@@ -145,7 +148,7 @@ class PRSGDm(Rule):
 
     def payload(self, state: PRSGDmState, *, index: int) -> Payload:  # type: ignore[override]
         momentum = state.momentum if self.average_momentum else None
-        return Payload(index=index, params=state.params, momentum=momentum, lr_scale=state.lr_scale)
+        return Payload(index=index, params=state.params, momentum=momentum, lr_scale=state.local_lr_scale)
 
     def init_worker(self, params0: Tensor) -> WorkerState | None:
         return None if self.average_momentum else WorkerState(momentum=zeros_like(params0))
