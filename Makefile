@@ -24,6 +24,7 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/server_step.py
+	$(PY) benchmarks/sim_overhead.py
 
 lint: install
 	$(VENV)/bin/ruff check .

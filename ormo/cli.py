@@ -54,20 +54,22 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(f"{len(runs)} runs into {args.out} ({args.jobs} at a time)", file=sys.stderr)
     run_sweep(runs, jobs=args.jobs, progress=not args.quiet)
     if not args.no_report:
-        _report([args.out], Path(args.out), table=True, plot=True)
+        labels = list(dict.fromkeys(r.label for r in runs))  # the config's order of settings
+        _report([args.out], Path(args.out), table=True, plot=True, labels=labels, metrics=_csv(args.metrics))
     return 0
 
 
-def _report(paths: list[str], out: Path, *, table: bool, plot: bool) -> None:
+def _report(paths: list[str], out: Path, *, table: bool, plot: bool, labels: list[str] | None = None,
+            metrics: list[str] | None = None) -> None:
     from .report import load_runs, plot_runs, write_table
 
     records = load_runs(paths)
     out.mkdir(parents=True, exist_ok=True)
     if table:
-        print(write_table(records, out))
+        print(write_table(records, out, labels=labels, metrics=tuple(metrics or ("train_loss", "test_acc"))))
         print(f"(written to {out / 'table.md'} and {out / 'table.csv'})", file=sys.stderr)
     if plot:
-        for p in plot_runs(records, out):
+        for p in plot_runs(records, out, labels=labels):
             print(f"plot: {p}", file=sys.stderr)
 
 
@@ -79,7 +81,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         demo_main()
         return 0
     ns = argparse.Namespace(config=str(config), out=args.out, set=[], methods=None, seeds=None, settings=None,
-                            grid=None, jobs=args.jobs, quiet=False, no_report=False)
+                            grid=None, jobs=args.jobs, quiet=False, no_report=False, metrics=None)
     return _cmd_sweep(ns)
 
 
@@ -109,13 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-report", action="store_true", help="do not write the table and plots at the end")
+    p.add_argument("--metrics", help="table metrics (default train_loss,test_acc; also test_loss, delay_max, ...)")
     p.set_defaults(func=_cmd_sweep)
 
     for name, helptext in (("table", "mean ± std tables of finished runs"), ("plot", "PNG curves of runs")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("runs", nargs="+", help="run directories, or folders searched for them")
         p.add_argument("--out", type=Path, default=Path("."), help="where to write the files (default .)")
-        p.set_defaults(func=lambda a, n=name: _report(a.runs, a.out, table=n == "table", plot=n == "plot") or 0)
+        p.add_argument("--labels", help="comma-separated settings to show, in this order (default: all)")
+        if name == "table":
+            p.add_argument("--metrics", help="default train_loss,test_acc; also test_loss, delay_mean, delay_max")
+        p.set_defaults(func=lambda a, n=name: _report(a.runs, a.out, table=n == "table", plot=n == "plot",
+                                                      labels=_csv(a.labels), metrics=_csv(getattr(a, "metrics", None)))
+                       or 0)
 
     p = sub.add_parser("rules", help="list every rule with its scheduler, messages and default hyperparameters")
     p.set_defaults(func=lambda a: [print(json.dumps(make_rule(n).describe(), ensure_ascii=False, default=str))

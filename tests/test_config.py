@@ -46,7 +46,7 @@ def test_round_trip_through_toml(tmp_path):
     assert isinstance(cfg.timing.build(), SlowFraction)
 
 
-@pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.toml")))
+@pytest.mark.parametrize("preset", sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.toml")))
 def test_every_preset_is_valid(preset):
     C.load_config(CONFIGS / preset)
 

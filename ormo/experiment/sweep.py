@@ -104,6 +104,8 @@ def plan_sweep(
     for label, set_over in setting_specs:
         for method, m_over in method_specs:
             for seed in seed_list:
+                if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                    raise ConfigError(f"invalid sweep seed: {seed!r} (must be an integer >= 0)")
                 d = apply_overrides(base, [*set_over, *m_over, f"train.seed={seed}",
                                            f"train.label={_toml_value(label)}"])
                 cfg = from_dict(d)

@@ -1,0 +1,107 @@
+"""The simulator's cost per gradient against a plain PyTorch minibatch-SGD loop, measured in one run.
+
+Both sides compute the same gradients: the same model (resnet20 or lenet), batch size 64, 32×32×3 synthetic images,
+the same keyed minibatch sampler and normalization. The plain loop is what a user would write: sample, forward,
+backward, ``torch.optim.SGD(momentum=0.9).step()``. The simulator side is ``ormo.experiment.TrainProblem`` driven by
+the OrMo rule with K simulated workers: per message it also loads the worker's snapshot into the flat model, keeps
+each worker's BatchNorm statistics, checks the gradient for NaN/Inf, applies the ordered update, copies the new
+parameters for the worker and logs the event.
+
+Blocks of ``--steps`` gradients alternate between the two (which goes first alternates too) after a warm-up, and the
+ratio is the median over pairs of adjacent blocks, so the shared machine's load hits both sides alike. Goal: ≤ 1.05.
+
+    python benchmarks/sim_overhead.py [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ormo.data import load_dataset
+from ormo.data.augment import normalize
+from ormo.data.sampler import minibatch_indices
+from ormo.engine import Simulator
+from ormo.experiment import load_config
+from ormo.experiment.problem import TrainProblem
+from ormo.models import build_model
+
+
+def plain_loop(model_name: str, dataset, steps_per_block: int):
+    """A generator: each next() runs one block of plain SGD steps and yields its time per gradient."""
+    model = build_model(model_name, num_classes=dataset.num_classes, in_channels=3, image_size=32, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    n, step = dataset.train_size, 0
+    model.train()
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(steps_per_block):
+            idx = minibatch_indices(n, 64, seed=0, worker=step % 16, index=step, step=0)
+            x = normalize(dataset.train_x[idx], dataset.mean, dataset.std)
+            opt.zero_grad(set_to_none=False)
+            F.cross_entropy(model(x), dataset.train_y[idx]).backward()
+            opt.step()
+            step += 1
+        yield (time.perf_counter() - t0) / steps_per_block
+
+
+def simulator_loop(model_name: str, dataset, num_workers: int, steps_per_block: int):
+    cfg = load_config(None, [f'model.name="{model_name}"', "data.batch_size=64", f"train.num_workers={num_workers}",
+                             "method.lr=0.01", "method.momentum=0.9"])
+    problem = TrainProblem(cfg, dataset=dataset)
+    sim = Simulator(cfg.method.build(), problem.params0, problem.grad_fn, num_workers=num_workers,
+                    num_iterations=10**9, timing=cfg.timing.build(), seed=0)
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(steps_per_block):
+            sim.step()
+            problem.pop_message_loss()
+        yield (time.perf_counter() - t0) / steps_per_block
+
+
+def measure(model_name: str, num_workers: int, *, steps: int, pairs: int, dataset) -> dict:
+    plain, sim = plain_loop(model_name, dataset, steps), simulator_loop(model_name, dataset, num_workers, steps)
+    next(plain), next(sim)  # warm-up (allocator, first-call costs)
+    ratios, p_times, s_times = [], [], []
+    for i in range(pairs):
+        if i % 2 == 0:
+            p, s = next(plain), next(sim)
+        else:
+            s, p = next(sim), next(plain)
+        p_times.append(p)
+        s_times.append(s)
+        ratios.append(s / p)
+    return {"model": model_name, "num_workers": num_workers, "plain_ms": 1e3 * statistics.median(p_times),
+            "sim_ms": 1e3 * statistics.median(s_times), "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios), "pairs": pairs, "steps_per_block": steps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter blocks")
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args()
+    dataset = load_dataset("synthetic", train_size=2048, test_size=64, image_shape=(3, 32, 32), seed=0)
+    plan = {"resnet20": (4, 5) if args.quick else (8, 7), "lenet": (40, 5) if args.quick else (100, 9)}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch 64 of 32x32x3; OrMo, K workers")
+    print(f"{'model':10s} {'K':>3s} {'plain ms/grad':>14s} {'sim ms/grad':>12s} {'ratio (min-max)':>22s}  goal <= 1.05")
+    results = []
+    for model_name, (steps, pairs) in plan.items():
+        for k in (16, 64):
+            r = measure(model_name, k, steps=steps, pairs=pairs, dataset=dataset)
+            results.append(r)
+            ok = "yes" if r["ratio"] <= 1.05 else "no"
+            print(f"{model_name:10s} {k:3d} {r['plain_ms']:14.2f} {r['sim_ms']:12.2f} "
+                  f"{r['ratio']:8.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f})  {ok}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
