@@ -1,5 +1,8 @@
 """A small simulated comparison: the OrMo-paper methods on seeded logistic regression with K = 16 workers.
 
+``ormo demo`` runs the quickstart sweep (configs/quickstart.toml) when the repository's configs are present; this
+self-contained comparison is its fallback for an installed package without them.
+
 Every method sees the same data for the same (worker, index, step) and runs for the same number of gradients;
 the table gives the final training loss (mean ± std over seeds) and the simulated time the run took.
 """
@@ -12,7 +15,7 @@ import time
 
 import torch
 
-from . import Homogeneous, SlowFraction, make_rule, simulate
+from . import Homogeneous, NonFiniteError, SlowFraction, make_rule, simulate
 from .keys import minibatch_seed
 
 METHODS = ["ssgdm", "asgd", "naive-asgdm", "shifted-momentum", "smega2", "ormo", "ormo-da"]
@@ -51,12 +54,18 @@ def run(*, num_workers: int = 16, num_iterations: int = 3000, seeds: tuple[int, 
             losses, times = [], []
             for seed in seeds:
                 problem = LogisticProblem(seed=seed)
-                res = simulate(make_rule(method, **hp), torch.zeros(problem.x.shape[1], dtype=torch.float64),
-                               problem.grad_fn, num_workers=num_workers, num_iterations=num_iterations,
-                               timing=timing, seed=seed)
+                try:
+                    res = simulate(make_rule(method, **hp), torch.zeros(problem.x.shape[1], dtype=torch.float64),
+                                   problem.grad_fn, num_workers=num_workers, num_iterations=num_iterations,
+                                   timing=timing, seed=seed)
+                except NonFiniteError:  # a diverged run is a result: shown as "diverged"
+                    losses.append(math.inf)
+                    continue
                 losses.append(problem.loss(res.params))
                 times.append(res.sim_time_s)
-            row[setting] = (statistics.mean(losses), statistics.pstdev(losses), statistics.mean(times))
+            mean = statistics.mean(losses)
+            std = statistics.pstdev(losses) if math.isfinite(mean) else math.nan
+            row[setting] = (mean, std, statistics.mean(times) if times else math.nan)
         rows.append(row)
     return rows
 
