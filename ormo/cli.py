@@ -1,7 +1,9 @@
 """Command line.
 
     ormo train CONFIG [--set section.key=value]... [--run-dir DIR]     one run on the simulator
+    ormo train CONFIG --engine ray [--address HOST:PORT]                the same on real worker processes (Ray)
     ormo train --resume RUN_DIR                                         continue a stopped or killed run
+    ormo replay RUN_DIR                                                 rerun a (Ray) run's arrival order exactly
     ormo sweep CONFIG [--methods a,b] [--seeds 0,1,2] [--jobs N] --out DIR
     ormo table RUN_DIRS... [--out DIR]                                  mean ± std tables in the papers' layout
     ormo plot RUN_DIRS... [--out DIR]                                   accuracy / loss vs epochs and vs time
@@ -35,14 +37,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         if args.config is None:
             raise ConfigError("give a CONFIG file (e.g. configs/quickstart.toml) or --resume RUN_DIR")
-        cfg = load_config(args.config, args.set)
+        overrides = list(args.set)
+        if args.address:
+            overrides.append(f'ray.address="{args.address}"')
+        cfg = load_config(args.config, overrides)
         run_dir = args.run_dir or Path("runs") / f"{cfg.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"run directory: {run_dir}", file=sys.stderr)
-        result = train(cfg, run_dir, progress=not args.quiet)
+        result = train(cfg, run_dir, progress=not args.quiet, engine=args.engine)
     final = result.final
     print(json.dumps({"run_dir": str(result.run_dir), "epoch": final["epoch"], "train_loss": final["train_loss"],
                       "test_acc": final["test_acc"], "sim_time_s": final["sim_time_s"],
                       "delay": result.summary.get("delay")}, default=str))
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from .experiment.replay import replay
+
+    out = replay(args.run_dir)
+    print(json.dumps(out))
+    if not out["bit_identical"]:
+        print(f"replay differs from the run: max |Δ| = {out['max_abs_diff']:.3e}", file=sys.stderr)
     return 0
 
 
@@ -96,8 +111,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a config value (TOML syntax), e.g. --set method.lr=0.05; repeatable")
     p.add_argument("--run-dir", type=Path, help="where to write the run (default runs/NAME-METHOD-TIMESTAMP)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped or killed run")
+    p.add_argument("--engine", choices=["simulator", "ray"], default="simulator",
+                   help="simulator (default) or ray: real worker processes (pip install 'ormo[ray]')")
+    p.add_argument("--address", help="with --engine ray: join this Ray cluster (`ray start --head` prints it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("replay", help="rerun a recorded run's arrival order in the simulator and compare")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(func=_cmd_replay)
 
     p = sub.add_parser("sweep", help="methods x settings x seeds in parallel processes (resumable)")
     p.add_argument("config", nargs="?", help="a TOML config, usually with a [sweep] section")

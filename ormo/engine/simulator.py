@@ -37,6 +37,7 @@ from ..rules.base import (
     check_choice,
     check_int_at_least,
     invalid,
+    set_rate_factor,
 )
 from .events import Event, EventLog
 from .timing import Homogeneous, Replay, WorkerClock, check_seed, check_timing
@@ -291,6 +292,7 @@ class Simulator:
         scheduler: str | None = None,
         check_finite: bool = True,
         lr_schedule: Callable[[int], float] | None = None,
+        on_redispatch: Callable[[int], None] | None = None,
     ) -> None:
         if not isinstance(rule, Rule):
             raise invalid("rule", type(rule).__name__, "a rule built by ormo.make_rule(name, ...)")
@@ -304,6 +306,9 @@ class Simulator:
             check_int_at_least("num_iterations", num_iterations, 0)
         timing = check_timing(timing if timing is not None else Homogeneous())
         self.rule, self.grad_fn, self.check_finite, self.lr_schedule = rule, grad_fn, check_finite, lr_schedule
+        self.on_redispatch = on_redispatch
+        #: replayed re-dispatches (a real run's restarted workers and rejected messages): t -> [(worker, index)]
+        self.redispatches: dict[int, list[tuple[int, int]]] = {}
 
         self.source: _HeapSource | _OrderSource | _ReplaySource
         if isinstance(timing, Replay):
@@ -320,6 +325,8 @@ class Simulator:
                 raise invalid("scheduler", self.scheduler, f"the replayed log's scheduler {recorded!r}")
             check_order(timing.log.workers[: self.limit], K, self.scheduler)
             self.source = _ReplaySource(timing.log)
+            for t_r, worker, index, *_ in timing.log.meta.get("redispatches", []):
+                self.redispatches.setdefault(int(t_r), []).append((int(worker), int(index)))
         elif order is not None:
             order_list = check_order(order, K, self.scheduler)
             self.limit = len(order_list) if num_iterations is None else num_iterations
@@ -364,6 +371,8 @@ class Simulator:
         rule, state, t = self.rule, self.state, self.t
         if self.limit is not None and t >= self.limit:
             raise ConfigError(f"iteration {t} is past the end of the given order/replay ({self.limit} iterations)")
+        for worker, index in self.redispatches.get(t, ()):
+            self._redispatch(worker, index)
         k, now = self.source.next(t, self.now)
         payload = self.snapshots[k]
         self.source.check_index(t, payload.index)
@@ -413,14 +422,30 @@ class Simulator:
         self.t = t + 1
         return event
 
+    def _redispatch(self, worker: int, index: int) -> None:
+        """Replay of a real run's re-dispatch before iteration ``t``: the worker lost its message (it died, or the
+        server rejected the message) and was sent parameter ``index`` afresh, with its own state reset."""
+        t = self.t
+        if self.snapshots[worker].index != index:
+            if index != t:
+                raise ConfigError(
+                    f"the replayed log re-dispatches worker {worker} with index {index} before iteration {t}; only "
+                    f"the current parameters (index {t}) or the worker's own round ({self.snapshots[worker].index}) "
+                    f"can be sent then"
+                )
+            self.snapshots[worker], self.own_buffers[worker] = _copy_payload(
+                self.rule.payload(self.state, index=t), self.own_buffers[worker] if self.scheduler == "async" else None
+            )
+        self.worker_states[worker] = self.rule.init_worker(self.params0)
+        self.dispatch_time[worker] = self.now
+        if self.on_redispatch is not None:
+            self.on_redispatch(worker)
+
     def _set_rate(self, t: int) -> None:
         f = self.lr_schedule(t)  # type: ignore[misc]
         if isinstance(f, bool) or not isinstance(f, numbers.Real) or not (0.0 <= f < math.inf):
             raise invalid(f"lr_schedule({t})", f, "a finite number >= 0")
-        if self.rule.scheduled_rate == "local_lr":
-            self.state.local_lr_scale = float(f)
-        else:
-            self.state.lr_scale = float(f)
+        set_rate_factor(self.rule, self.state, f)
 
     def _check_sent(self, payload: Payload, t: int, worker: int, index: int) -> None:
         """The parameters about to be sent must be finite: catches a server update that overflowed (one summing pass

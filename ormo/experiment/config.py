@@ -218,6 +218,39 @@ class TrainConfig:
             raise invalid("train.device", self.device, "'cpu', 'cuda' or 'cuda:N'")
 
 
+@dataclass(frozen=True)
+class RayConfig:
+    """The Ray runtime (``ormo train --engine ray``): real worker processes, sleeps for the timing model."""
+
+    #: join an existing cluster ("auto", or the HOST:PORT printed by `ray start --head`); unset = a local instance
+    address: str | None = None
+    #: CPUs of the local instance (default: the machine's, at least num_workers + 1); the server takes none
+    num_cpus: int | None = None
+    #: GPUs each worker asks for (0 = CPU workers; train.device must then be "cuda")
+    gpus_per_worker: float = 0.0
+    #: torch threads per worker process (a replay in the simulator uses the same, for identical arithmetic)
+    worker_threads: int = 1
+    #: realise the timing model by sleeping after each real computation
+    emulate_timing: bool = True
+    #: seconds of sleep per unit of the timing model's time (its step_time_s = 1 means 10 ms per step at 0.01)
+    time_scale: float = 0.01
+    #: how long a synchronous round may wait for its last message before the run stops with an error
+    sync_timeout_s: float = 120.0
+    #: how many times each worker process may be restarted after it dies
+    max_restarts: int = 10
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None:
+            check_int_at_least("ray.num_cpus", self.num_cpus, 1)
+        if self.gpus_per_worker < 0:
+            raise invalid("ray.gpus_per_worker", self.gpus_per_worker, ">= 0")
+        check_int_at_least("ray.worker_threads", self.worker_threads, 1)
+        if self.time_scale < 0:
+            raise invalid("ray.time_scale", self.time_scale, ">= 0")
+        check_positive("ray.sync_timeout_s", self.sync_timeout_s)
+        check_int_at_least("ray.max_restarts", self.max_restarts, 0)
+
+
 SECTIONS: dict[str, type] = {
     "method": MethodConfig,
     "model": ModelConfig,
@@ -225,6 +258,7 @@ SECTIONS: dict[str, type] = {
     "schedule": ScheduleConfig,
     "timing": TimingConfig,
     "train": TrainConfig,
+    "ray": RayConfig,
 }
 
 
@@ -239,6 +273,7 @@ class ExperimentConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -56,6 +56,7 @@ class TrainProblem:
         self.weight_decay = cfg.train.weight_decay
         self.params0 = self.flat.params.detach().clone()
         k = cfg.train.num_workers
+        self.initial_buffers = self.flat.buffers.clone()
         self.worker_buffers = [self.flat.buffers.clone() for _ in range(k)]
         self.server_buffers = self.flat.buffers.clone()
         self._loss_sum, self._loss_count = 0.0, 0
@@ -94,6 +95,10 @@ class TrainProblem:
         if self.weight_decay:
             g.add_(params, alpha=self.weight_decay)
         return g
+
+    def reset_worker(self, worker: int) -> None:
+        """A restarted worker process starts from the model's initial BatchNorm statistics."""
+        self.worker_buffers[worker].copy_(self.initial_buffers)
 
     def pop_message_loss(self) -> float:
         """Mean loss of the gradients computed since the last call (one message's H steps)."""

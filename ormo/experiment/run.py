@@ -94,15 +94,21 @@ def train(
     *,
     resume: bool = False,
     progress: bool = True,
+    engine: str = "simulator",
 ) -> RunResult:
-    """Run ``cfg`` on the simulator into ``run_dir``; with ``resume=True`` continue the run already there (its own
-    config is used) from its last checkpoint, bit-identically to an uninterrupted run."""
+    """Run ``cfg`` into ``run_dir`` on the simulator (default) or on Ray (``engine="ray"``, real worker processes;
+    see ``ormo.engine.ray_runtime``). With ``resume=True`` continue the run already there (its own config and engine
+    are used) from its last checkpoint: bit-identically to an uninterrupted run on the simulator; on Ray every worker
+    restarts from the checkpointed server state."""
     run_dir = Path(run_dir)
+    if engine not in ("simulator", "ray"):
+        raise ConfigError(f"invalid engine: {engine!r} (must be 'simulator' or 'ray')")
     if resume:
         if not (run_dir / "config.toml").is_file():
             raise ConfigError(f"cannot resume {str(run_dir)!r}: no config.toml there (not a run directory)")
         cfg = load_config(run_dir / "config.toml")
         info = read_run_info(run_dir)
+        engine = info.get("engine", "simulator")
         if info.get("status") == "finished":
             return _finished_result(run_dir, info)
     else:
@@ -120,6 +126,7 @@ def train(
             "label": cfg.train.label,
             "method": cfg.method.name,
             "seed": cfg.train.seed,
+            "engine": engine,
             "status": "running",
             "versions": _versions(),
             "git_commit": _git_commit(),
@@ -133,6 +140,11 @@ def train(
     rule = cfg.method.build()
     messages_per_epoch = problem.train_size / (cfg.data.batch_size * rule.local_steps)
     total = max(1, math.ceil(cfg.train.epochs * messages_per_epoch))
+    if engine == "ray":
+        from .run_ray import train_on_ray
+
+        return train_on_ray(cfg, run_dir, info, problem=problem, rule=rule, total=total,
+                            messages_per_epoch=messages_per_epoch, resume=resume, progress=progress)
     sim = Simulator(rule, problem.params0, problem.grad_fn, num_workers=cfg.train.num_workers,
                     num_iterations=total, timing=cfg.timing.build(), seed=cfg.train.seed,
                     lr_schedule=lambda t: cfg.schedule.factor(t / messages_per_epoch))
@@ -158,7 +170,7 @@ def train(
             "test_acc": test_acc,
             "delay_mean": float(delays.mean()) if delays.size else math.nan,
             "delay_max": int(delays.max()) if delays.size else None,
-            "lr_scale": float(sim.state.lr_scale),
+            "lr_scale": cfg.schedule.factor(max(t - 1, 0) / messages_per_epoch),
         }
 
     def save_checkpoint() -> None:

@@ -186,6 +186,11 @@ class Rule:
         """Local iterations per message (H); 1 for gradient methods."""
         return 1
 
+    @property
+    def message_has_momentum(self) -> bool:
+        """Whether the worker's message carries a momentum vector (OrLoMo's m, PRSGDm's v)."""
+        return False
+
     # -- server -------------------------------------------------------------------------------------------
     def init(self, params0: Tensor, *, num_workers: int) -> ServerState:
         return ServerState(params=params0.clone(), num_workers=num_workers)
@@ -263,6 +268,14 @@ def make_rule(name: str, **hyperparameters: Any) -> Rule:
                 f"rule {name!r} has no hyperparameter {key!r}; accepted: {', '.join(accepted) or '(none)'}"
             )
     return cls(**hyperparameters)
+
+
+def set_rate_factor(rule: Rule, state: ServerState, factor: float) -> None:
+    """Apply a learning-rate schedule's factor to the rate the rule's ``scheduled_rate`` names (η or γ)."""
+    if rule.scheduled_rate == "local_lr":
+        state.local_lr_scale = float(factor)
+    else:
+        state.lr_scale = float(factor)
 
 
 def catch_up(beta: float, n: int) -> float:

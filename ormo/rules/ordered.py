@@ -273,6 +273,10 @@ class OrLoMo(DelayAdaptive, _Ordered):
     def _eta(self, state: OrderedState, message: Message, tau: int) -> float:
         return self.lr_at(self.lr * state.lr_scale, tau, state.num_workers)
 
+    @property
+    def message_has_momentum(self) -> bool:
+        return True
+
     def init_worker(self, params0: Tensor) -> WorkerState | None:
         return WorkerState(momentum=zeros_like(params0)) if self.local_momentum_init == "previous" else None
 

@@ -150,6 +150,10 @@ class PRSGDm(Rule):
         momentum = state.momentum if self.average_momentum else None
         return Payload(index=index, params=state.params, momentum=momentum, lr_scale=state.local_lr_scale)
 
+    @property
+    def message_has_momentum(self) -> bool:
+        return self.average_momentum
+
     def init_worker(self, params0: Tensor) -> WorkerState | None:
         return None if self.average_momentum else WorkerState(momentum=zeros_like(params0))
 

@@ -1,0 +1,481 @@
+"""The Ray runtime: real worker processes feed one rule through a parameter-server actor.
+
+* The **server actor** owns the rule state and applies messages one at a time. It is an asyncio actor: an update runs
+  without an ``await`` from validation to scheduling, so updates are serialized and ordered exactly as they arrive,
+  while synchronous rounds can wait (``await``) for their last message. No task is retried.
+* Each **worker actor** runs a loop: compute its message on the parameters it was sent (``rule.work``, one gradient or
+  H local steps on its own data stream), sleep for the timing model's duration (emulating a slower machine), and
+  call the server *directly* with the message and the parameter index it used; the reply is its next payload. Arrays
+  travel as numpy (zero-copy and read-only on the receiving side); nothing passes through the driver.
+* The **driver** starts the actors, restarts a worker whose process dies (its in-flight message is simply never
+  applied; the restarted worker is sent fresh parameters), evaluates the server's snapshots, and stops the run.
+
+Everything the server does is recorded in the simulator's event-log format, plus the re-dispatches (restarts and
+rejected messages), so ``ormo replay`` can rerun the same arrival order in the simulator. A message that is malformed,
+from an unknown or dead worker, carries an index from the future or another index than the one its worker was sent, or
+holds NaN/Inf values is rejected with a logged reason and never touches the parameters.
+
+Only this module imports Ray; the rules and the simulator never do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayActorError
+
+from ..rules.base import Message, Payload, Rule, set_rate_factor
+from .events import EventLog
+from .simulator import all_finite
+
+# Arrays that arrive through the object store are read-only; the rules only read them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+#: a rejected synchronous-round message is re-sent the same round; after this many rejections the run stops.
+MAX_ROUND_REJECTIONS = 3
+#: this many rejections in a row per worker, with no message applied in between, stop the run (it cannot progress)
+MAX_CONSECUTIVE_REJECTIONS_PER_WORKER = 25
+
+
+def _tensor(a: Any) -> torch.Tensor:
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+
+
+@ray.remote
+class ParameterServer:
+    """The single-threaded parameter server (see the module docstring)."""
+
+    def __init__(
+        self,
+        rule: Rule,
+        params0: np.ndarray,
+        *,
+        num_workers: int,
+        scheduler: str,
+        total: int,
+        schedule: Callable[[int], float] | None,
+        meta: dict[str, Any],
+        eval_marks: list[int],
+        checkpoint_marks: list[int],
+        checkpoint_path: str | None,
+        sync_timeout_s: float,
+        buffers_size: int,
+        loss_window: int,
+        resume: dict[str, Any] | None = None,
+    ) -> None:
+        self.rule, self.K, self.scheduler, self.total = rule, num_workers, scheduler, total
+        self.schedule, self.sync_timeout_s = schedule, sync_timeout_s
+        self.state = rule.init(torch.from_numpy(np.array(params0)), num_workers=num_workers)
+        self.dtype = self.state.params.dtype
+        self.events = EventLog(meta)
+        self.eval_marks, self.checkpoint_marks = set(eval_marks), set(checkpoint_marks)
+        self.checkpoint_path = checkpoint_path
+        self.t = 0
+        self.time_offset, self.clock0 = 0.0, time.monotonic()
+        self.sent: list[int | None] = [None] * num_workers  # index each worker was last sent (None: never)
+        self.incarnation = [0] * num_workers
+        self.dispatch_time = [0.0] * num_workers
+        self.waiting: list[tuple[int, float]] = []  # sync: C, with arrival times
+        self.idle = [0.0] * num_workers
+        self.round_event = asyncio.Event()
+        self.round_reply: dict[str, Any] | None = None
+        self.round_rejections: dict[int, int] = {}
+        self.buffers = np.zeros(buffers_size, dtype=np.float32)
+        self.losses = np.full(loss_window, np.nan)
+        self.redispatches: list[list[Any]] = []
+        self.rejections: list[dict[str, Any]] = []
+        self.snapshots: list[dict[str, Any]] = []
+        self.last_eval = 0
+        self.failed: str | None = None
+        self.checkpoint_due = False
+        self.consecutive_rejections = 0
+        if schedule is not None:
+            set_rate_factor(rule, self.state, schedule(0))
+        if resume is not None:
+            self._load(resume)
+        self.round_reply = self._reply(self.t)
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    def _now(self) -> float:
+        return self.time_offset + time.monotonic() - self.clock0
+
+    def _reply(self, index: int) -> dict[str, Any]:
+        """The payload for ``index`` (a copy of the state: it must not change while it travels)."""
+        p = self.rule.payload(self.state, index=index)
+        return {
+            "index": index,
+            "params": p.params.numpy().copy(),
+            "momentum": None if p.momentum is None else p.momentum.numpy().copy(),
+            "lr_scale": p.lr_scale,
+        }
+
+    def _stop(self, why: str) -> dict[str, Any]:
+        return {"stop": why}
+
+    def _redispatch(self, worker: int, index: int, reason: str) -> None:
+        self.redispatches.append([self.t, worker, index, reason])
+        self.sent[worker] = index
+        self.dispatch_time[worker] = self._now()
+
+    def _reject(self, worker: int, index: Any, reason: str) -> dict[str, Any]:
+        """Log the rejection; send the worker (if it is a live, known one) fresh work."""
+        self.rejections.append({"t": self.t, "worker": worker, "index": index, "reason": reason,
+                                "time": self._now()})
+        self.consecutive_rejections += 1
+        if self.consecutive_rejections > MAX_CONSECUTIVE_REJECTIONS_PER_WORKER * self.K:
+            self.failed = (f"{self.consecutive_rejections} messages in a row were rejected at server iteration "
+                           f"{self.t} (last: {reason}); the run cannot progress")
+            self.round_event.set()
+            return self._stop(self.failed)
+        if not (isinstance(worker, int) and 0 <= worker < self.K) or self.t >= self.total:
+            return self._stop(f"rejected: {reason}")
+        if self.scheduler == "async":
+            self._redispatch(worker, self.t, f"rejected: {reason}")
+            return self._reply(self.t)
+        # sync: the worker redoes its message for the current round
+        n = self.round_rejections[worker] = self.round_rejections.get(worker, 0) + 1
+        if n > MAX_ROUND_REJECTIONS:
+            self.failed = (f"worker {worker}'s message for the round at index {self.round_reply['index']} was rejected "
+                           f"{n} times (last: {reason}); a synchronous round cannot complete without it")
+            self.round_event.set()
+            return self._stop(self.failed)
+        self._redispatch(worker, self.round_reply["index"], f"rejected: {reason}")
+        return self.round_reply
+
+    def _validate(self, worker: Any, incarnation: Any, index: Any, msg: Any) -> str | None:
+        if not isinstance(worker, int) or isinstance(worker, bool) or not 0 <= worker < self.K:
+            return f"unknown worker {worker!r} (workers are 0..{self.K - 1})"
+        if incarnation != self.incarnation[worker]:
+            return f"stale message from incarnation {incarnation!r} of worker {worker} (now {self.incarnation[worker]})"
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            return f"malformed index {index!r}"
+        if index > self.t:
+            return f"index {index} is from the future (the server is at iteration {self.t})"
+        if index != self.sent[worker]:
+            return f"index {index} is not the one worker {worker} was sent ({self.sent[worker]})"
+        if not isinstance(msg, dict):
+            return f"malformed message of type {type(msg).__name__}"
+        n = self.state.params.numel()
+        wanted = ["update", "buffers"] + (["momentum"] if self.rule.message_has_momentum else [])
+        for key in wanted:
+            a = msg.get(key)
+            size = self.buffers.size if key == "buffers" else n
+            if not isinstance(a, np.ndarray) or a.shape != (size,) or a.dtype != np.dtype(str(self.dtype)[6:]):
+                got = f"{type(a).__name__} {getattr(a, 'shape', '')} {getattr(a, 'dtype', '')}".strip()
+                return f"malformed {key}: got {got}, expected a {str(self.dtype)[6:]} array of shape ({size},)"
+            if not all_finite(torch.from_numpy(a)):
+                return f"NaN/Inf values in the {key}"
+        loss = msg.get("loss")
+        if not isinstance(loss, float) or not math.isfinite(loss):
+            return f"malformed or non-finite loss {loss!r}"
+        scale = msg.get("local_lr_scale", 1.0)
+        if not isinstance(scale, float) or not (0.0 <= scale < math.inf):
+            return f"malformed local_lr_scale {scale!r}"
+        return None
+
+    # -- the protocol -------------------------------------------------------------------------------------------
+    async def hello(self, worker: int, incarnation: int) -> dict[str, Any]:
+        """A worker (re)starts: it is sent its work. A worker that had been sent something before has lost it."""
+        if not isinstance(worker, int) or not 0 <= worker < self.K:
+            return self._stop(f"unknown worker {worker!r}")
+        if incarnation < self.incarnation[worker]:
+            return self._stop("stale incarnation")
+        self.incarnation[worker] = incarnation
+        if self.failed or self.t >= self.total:
+            return self._stop(self.failed or "done")
+        if self.scheduler == "async":
+            if self.sent[worker] is None and self.t == 0:
+                self.sent[worker] = 0  # the initial broadcast of w_0
+                return self.round_reply
+            # a restarted worker, or one that joins after the run started: the current parameters
+            self._redispatch(worker, self.t, "restarted" if self.sent[worker] is not None else "joined late")
+            return self._reply(self.t)
+        if any(w == worker for w, _ in self.waiting):  # its message is in: it waits for the round like the others
+            return await self._await_round()
+        if self.sent[worker] is None and self.round_reply["index"] == 0:
+            self.sent[worker] = 0
+        else:
+            self._redispatch(worker, self.round_reply["index"],
+                             "restarted" if self.sent[worker] is not None else "joined late")
+        return self.round_reply
+
+    async def _await_round(self) -> dict[str, Any]:
+        event = self.round_event
+        try:
+            await asyncio.wait_for(event.wait(), timeout=self.sync_timeout_s)
+        except TimeoutError:
+            missing = sorted(set(range(self.K)) - {w for w, _ in self.waiting})
+            self.failed = self.failed or (
+                f"the synchronous round at index {self.round_reply['index']} did not complete within "
+                f"ray.sync_timeout_s={self.sync_timeout_s} s: no message from worker(s) {missing}"
+            )
+            return self._stop(self.failed)
+        if self.failed:
+            return self._stop(self.failed)
+        return self.round_reply if self.t < self.total else self._stop("done")
+
+    async def push(self, worker: int, incarnation: int, index: int, msg: dict[str, Any]) -> dict[str, Any]:
+        """Consume one message (server iteration t) and reply with the worker's next payload (or stop)."""
+        if self.failed:
+            return self._stop(self.failed)
+        if self.t >= self.total:
+            return self._stop("done")
+        reason = self._validate(worker, incarnation, index, msg)
+        if reason is not None:
+            return self._reject(worker, index, reason)
+        now, t, rule, state = self._now(), self.t, self.rule, self.state
+        message = Message(index=index, update=_tensor(msg["update"]), momentum=_tensor(msg.get("momentum")),
+                          local_lr_scale=msg.get("local_lr_scale", 1.0))
+        if self.schedule is not None:
+            set_rate_factor(rule, state, self.schedule(t))
+        rule.begin_iteration(state, t=t, waiting_empty=not self.waiting)
+        rule.apply(state, message, t=t, worker=worker)
+        self.consecutive_rejections = 0
+        if not all_finite(state.params):
+            self.failed = (f"diverged: the server parameters became NaN/Inf at iteration t={t}, after applying the "
+                           f"message of worker {worker} (index {index}, delay {t - index})")
+            self.round_event.set()
+            return self._stop(self.failed)
+        self.events.append(t=t, worker=worker, index=index, sim_time=now, dispatch_time=self.dispatch_time[worker])
+        self.buffers = msg["buffers"]  # the server keeps the latest BatchNorm statistics it consumed (A14)
+        self.losses[t % self.losses.size] = msg["loss"]
+        self.t = t + 1
+        self.waiting.append((worker, now))
+        if self.t in self.eval_marks:
+            self._snapshot()
+        if self.t in self.checkpoint_marks:
+            self.checkpoint_due = True
+
+        if self.scheduler == "async":
+            self.waiting.clear()
+            self._maybe_checkpoint()
+            if self.t >= self.total:
+                return self._stop("done")
+            self.sent[worker] = self.t
+            self.dispatch_time[worker] = now
+            return self._reply(self.t)
+        if len(self.waiting) == self.K or self.t >= self.total:
+            for w, arrived in self.waiting:
+                self.idle[w] += now - arrived
+            self.waiting.clear()
+            self.round_rejections.clear()
+            self.round_reply = self._reply(self.t)
+            for w in range(self.K):
+                self.sent[w] = self.t
+                self.dispatch_time[w] = now
+            self._maybe_checkpoint()  # only at round boundaries: a resumed round starts clean
+            event, self.round_event = self.round_event, asyncio.Event()
+            event.set()
+            return self.round_reply if self.t < self.total else self._stop("done")
+        return await self._await_round()
+
+    # -- driver side ----------------------------------------------------------------------------------------------
+    def _snapshot(self) -> None:
+        delays = self.events.column("delay")[self.last_eval : self.t]
+        filled = self.losses[~np.isnan(self.losses)]
+        self.snapshots.append({
+            "t": self.t,
+            "params": self.state.params.clone(),
+            "buffers": torch.from_numpy(np.array(self.buffers)),
+            "sim_time_s": self._now(),
+            "train_loss": float(filled.mean()) if filled.size else math.nan,
+            "delay_mean": float(delays.mean()) if delays.size else math.nan,
+            "delay_max": int(delays.max()) if delays.size else None,
+            "lr_scale": float(self.state.lr_scale if self.rule.scheduled_rate == "lr" else self.state.local_lr_scale),
+        })
+        self.last_eval = self.t
+
+    def status(self) -> dict[str, Any]:
+        """Progress, pending evaluation snapshots (handed over once), failure."""
+        snaps, self.snapshots = self.snapshots, []
+        return {"t": self.t, "total": self.total, "snapshots": snaps, "failed": self.failed,
+                "rejections": len(self.rejections), "redispatches": len(self.redispatches)}
+
+    def _state_dict(self) -> dict[str, Any]:
+        return {
+            "t": self.t,
+            "time": self._now(),
+            "rule_state": self.state.state_dict(),
+            "events": self.events.state_dict(),
+            "sent": list(self.sent),
+            "idle": list(self.idle),
+            "buffers": np.array(self.buffers),
+            "losses": self.losses.copy(),
+            "last_eval": self.last_eval,
+            "redispatches": [list(r) for r in self.redispatches],
+            "rejections": list(self.rejections),
+        }
+
+    def _maybe_checkpoint(self) -> None:
+        if self.checkpoint_due and self.checkpoint_path:
+            tmp = self.checkpoint_path + ".tmp"
+            torch.save({"version": 1, "engine": "ray", "server": self._state_dict()}, tmp)
+            os.replace(tmp, self.checkpoint_path)
+        self.checkpoint_due = False
+
+    def _load(self, sd: dict[str, Any]) -> None:
+        self.t = int(sd["t"])
+        self.time_offset = float(sd["time"])
+        self.state.load_state_dict(sd["rule_state"])
+        self.events.load_state_dict(sd["events"])
+        self.sent = list(sd["sent"])
+        self.idle = list(sd["idle"])
+        self.buffers = np.array(sd["buffers"])
+        self.losses = np.array(sd["losses"])
+        self.last_eval = int(sd["last_eval"])
+        self.redispatches = [list(r) for r in sd["redispatches"]]
+        self.rejections = list(sd["rejections"])
+
+    def final(self) -> dict[str, Any]:
+        out = self._state_dict()
+        out["params"] = self.state.params.clone()
+        out["failed"] = self.failed
+        return out
+
+    def start(self) -> None:
+        """Every worker is ready: the clock starts now (its time 0 is the initial broadcast)."""
+        self.clock0 = time.monotonic()
+
+
+@ray.remote
+class Worker:
+    """One worker process: builds its own problem (model, data), then loops compute → sleep → push."""
+
+    def __init__(self, worker: int, problem_factory: Callable[[], Any], rule: Rule, server: Any, *, timing: Any,
+                 seed: int, num_workers: int, emulate_timing: bool, time_scale: float, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.k, self.rule, self.server = worker, rule, server
+        self.problem = problem_factory()
+        self.clock = timing.bind(num_workers, seed) if emulate_timing and time_scale > 0 else None
+        self.time_scale = time_scale
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, incarnation: int) -> str:
+        """Work until the server says stop; returns its reason."""
+        k, rule, problem = self.k, self.rule, self.problem
+        worker_state = rule.init_worker(problem.params0)
+        problem.reset_worker(k)
+        reply = ray.get(self.server.hello.remote(k, incarnation))
+        while "stop" not in reply:
+            index = reply["index"]
+            payload = Payload(index=index, params=_tensor(reply["params"]), momentum=_tensor(reply["momentum"]),
+                              lr_scale=reply["lr_scale"])
+            t0 = time.perf_counter()
+            message = rule.work(payload, lambda x, step, i=index: problem.grad_fn(x, k, i, step), worker_state)
+            compute_s = time.perf_counter() - t0
+            if self.clock is not None:
+                time.sleep(self.clock.duration(k, rule.local_steps) * self.time_scale)
+            out = {
+                "update": message.update.numpy(),
+                "momentum": None if message.momentum is None else message.momentum.numpy(),
+                "local_lr_scale": float(message.local_lr_scale),
+                "buffers": problem.worker_buffers[k].numpy(),
+                "loss": float(problem.pop_message_loss()),
+                "compute_s": compute_s,
+            }
+            reply = ray.get(self.server.push.remote(k, incarnation, index, out))
+        return reply["stop"]
+
+
+def start_ray(address: str | None, num_cpus: int | None) -> bool:
+    """Connect to ``address``, or start a local instance bound to loopback. Returns True if this call started it
+    (then the caller shuts it down). Ray's token authentication stays as Ray configures it (on by default)."""
+    if ray.is_initialized():
+        return False
+    kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw)
+    return True
+
+
+def run_ray(
+    *,
+    rule: Rule,
+    problem_factory: Callable[[], Any],
+    params0: torch.Tensor,
+    num_workers: int,
+    total: int,
+    schedule: Callable[[int], float] | None,
+    timing: Any,
+    seed: int,
+    scheduler: str,
+    meta: dict[str, Any],
+    options: Any,
+    eval_marks: list[int],
+    checkpoint_marks: list[int],
+    checkpoint_path: str | None,
+    buffers_size: int,
+    loss_window: int,
+    resume: dict[str, Any] | None,
+    on_snapshot: Callable[[dict[str, Any]], None],
+    on_progress: Callable[[int], None] | None = None,
+    kill_hook: Callable[[list[Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run to ``total`` server iterations; returns the server's final state (params, events, re-dispatches, …)."""
+    started = start_ray(options.address, options.num_cpus or max(os.cpu_count() or 1, num_workers + 1))
+    try:
+        server = ParameterServer.options(num_cpus=0, max_restarts=0, max_task_retries=0,
+                                         max_concurrency=4 * num_workers + 16).remote(
+            rule, params0.detach().cpu().numpy(), num_workers=num_workers, scheduler=scheduler, total=total,
+            schedule=schedule, meta=meta, eval_marks=eval_marks, checkpoint_marks=checkpoint_marks,
+            checkpoint_path=checkpoint_path, sync_timeout_s=options.sync_timeout_s, buffers_size=buffers_size,
+            loss_window=loss_window, resume=resume)
+        def new_worker(k: int) -> Any:
+            # A dead worker is replaced by a fresh actor (a new process), not restarted by Ray: its constructor
+            # rebuilds the problem from the factory, and nothing of the dead process is reused.
+            return Worker.options(num_cpus=1, num_gpus=options.gpus_per_worker, max_restarts=0,
+                                  max_task_retries=0).remote(
+                k, problem_factory, rule, server, timing=timing, seed=seed, num_workers=num_workers,
+                emulate_timing=options.emulate_timing, time_scale=options.time_scale, threads=options.worker_threads)
+
+        workers = [new_worker(k) for k in range(num_workers)]
+        ray.get([w.pid.remote() for w in workers])  # every worker built its problem: start together
+        ray.get(server.start.remote())
+        incarnation = [0] * num_workers
+        runs = {w.run.remote(0): k for k, w in enumerate(workers)}
+        if kill_hook is not None:
+            kill_hook(workers)
+        while runs:
+            ready, _ = ray.wait(list(runs), num_returns=1, timeout=0.2)
+            for ref in ready:
+                k = runs.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayActorError:  # the process died: a new one asks the server for fresh work
+                    incarnation[k] += 1
+                    if incarnation[k] > options.max_restarts:
+                        raise RuntimeError(f"worker {k} died {incarnation[k]} times (ray.max_restarts="
+                                           f"{options.max_restarts}); stopping the run") from None
+                    workers[k] = new_worker(k)
+                    runs[workers[k].run.remote(incarnation[k])] = k
+            status = ray.get(server.status.remote())
+            for snap in status["snapshots"]:
+                on_snapshot(snap)
+            if on_progress is not None:
+                on_progress(status["t"])
+            if status["failed"]:
+                raise RuntimeError(f"the Ray run stopped: {status['failed']}")
+        for snap in ray.get(server.status.remote())["snapshots"]:
+            on_snapshot(snap)
+        final = ray.get(server.final.remote())
+        for actor in [*workers, server]:
+            ray.kill(actor)
+        if final["failed"]:
+            raise RuntimeError(f"the Ray run stopped: {final['failed']}")
+        return final
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,136 @@
+"""``train(..., engine="ray")``: the same run directory as a simulated run, from real worker processes.
+
+The run directory gets, besides the usual files, ``rejections.jsonl`` (every rejected message with its reason) and an
+event log whose metadata lists the re-dispatches (restarted workers, rejected messages), so that ``ormo replay`` can
+rerun the arrival order in the simulator. ``sim_time`` in the log and the metrics is measured wall-clock time.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..engine.events import EventLog
+from ..engine.simulator import delay_stats
+from ..rules import Rule
+from .config import ExperimentConfig, ScheduleConfig
+from .metrics import MetricsWriter, read_metrics
+from .problem import TrainProblem
+from .run import CHECKPOINT, RunResult, _iteration_marks, _progress, _write_json
+
+
+def _schedule(schedule: ScheduleConfig, messages_per_epoch: float, t: int) -> float:
+    return schedule.factor(t / messages_per_epoch)
+
+
+def train_on_ray(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    info: dict[str, Any],
+    *,
+    problem: TrainProblem,
+    rule: Rule,
+    total: int,
+    messages_per_epoch: float,
+    resume: bool,
+    progress: bool,
+    kill_hook: Any = None,
+) -> RunResult:
+    try:
+        from ..engine.ray_runtime import run_ray
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError("engine='ray' needs Ray: pip install 'ormo[ray]'") from e
+
+    evals = sorted(_iteration_marks(cfg.train.eval_every, messages_per_epoch, total))
+    checkpoints = sorted(_iteration_marks(cfg.train.checkpoint_every, messages_per_epoch, total))
+    window = max(1, math.ceil(messages_per_epoch))
+    metrics = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard)
+    resume_state = None
+    if resume and (run_dir / CHECKPOINT).is_file():
+        ckpt = torch.load(run_dir / CHECKPOINT, weights_only=False)
+        if ckpt.get("engine") != "ray":
+            raise RuntimeError(f"{run_dir / CHECKPOINT} is not a checkpoint of a Ray run")
+        resume_state = ckpt["server"]
+        metrics.reset([r for r in read_metrics(run_dir) if r["iteration"] <= resume_state["t"]])
+    else:
+        metrics.reset([])
+        test_loss, test_acc = problem.evaluate(problem.params0)
+        metrics.add({"epoch": 0.0, "iteration": 0, "gradients": 0, "sim_time_s": 0.0, "train_loss": math.nan,
+                     "test_loss": test_loss, "test_acc": test_acc, "delay_mean": math.nan, "delay_max": None,
+                     "lr_scale": cfg.schedule.factor(0.0)})
+    bar = _progress(total, resume_state["t"] if resume_state else 0, cfg.name, progress)
+
+    def on_snapshot(snap: dict[str, Any]) -> None:
+        problem.server_buffers.copy_(snap["buffers"])
+        test_loss, test_acc = problem.evaluate(snap["params"])
+        t = snap["t"]
+        row = {"epoch": t / messages_per_epoch, "iteration": t, "gradients": t * rule.local_steps,
+               "sim_time_s": snap["sim_time_s"], "train_loss": snap["train_loss"], "test_loss": test_loss,
+               "test_acc": test_acc, "delay_mean": snap["delay_mean"], "delay_max": snap["delay_max"],
+               "lr_scale": snap["lr_scale"]}
+        metrics.add(row)
+        if bar is not None:
+            bar.set_postfix(epoch=f"{row['epoch']:.2f}", wall_s=f"{row['sim_time_s']:.0f}",
+                            loss=f"{row['train_loss']:.4f}", acc=f"{row['test_acc']:.2f}", refresh=False)
+
+    def on_progress(t: int) -> None:
+        if bar is not None:
+            bar.update(t - bar.n)
+
+    meta = {"rule": rule.name, "hyperparameters": rule.describe()["hyperparameters"], "scheduler": rule.scheduler,
+            "num_workers": cfg.train.num_workers, "seed": cfg.train.seed, "timing": cfg.timing.build().describe(),
+            "engine": "ray", "worker_threads": cfg.ray.worker_threads}
+    info.update(status="running", engine="ray", ray={"address": cfg.ray.address,
+                                                     "worker_threads": cfg.ray.worker_threads})
+    _write_json(run_dir / "run.json", info)
+    started = time.monotonic()
+    try:
+        final = run_ray(
+            rule=rule, problem_factory=functools.partial(TrainProblem, cfg), params0=problem.params0,
+            num_workers=cfg.train.num_workers, total=total,
+            schedule=functools.partial(_schedule, cfg.schedule, messages_per_epoch),
+            timing=cfg.timing.build(), seed=cfg.train.seed, scheduler=rule.scheduler, meta=meta, options=cfg.ray,
+            eval_marks=evals, checkpoint_marks=checkpoints, checkpoint_path=str(run_dir / CHECKPOINT),
+            buffers_size=problem.server_buffers.numel(), loss_window=window, resume=resume_state,
+            on_snapshot=on_snapshot, on_progress=on_progress, kill_hook=kill_hook)
+    except KeyboardInterrupt:
+        info["status"] = "interrupted"
+        _write_json(run_dir / "run.json", info)
+        raise
+    except Exception as e:
+        info["status"], info["error"] = "failed", f"{type(e).__name__}: {e}"
+        _write_json(run_dir / "run.json", info)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+
+    events = EventLog()
+    events.load_state_dict(final["events"])
+    events.meta["redispatches"] = final["redispatches"]
+    events.save(run_dir / "events.jsonl")
+    with open(run_dir / "rejections.jsonl", "w", encoding="utf-8") as f:
+        for r in final["rejections"]:
+            f.write(json.dumps(r, default=str) + "\n")
+    params = final["params"]
+    torch.save({"params": params, "bn_buffers": torch.as_tensor(final["buffers"])}, run_dir / "final.pt")
+    k = cfg.train.num_workers
+    workers = events.column("worker")
+    summary = {
+        "rule": rule.name, "scheduler": rule.scheduler, "num_workers": k, "iterations": len(events),
+        "sim_time_s": events[-1].sim_time if len(events) else 0.0, "delay": delay_stats(events.column("delay")),
+        "messages_per_worker": [int((workers == w).sum()) for w in range(k)], "idle_time_s": final["idle"],
+        "rejected_messages": len(final["rejections"]), "redispatches": len(final["redispatches"]),
+        "wall_time_s": time.monotonic() - started,
+    }
+    info.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), summary=summary,
+                final=metrics.rows[-1], diverged=None)
+    _write_json(run_dir / "run.json", info)
+    return RunResult(run_dir=run_dir, params=params, metrics=metrics.rows, summary=summary)
