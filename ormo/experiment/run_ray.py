@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..engine.events import EventLog
@@ -120,7 +121,7 @@ def train_on_ray(
         for r in final["rejections"]:
             f.write(json.dumps(r, default=str) + "\n")
     params = final["params"]
-    torch.save({"params": params, "bn_buffers": torch.as_tensor(final["buffers"])}, run_dir / "final.pt")
+    torch.save({"params": params, "bn_buffers": torch.tensor(np.array(final["buffers"]))}, run_dir / "final.pt")
     k = cfg.train.num_workers
     workers = events.column("worker")
     summary = {

@@ -1,0 +1,223 @@
+"""The Ray runtime: real runs for each scheduler, exact replay in the simulator, a killed worker, a killed run resumed,
+every rejected message, and timing emulation. One local Ray instance serves the whole module (a start costs ~4 s)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from ormo.engine.ray_runtime import ParameterServer, start_ray  # noqa: E402
+from ormo.experiment import load_config, train  # noqa: E402
+from ormo.experiment.metrics import read_metrics  # noqa: E402
+from ormo.experiment.replay import replay  # noqa: E402
+from ormo.experiment.run import read_run_info  # noqa: E402
+from ormo.rules import make_rule  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+BASE = ["model.name=mlp", "data.batch_size=16", "data.subset=480", "train.eval_every=0.5", "method.lr=0.02",
+        "method.momentum=0.9", "ray.time_scale=0.002", "train.checkpoint_every=0.25"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    started = start_ray(None, num_cpus=8)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
+
+
+def _cfg(*overrides):
+    return load_config(None, [*BASE, *overrides])
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("ormo", []),
+        ("ssgdm", []),
+        ("orlomo", ["method.local_steps=2", 'method.options.local_momentum_init="previous"']),
+        ("prsgdm", ["method.local_steps=2", "method.local_lr=0.05"]),
+    ],
+)
+def test_real_run_and_its_exact_replay(tmp_path, method, extra):
+    cfg = _cfg(f"method.name={method}", "train.num_workers=3", "train.epochs=2", *extra)
+    res = train(cfg, tmp_path / "run", engine="ray", progress=False)
+    info = read_run_info(tmp_path / "run")
+    assert info["status"] == "finished" and info["engine"] == "ray"
+    rows = read_metrics(tmp_path / "run")
+    assert rows[-1]["test_acc"] > rows[0]["test_acc"] and rows[-1]["train_loss"] < 2.3
+    events = (tmp_path / "run" / "events.jsonl").read_text().splitlines()
+    assert len(events) - 1 == res.final["iteration"]
+    assert sorted(info["summary"]["messages_per_worker"]) [0] > 0  # every worker took part
+    if method in ("ssgdm", "prsgdm"):  # synchronous: the delay is t mod K
+        delays = [json.loads(line)["delay"] for line in events[1:]]
+        assert delays == [t % 3 for t in range(len(delays))]
+    out = replay(tmp_path / "run")
+    assert out["bit_identical"], out
+
+
+def _worker_pids() -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                cmd = Path(entry.path, "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmd.startswith(b"ray::Worker"):
+                pids.append(int(entry.name))
+    return pids
+
+
+def _kill_a_worker_after_the_first_checkpoint(run_dir: Path) -> threading.Thread:
+    """Kill one worker process (SIGKILL) once the run has written its first checkpoint."""
+
+    def go():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if (run_dir / "checkpoint.pt").exists():
+                pids = _worker_pids()
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("method", ["ormo", "ssgdm"])
+def test_a_killed_worker_is_replaced_and_the_run_completes(tmp_path, method):
+    # long enough (about 5 s of emulated work) for the replacement process to start while the run goes on
+    cfg = _cfg(f"method.name={method}", "train.num_workers=3", "train.epochs=10", "ray.time_scale=0.05")
+    killer = _kill_a_worker_after_the_first_checkpoint(tmp_path / "run")
+    train(cfg, tmp_path / "run", engine="ray", progress=False)
+    killer.join(timeout=5)
+    info = read_run_info(tmp_path / "run")
+    assert info["status"] == "finished"
+    log = json.loads((tmp_path / "run" / "events.jsonl").read_text().splitlines()[0])
+    restarts = [r for r in log["meta"]["redispatches"] if r[3] == "restarted"]
+    assert len(restarts) == 1, log["meta"]["redispatches"]
+    t_restart, worker, index = restarts[0][:3]
+    # the lost message is never applied: after the restart the worker's next message carries the new index
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()[1:]]
+    later = [e for e in events if e["worker"] == worker and e["t"] >= t_restart]
+    assert later and later[0]["index"] == index
+    assert replay(tmp_path / "run")["bit_identical"]  # the restart is replayed too
+
+
+def test_resume_after_the_whole_run_is_killed(tmp_path, ray_instance):
+    run_dir = tmp_path / "run"
+    overrides = [*BASE, "method.name=ormo", "train.num_workers=3", "train.epochs=4", "ray.time_scale=0.01"]
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text("")
+    cmd = [sys.executable, "-m", "ormo", "train", str(cfg_file), "--engine", "ray", "--address", ray_instance,
+           "--run-dir", str(run_dir), "--quiet", *sum((["--set", o] for o in overrides), [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # the driver dies: its actors die with it
+    proc.wait()
+    assert read_run_info(run_dir)["status"] == "running"
+    res = train(None, run_dir, resume=True, progress=False)
+    info = read_run_info(run_dir)
+    assert info["status"] == "finished" and res.final["epoch"] >= 4 - 1e-9
+    iterations = [r["iteration"] for r in read_metrics(run_dir)]
+    assert iterations == sorted(set(iterations))  # no row from the lost timeline survives
+    assert replay(run_dir)["bit_identical"]
+
+
+def _server(rule_name="ormo", k=2, total=100):
+    rule = make_rule(rule_name)
+    return ParameterServer.remote(
+        rule, np.ones(4, dtype=np.float32), num_workers=k, scheduler=rule.scheduler, total=total, schedule=None,
+        meta={}, eval_marks=[], checkpoint_marks=[], checkpoint_path=None, sync_timeout_s=5.0, buffers_size=2,
+        loss_window=4)
+
+
+def _msg(**over):
+    msg = {"update": np.full(4, 0.5, dtype=np.float32), "buffers": np.zeros(2, dtype=np.float32), "loss": 1.0,
+           "local_lr_scale": 1.0}
+    msg.update(over)
+    return msg
+
+
+def test_every_bad_message_is_rejected_and_never_touches_the_parameters():
+    server = _server()
+    assert ray.get(server.hello.remote(0, 0))["index"] == 0
+    assert ray.get(server.hello.remote(1, 0))["index"] == 0
+    good = ray.get(server.push.remote(0, 0, 0, _msg()))  # t = 0 applied; worker 0 now holds index 1
+    assert good["index"] == 1
+    # Each case is sent with worker 1's current index (a rejection re-dispatches the worker, giving it index t = 1),
+    # so that only the flaw under test is wrong. `None` stands for "the index worker 1 holds now".
+    bad = [
+        ((5, 0, None, _msg()), "unknown worker 5"),
+        ((1, 7, None, _msg()), "stale message from incarnation 7"),
+        ((1, 0, 9, _msg()), "index 9 is from the future"),
+        ((0, 0, 0, _msg()), "index 0 is not the one worker 0 was sent (1)"),
+        ((1, 0, "0", _msg()), "malformed index '0'"),
+        ((1, 0, None, "not a dict"), "malformed message of type str"),
+        ((1, 0, None, {"buffers": np.zeros(2, np.float32), "loss": 1.0}), "malformed update"),
+        ((1, 0, None, _msg(update=np.zeros(3, np.float32))), "malformed update: got ndarray (3,) float32"),
+        ((1, 0, None, _msg(update=np.zeros(4, np.float64))), "malformed update: got ndarray (4,) float64"),
+        ((1, 0, None, _msg(update=np.array([0, math.nan, 0, 0], np.float32))), "NaN/Inf values in the update"),
+        ((1, 0, None, _msg(buffers=np.array([math.inf, 0], np.float32))), "NaN/Inf values in the buffers"),
+        ((1, 0, None, _msg(loss=math.nan)), "malformed or non-finite loss"),
+    ]
+    before = ray.get(server.final.remote())["params"]
+    held = 0  # worker 1 was sent index 0
+    for (worker, incarnation, index, msg), _ in bad:
+        reply = ray.get(server.push.remote(worker, incarnation, held if index is None else index, msg))
+        if worker == 1 and "index" in reply:
+            held = reply["index"]
+    final = ray.get(server.final.remote())
+    assert torch.equal(final["params"], before)  # nothing was applied
+    reasons = [r["reason"] for r in final["rejections"]]
+    assert len(reasons) == len(bad)
+    for (_, expected), got in zip(bad, reasons, strict=True):
+        assert expected in got, (expected, got)
+    assert final["t"] == 1
+    # a known worker whose message was rejected was sent fresh parameters, and that is logged for the replay
+    assert any(r[1] == 1 and r[3].startswith("rejected") for r in final["redispatches"])
+    assert ray.get(server.push.remote(1, 0, held, _msg()))["index"] == 2  # and its next good message is applied
+
+
+def test_a_synchronous_round_never_hangs_on_a_missing_worker():
+    server = _server("ssgdm", k=2)
+    ray.get(server.hello.remote(0, 0))
+    ray.get(server.hello.remote(1, 0))
+    t0 = time.time()
+    reply = ray.get(server.push.remote(0, 0, 0, _msg()))  # worker 1 never answers
+    assert "stop" in reply and "did not complete within ray.sync_timeout_s=5.0 s: no message from worker(s) [1]" \
+        in reply["stop"]
+    assert time.time() - t0 < 30
+
+
+def test_timing_emulation_gives_the_expected_delays(tmp_path):
+    """One worker 6× slower, sleeping 20 ms per unit: its messages are ~(K − 1)·6 iterations late."""
+    k = 4
+    cfg = _cfg("method.name=asgd", f"train.num_workers={k}", "train.epochs=3", "timing.model=one_slow",
+               "timing.ratio=6.0", "ray.time_scale=0.02")
+    res = train(cfg, tmp_path / "run", engine="ray", progress=False)
+    summary = res.summary
+    counts = summary["messages_per_worker"]
+    assert counts[-1] * 3 < min(counts[:-1])  # the slow worker sends far fewer messages
+    assert (k - 1) * 6 * 0.5 <= summary["delay"]["max"] <= (k - 1) * 6 * 2.5
