@@ -42,6 +42,8 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 #: a rejected synchronous-round message is re-sent the same round; after this many rejections the run stops.
 MAX_ROUND_REJECTIONS = 3
+_WAIT = object()  # _apply's answer for a synchronous round that is not complete yet
+
 #: this many rejections in a row per worker, with no message applied in between, stop the run (it cannot progress)
 MAX_CONSECUTIVE_REJECTIONS_PER_WORKER = 25
 
@@ -98,6 +100,8 @@ class ParameterServer:
         self.failed: str | None = None
         self.checkpoint_due = False
         self.consecutive_rejections = 0
+        self.busy_s = 0.0  # time spent handling messages (validation, update, reply), for benchmarks
+        self.work_s = 0.0  # the workers' reported compute + emulated sleep of the applied messages
         if schedule is not None:
             set_rate_factor(rule, self.state, schedule(0))
         if resume is not None:
@@ -229,6 +233,12 @@ class ParameterServer:
             return self._stop(self.failed)
         if self.t >= self.total:
             return self._stop("done")
+        busy0 = time.perf_counter()
+        reply = self._apply(worker, incarnation, index, msg)  # no await inside: updates are serialized
+        self.busy_s += time.perf_counter() - busy0
+        return await self._await_round() if reply is _WAIT else reply
+
+    def _apply(self, worker: int, incarnation: int, index: int, msg: dict[str, Any]) -> dict[str, Any] | object:
         reason = self._validate(worker, incarnation, index, msg)
         if reason is not None:
             return self._reject(worker, index, reason)
@@ -247,6 +257,10 @@ class ParameterServer:
             return self._stop(self.failed)
         self.events.append(t=t, worker=worker, index=index, sim_time=now, dispatch_time=self.dispatch_time[worker])
         self.buffers = msg["buffers"]  # the server keeps the latest BatchNorm statistics it consumed (A14)
+        for key in ("compute_s", "sleep_s"):  # diagnostics only
+            v = msg.get(key)
+            if isinstance(v, float) and math.isfinite(v) and v >= 0:
+                self.work_s += v
         self.losses[t % self.losses.size] = msg["loss"]
         self.t = t + 1
         self.waiting.append((worker, now))
@@ -276,7 +290,7 @@ class ParameterServer:
             event, self.round_event = self.round_event, asyncio.Event()
             event.set()
             return self.round_reply if self.t < self.total else self._stop("done")
-        return await self._await_round()
+        return _WAIT
 
     # -- driver side ----------------------------------------------------------------------------------------------
     def _snapshot(self) -> None:
@@ -339,6 +353,8 @@ class ParameterServer:
         out = self._state_dict()
         out["params"] = self.state.params.clone()
         out["failed"] = self.failed
+        out["busy_s"] = self.busy_s
+        out["work_s"] = self.work_s
         return out
 
     def start(self) -> None:
@@ -374,8 +390,10 @@ class Worker:
             t0 = time.perf_counter()
             message = rule.work(payload, lambda x, step, i=index: problem.grad_fn(x, k, i, step), worker_state)
             compute_s = time.perf_counter() - t0
+            sleep_s = 0.0
             if self.clock is not None:
-                time.sleep(self.clock.duration(k, rule.local_steps) * self.time_scale)
+                sleep_s = self.clock.duration(k, rule.local_steps) * self.time_scale
+                time.sleep(sleep_s)
             out = {
                 "update": message.update.numpy(),
                 "momentum": None if message.momentum is None else message.momentum.numpy(),
@@ -383,6 +401,7 @@ class Worker:
                 "buffers": problem.worker_buffers[k].numpy(),
                 "loss": float(problem.pop_message_loss()),
                 "compute_s": compute_s,
+                "sleep_s": sleep_s,
             }
             reply = ray.get(self.server.push.remote(k, incarnation, index, out))
         return reply["stop"]

@@ -130,6 +130,8 @@ def train_on_ray(
         "messages_per_worker": [int((workers == w).sum()) for w in range(k)], "idle_time_s": final["idle"],
         "rejected_messages": len(final["rejections"]), "redispatches": len(final["redispatches"]),
         "wall_time_s": time.monotonic() - started,
+        "server_busy_s": final["busy_s"],
+        "worker_time_per_message_s": final["work_s"] / max(len(events), 1),
     }
     info.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), summary=summary,
                 final=metrics.rows[-1], diverged=None)
