@@ -60,7 +60,7 @@ def simulator_loop(model_name: str, dataset, num_workers: int, steps_per_block: 
         t0 = time.perf_counter()
         for _ in range(steps_per_block):
             sim.step()
-            problem.pop_message_loss()
+            problem.commit_message()
         yield (time.perf_counter() - t0) / steps_per_block
 
 

@@ -79,6 +79,14 @@ def _report(paths: list[str], out: Path, *, table: bool, plot: bool, labels: lis
     from .report import load_runs, plot_runs, write_table
 
     records = load_runs(paths)
+    if labels is None:  # a sweep folder records the order of its settings
+        for p in paths:
+            order = Path(p) / "sweep.json"
+            if order.is_file():
+                labels = json.loads(order.read_text())["labels"]
+                present = {r.label for r in records}
+                labels = [x for x in labels if x in present] or None
+                break
     out.mkdir(parents=True, exist_ok=True)
     if table:
         print(write_table(records, out, labels=labels, metrics=tuple(metrics or ("train_loss", "test_acc"))))
@@ -159,9 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except ConfigError as e:  # bad input: the message names the field and the constraint
         print(f"ormo {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"ormo {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ormo {args.command}: interrupted (a checkpoint was written; --resume continues)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ class FlatModel:
     """Binds ``module``'s parameters, gradients and floating buffers (BatchNorm running statistics) to flat tensors.
 
     ``params`` (1-D) holds every trainable parameter in ``module.parameters()`` order; ``grad`` their gradients;
-    ``buffers`` every floating-point buffer (integer ones such as ``num_batches_tracked`` stay as they are).
+    ``buffers`` every floating-point buffer (BatchNorm running means and variances) and ``int_buffers`` the integer
+    ones (``num_batches_tracked``), so that a worker's whole BatchNorm state is two vectors.
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -45,18 +46,24 @@ class FlatModel:
             offset += n
         self._plist = plist
 
-        blist = [b for b in module.buffers() if b.is_floating_point()]
-        self.buffers = torch.empty(sum(b.numel() for b in blist), dtype=dtype, device=device)
-        _flatten_into(blist, self.buffers)
+        self.buffers = self._bind_buffers(module, floating=True, dtype=dtype, device=device)
+        self.int_buffers = self._bind_buffers(module, floating=False, dtype=torch.int64, device=device)
+
+    @staticmethod
+    def _bind_buffers(module: nn.Module, *, floating: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Move the module's floating (or integer) buffers into one flat tensor and make them views of it."""
+        blist = [b for b in module.buffers() if b.is_floating_point() == floating]
+        flat = torch.empty(sum(b.numel() for b in blist), dtype=dtype, device=device)
+        _flatten_into(blist, flat)
         offset = 0
         for mod in module.modules():
             for name, b in list(mod.named_buffers(recurse=False)):
-                if b is None or not b.is_floating_point():
+                if b is None or b.is_floating_point() != floating:
                     continue
                 n = b.numel()
-                view = self.buffers[offset : offset + n].view_as(b)
-                mod._buffers[name] = view  # the module now reads and updates the flat storage
+                mod._buffers[name] = flat[offset : offset + n].view_as(b)  # the module now updates the flat storage
                 offset += n
+        return flat
 
     @property
     def num_params(self) -> int:
@@ -70,11 +77,14 @@ class FlatModel:
         self.grad.zero_()
 
     def check_bound(self) -> None:
-        """Raise if something replaced a parameter's ``.grad`` (the flat gradient would silently stop filling)."""
-        for p in self._plist:
-            if p.grad is None or p.grad.data_ptr() < self.grad.data_ptr() or (
-                p.grad.data_ptr() >= self.grad.data_ptr() + self.grad.numel() * self.grad.element_size()
-            ):
-                raise RuntimeError(
-                    "a parameter's .grad was replaced; use FlatModel.zero_grad(), not module.zero_grad()"
-                )
+        """Raise if something replaced the parameters' ``.grad`` (``module.zero_grad()`` sets them to None): the flat
+        gradient would silently stay zero. O(1): the first and last parameters must still view the flat buffer."""
+        first, last = self._plist[0], self._plist[-1]
+        end = self.grad.data_ptr() + (self.grad.numel() - last.numel()) * self.grad.element_size()
+        if first.grad is None or last.grad is None or first.grad.data_ptr() != self.grad.data_ptr() or (
+            last.grad.data_ptr() != end
+        ):
+            raise RuntimeError(
+                "the model's parameter gradients were replaced (e.g. by module.zero_grad()), so gradients no longer "
+                "reach the flat buffer; use FlatModel.zero_grad()"
+            )

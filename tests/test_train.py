@@ -49,7 +49,7 @@ def test_short_run_writes_everything(tmp_path):
     assert set(rows[0]) == set(METRIC_FIELDS)
     assert math.isnan(rows[0]["train_loss"]) and rows[-1]["train_loss"] < rows[1]["train_loss"]
     assert rows[-1]["test_acc"] > 50  # it learns
-    assert rows[-1]["iteration"] == len(res.metrics and open(d / "events.jsonl").readlines()) - 1
+    assert rows[-1]["iteration"] == len((d / "events.jsonl").read_text().splitlines()) - 1  # one header line
     assert torch.equal(torch.load(d / "final.pt")["params"], res.params)
     assert load_config(d / "config.toml") == cfg
     csv_lines = (d / "metrics.csv").read_text().splitlines()
@@ -193,3 +193,76 @@ def test_paper_presets_run_scaled_down(tmp_path, preset, setting, extra):
     res = train(runs[-1].config, runs[-1].run_dir, progress=False)
     assert res.final["iteration"] > 0 and math.isfinite(res.final["test_loss"])
     assert read_run_info(runs[-1].run_dir)["label"] == setting
+
+
+@pytest.mark.parametrize("method", ["ormo", "ssgdm"])
+def test_ctrl_c_checkpoints_at_an_iteration_boundary_and_resume_is_bit_identical(tmp_path, method):
+    """SIGINT mid-run: the run saves a checkpoint at the next iteration boundary and exits; resuming gives the
+    uninterrupted result bit for bit (a BatchNorm model, so the BN state's checkpoint is exercised too)."""
+    overrides = ["data.name=synthetic", "data.options.train_size=512", "data.options.test_size=32",
+                 "data.options.image_shape=[3, 8, 8]", "model.name=resnet20", "data.batch_size=16",
+                 f"method.name={method}", "train.num_workers=4", "train.epochs=6", "train.checkpoint_every=0.5",
+                 "timing.model=slow_fraction", "timing.fraction=0.5", "method.lr=0.02"]
+    reference = train(load_config(None, overrides), tmp_path / "reference", progress=False)
+    run_dir = tmp_path / "interrupted"
+    config_file = tmp_path / "empty.toml"
+    config_file.write_text("")
+    cmd = [sys.executable, "-m", "ormo", "train", str(config_file), "--run-dir", str(run_dir), "--quiet",
+           *sum((["--set", o] for o in overrides), [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    time.sleep(random.Random(method + "int").uniform(0.0, 0.2))
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=60)[1].decode()
+    if read_run_info(run_dir)["status"] == "finished":
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 130, stderr
+    assert "interrupted (a checkpoint was written; --resume continues)" in stderr
+    assert read_run_info(run_dir)["status"] == "interrupted"
+    resumed = train(None, run_dir, resume=True, progress=False)
+    assert torch.equal(resumed.params, reference.params)
+    ref_final = torch.load(tmp_path / "reference" / "final.pt")
+    final = torch.load(run_dir / "final.pt")
+    for key, value in ref_final["model_state"].items():  # BatchNorm statistics and counters included
+        assert torch.equal(final["model_state"][key], value), key
+
+
+def test_command_line_overrides_win_over_the_sweep_settings(tmp_path):
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    runs = plan_sweep(configs / "orlomo/table2_resnet20_cifar10.toml", out=tmp_path, seeds=[0],
+                      overrides=["method.local_steps=2", "train.num_workers=4"], settings=["hom. K=16 H=32"])
+    assert runs[0].config.method.local_steps == 2 and runs[0].config.train.num_workers == 4
+    assert runs[0].config.train.label == "hom. K=16 H=32"
+
+
+def test_sweep_variants_of_one_rule_need_their_own_labels(tmp_path):
+    cfg_file = tmp_path / "s.toml"
+    cfg_file.write_text('[sweep]\nmethods = ["orlomo", {name = "orlomo", set = {"method.local_steps" = 2}}]\n')
+    with pytest.raises(ConfigError, match="sweep.methods lists 'orlomo' twice; give each variant its own label"):
+        plan_sweep(cfg_file, out=tmp_path)
+    cfg_file.write_text('[sweep]\nmethods = ["orlomo", {name = "orlomo", label = "orlomo-H2", '
+                        'set = {"method.local_steps" = 2}}]\n')
+    runs = plan_sweep(cfg_file, out=tmp_path)
+    assert [r.run_dir.parent.name for r in runs] == ["orlomo", "orlomo-H2"]
+    assert [r.config.method.local_steps for r in runs] == [None, 2]
+
+
+def test_a_sweep_refuses_a_directory_of_another_configuration_and_retries_failed_setups(tmp_path):
+    cfg_file = tmp_path / "s.toml"
+    cfg_file.write_text('[model]\nname = "mlp"\n[data]\nsubset = 64\nbatch_size = 16\n[train]\nepochs = 0.25\n'
+                        'num_workers = 2\n[sweep]\nmethods = ["asgd"]\n')
+    run_sweep(plan_sweep(cfg_file, out=tmp_path / "out"), jobs=1, progress=False)
+    changed = plan_sweep(cfg_file, out=tmp_path / "out", overrides=["train.epochs=0.5"])
+    with pytest.raises(ConfigError, match="holds a run of another configuration .*epochs = 0.5"):
+        run_sweep(changed, jobs=1, progress=False)
+    # a run that failed before its first checkpoint is simply started again
+    run = plan_sweep(cfg_file, out=tmp_path / "out2")[0]
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "config.toml").write_text((tmp_path / "out" / run.run_dir.relative_to(tmp_path / "out2") /
+                                              "config.toml").read_text())
+    (run.run_dir / "run.json").write_text('{"status": "failed", "error": "DatasetError: ..."}')
+    assert run_sweep([run], jobs=1, progress=False) == [(str(run.run_dir), "done")]

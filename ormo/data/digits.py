@@ -49,7 +49,7 @@ def digits(*, upsample: bool = False) -> Dataset:
         raise invalid("upsample", upsample, "True or False")
     try:
         from sklearn.datasets import load_digits
-    except ImportError as e:  # scikit-learn is not a dependency of ormo
+    except ImportError as e:  # a dependency of ormo, but imported only when this dataset is loaded
         raise ImportError("the 'digits' dataset needs scikit-learn: pip install scikit-learn") from e
     raw = load_digits()
     x = torch.from_numpy(np.asarray(raw.images, dtype=np.float32) / np.float32(16.0)).unsqueeze(1)

@@ -398,8 +398,8 @@ class Worker:
                 "update": message.update.numpy(),
                 "momentum": None if message.momentum is None else message.momentum.numpy(),
                 "local_lr_scale": float(message.local_lr_scale),
+                "loss": float(problem.commit_message()),  # the worker keeps its statistics whatever the server says
                 "buffers": problem.worker_buffers[k].numpy(),
-                "loss": float(problem.pop_message_loss()),
                 "compute_s": compute_s,
                 "sleep_s": sleep_s,
             }

@@ -10,6 +10,7 @@ as a string. Unknown sections or keys and wrong types are errors naming the key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 import types
@@ -411,7 +412,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if keys[1] not in names:
             raise ConfigError(f"unknown key {keys[0]}.{keys[1]}; [{keys[0]}] accepts: {', '.join(names)}")
         if len(keys) > 2 and keys[1] != "options":
-            raise ConfigError(f"override {item!r}: only {keys[0]}.options takes a further key")
+            raise ConfigError(f"override {item!r}: {keys[0]}.{keys[1]} is a value, it has no key {keys[2]!r}")
         node = data.setdefault(keys[0], {})
         for k in keys[1:-1]:
             node = node.setdefault(k, {})
@@ -434,8 +435,8 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, int | float):
         return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, str):  # a JSON string is a valid TOML basic string (newlines and quotes escaped)
+        return json.dumps(v, ensure_ascii=False)
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {v!r} as TOML")

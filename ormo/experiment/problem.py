@@ -5,7 +5,9 @@ Conventions (spec §9):
 * A13, weight decay: the worker adds ``λ·x`` to its gradient, at the point it evaluates.
 * A14, BatchNorm running statistics: every worker keeps its own (updated by its training-mode forward passes and
   kept across its messages); each message carries them to the server, which keeps the latest it consumed and
-  evaluates the server parameters with those.
+  evaluates the server parameters with those. A message's statistics are staged while it is computed and committed
+  (:meth:`TrainProblem.commit_message`) only once the engine accepted it, so a rejected or diverged message never
+  reaches the worker's or the server's statistics.
 * A16, training loss: the mean of the workers' minibatch losses (for a local method, the mean over its H steps is
   the message's loss); the run loop averages it over the last epoch of messages.
 * The minibatch is a pure function of (seed, worker, parameter index, local step), and so is its augmentation.
@@ -57,8 +59,12 @@ class TrainProblem:
         self.params0 = self.flat.params.detach().clone()
         k = cfg.train.num_workers
         self.initial_buffers = self.flat.buffers.clone()
+        self.initial_int_buffers = self.flat.int_buffers.clone()
         self.worker_buffers = [self.flat.buffers.clone() for _ in range(k)]
+        self.worker_int_buffers = [self.flat.int_buffers.clone() for _ in range(k)]
         self.server_buffers = self.flat.buffers.clone()
+        self.server_int_buffers = self.flat.int_buffers.clone()
+        self._staged: int | None = None  # the worker whose message is being computed (its statistics are in the model)
         self._loss_sum, self._loss_count = 0.0, 0
 
     @property
@@ -78,33 +84,52 @@ class TrainProblem:
         return x, y
 
     def grad_fn(self, params: Tensor, worker: int, index: int, step: int) -> Tensor:
-        """Stochastic gradient at ``params`` (plus ``λ·params``), updating the worker's BN statistics."""
+        """Stochastic gradient at ``params`` (plus ``λ·params``). The worker's BN statistics move on in the model
+        (staged) until :meth:`commit_message`."""
         x, y = self.batch(worker, index, step)
         flat = self.flat
         flat.load_params(params)
-        flat.buffers.copy_(self.worker_buffers[worker])
+        if self._staged != worker:  # a new message: start from the worker's committed statistics
+            flat.buffers.copy_(self.worker_buffers[worker])
+            flat.int_buffers.copy_(self.worker_int_buffers[worker])
+            self._staged, self._loss_sum, self._loss_count = worker, 0.0, 0
         self.model.train()
         flat.zero_grad()
         loss = F.cross_entropy(self.model(x), y)
         loss.backward()
-        self.worker_buffers[worker].copy_(flat.buffers)
-        self.server_buffers.copy_(flat.buffers)  # the message carries them; the server keeps the latest
+        flat.check_bound()
         self._loss_sum += float(loss.detach())  # one host sync per gradient (CPU: free)
         self._loss_count += 1
         g = flat.grad.clone()  # the engine may hold it past the next gradient (local loops)
         if self.weight_decay:
             g.add_(params, alpha=self.weight_decay)
+        if not bool(torch.isfinite(flat.buffers.sum())):  # diverged statistics: make the engine reject the message
+            g.fill_(float("nan"))
         return g
 
     def reset_worker(self, worker: int) -> None:
         """A restarted worker process starts from the model's initial BatchNorm statistics."""
         self.worker_buffers[worker].copy_(self.initial_buffers)
+        self.worker_int_buffers[worker].copy_(self.initial_int_buffers)
+        if self._staged == worker:
+            self.discard_message()
 
-    def pop_message_loss(self) -> float:
-        """Mean loss of the gradients computed since the last call (one message's H steps)."""
+    def commit_message(self) -> float:
+        """The engine accepted the message just computed: its worker keeps the staged BatchNorm statistics and the
+        server keeps them as the latest (A14). Returns the message's loss (mean over its local steps)."""
         out = self._loss_sum / self._loss_count if self._loss_count else float("nan")
-        self._loss_sum, self._loss_count = 0.0, 0
+        if self._staged is not None:
+            w = self._staged
+            self.worker_buffers[w].copy_(self.flat.buffers)
+            self.worker_int_buffers[w].copy_(self.flat.int_buffers)
+            self.server_buffers.copy_(self.flat.buffers)
+            self.server_int_buffers.copy_(self.flat.int_buffers)
+        self._staged, self._loss_sum, self._loss_count = None, 0.0, 0
         return out
+
+    def discard_message(self) -> None:
+        """The engine rejected the message just computed: nothing of it is kept."""
+        self._staged, self._loss_sum, self._loss_count = None, 0.0, 0
 
     # -- evaluation -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -112,6 +137,8 @@ class TrainProblem:
         """(test loss, test accuracy in %) of the server parameters with the server's BN statistics."""
         self.flat.load_params(params)
         self.flat.buffers.copy_(self.server_buffers)
+        self.flat.int_buffers.copy_(self.server_int_buffers)
+        self._staged = None  # the model's statistics are now the server's
         self.model.eval()
         total_loss, correct, n = 0.0, 0, int(self.test_x.shape[0])
         for start in range(0, n, EVAL_BATCH):
@@ -123,15 +150,29 @@ class TrainProblem:
         return total_loss / n, 100.0 * correct / n
 
     # -- checkpoints ------------------------------------------------------------------------------------------
+    def model_state(self, params: Tensor) -> dict[str, Tensor]:
+        """A ``state_dict`` of the model with these parameters and the server's BatchNorm statistics (loadable into
+        ``build_model(...)``)."""
+        self.flat.load_params(params)
+        self.flat.buffers.copy_(self.server_buffers)
+        self.flat.int_buffers.copy_(self.server_int_buffers)
+        self._staged = None
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
     def state_dict(self) -> dict[str, Any]:
+        """The committed BatchNorm state of every worker and of the server (taken between messages)."""
         return {
             "worker_buffers": [b.clone() for b in self.worker_buffers],
+            "worker_int_buffers": [b.clone() for b in self.worker_int_buffers],
             "server_buffers": self.server_buffers.clone(),
-            "loss": (self._loss_sum, self._loss_count),
+            "server_int_buffers": self.server_int_buffers.clone(),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        for b, saved in zip(self.worker_buffers, sd["worker_buffers"], strict=True):
-            b.copy_(saved)
+        for mine, saved in ((self.worker_buffers, sd["worker_buffers"]),
+                            (self.worker_int_buffers, sd["worker_int_buffers"])):
+            for b, s in zip(mine, saved, strict=True):
+                b.copy_(s)
         self.server_buffers.copy_(sd["server_buffers"])
-        self._loss_sum, self._loss_count = sd["loss"]
+        self.server_int_buffers.copy_(sd["server_int_buffers"])
+        self._staged = None

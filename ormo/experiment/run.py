@@ -21,8 +21,10 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +81,36 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))
 
 
+class DeferredInterrupt:
+    """Turns Ctrl-C (SIGINT) and SIGTERM into a flag that the training loop reads between iterations, so that the
+    checkpoint written on the way out is taken at a clean iteration boundary. A second signal interrupts at once
+    (the last periodic checkpoint stays valid). Only in the main thread, where Python delivers signals."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = signum
+        self._restore()  # the next signal acts immediately
+
+    def _restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+
 def _iteration_marks(every_epochs: float, messages_per_epoch: float, total: int) -> set[int]:
     marks, k = {total}, 1
     while (t := round(k * every_epochs * messages_per_epoch)) < total:
@@ -111,6 +143,8 @@ def train(
         engine = info.get("engine", "simulator")
         if info.get("status") == "finished":
             return _finished_result(run_dir, info)
+        if info.get("threads"):
+            torch.set_num_threads(int(info["threads"]))  # the same arithmetic as before the interruption
     else:
         if cfg is None:
             raise ConfigError("train() needs a config unless resume=True")
@@ -119,6 +153,7 @@ def train(
                 f"run directory {str(run_dir)!r} already holds a run; continue it with "
                 f"`ormo train --resume {run_dir}` or choose another directory"
             )
+        problem, rule = TrainProblem(cfg), cfg.method.build()  # a bad model or dataset fails before any file exists
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
         info = {
@@ -127,6 +162,7 @@ def train(
             "method": cfg.method.name,
             "seed": cfg.train.seed,
             "engine": engine,
+            "threads": torch.get_num_threads(),
             "status": "running",
             "versions": _versions(),
             "git_commit": _git_commit(),
@@ -135,9 +171,8 @@ def train(
         }
         _write_json(run_dir / "run.json", info)
     assert cfg is not None
-
-    problem = TrainProblem(cfg)
-    rule = cfg.method.build()
+    if resume:
+        problem, rule = TrainProblem(cfg), cfg.method.build()
     messages_per_epoch = problem.train_size / (cfg.data.batch_size * rule.local_steps)
     total = max(1, math.ceil(cfg.train.epochs * messages_per_epoch))
     if engine == "ray":
@@ -206,30 +241,33 @@ def train(
     bar = _progress(total, sim.t, cfg.name, progress)
     diverged: str | None = None
     try:
-        while sim.t < total:
-            sim.step()
-            losses[(sim.t - 1) % window] = problem.pop_message_loss()
-            if sim.t in evals:
-                row = evaluate()
-                last_eval = sim.t
-                metrics.add(row)
+        with DeferredInterrupt() as interrupt:
+            while sim.t < total:
+                sim.step()
+                losses[(sim.t - 1) % window] = problem.commit_message()
+                if sim.t in evals:
+                    row = evaluate()
+                    last_eval = sim.t
+                    metrics.add(row)
+                    if bar is not None:
+                        bar.set_postfix(epoch=f"{row['epoch']:.2f}", sim_s=f"{row['sim_time_s']:.0f}",
+                                        loss=f"{row['train_loss']:.4f}", acc=f"{row['test_acc']:.2f}", refresh=False)
+                if sim.t in checkpoints or interrupt.requested:
+                    save_checkpoint()
                 if bar is not None:
-                    bar.set_postfix(epoch=f"{row['epoch']:.2f}", sim_s=f"{row['sim_time_s']:.0f}",
-                                    loss=f"{row['train_loss']:.4f}", acc=f"{row['test_acc']:.2f}", refresh=False)
-            if sim.t in checkpoints:
-                save_checkpoint()
-            if bar is not None:
-                bar.update(1)
+                    bar.update(1)
+                if interrupt.requested:  # checkpointed at this iteration boundary: `--resume` continues from here
+                    raise KeyboardInterrupt
     except NonFiniteError as e:
         # A diverged run is a result, not a failure (the papers report such runs): the server stopped at w_t, the
         # last finite parameters; its final row has NaN losses and the accuracy of those parameters.
+        problem.discard_message()
         diverged = str(e)
         row = evaluate()
         row.update(train_loss=math.nan, test_loss=math.nan)
         metrics.add(row)
     except KeyboardInterrupt:
-        save_checkpoint()  # nothing lost: `ormo train --resume` continues from here
-        info["status"] = "interrupted"
+        info["status"] = "interrupted"  # the loop checkpointed at an iteration boundary before raising
         _write_json(run_dir / "run.json", info)
         raise
     except Exception as e:
@@ -242,7 +280,8 @@ def train(
         metrics.close()
 
     result = sim.result()
-    torch.save({"params": result.params, "bn_buffers": problem.server_buffers.clone()}, run_dir / "final.pt")
+    torch.save({"params": result.params, "bn_buffers": problem.server_buffers.clone(),
+                "model_state": problem.model_state(result.params)}, run_dir / "final.pt")
     sim.events.save(run_dir / "events.jsonl")
     summary = result.summary()
     info.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), summary=summary,

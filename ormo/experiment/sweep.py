@@ -3,20 +3,24 @@
 A config file may carry a ``[sweep]`` section (ignored by ``ormo train``)::
 
     [sweep]
-    methods = ["asgd", "ormo", {name = "orlomo", set = {"method.lr" = 1.0}}]   # names, or tables with overrides
+    methods = ["ormo", {name = "orlomo", label = "orlomo-H", set = {"method.options.group_decay" = "beta_pow_H"}}]
     seeds = [0, 1, 2]
 
     [[sweep.settings]]
     label = "K=16 hom."
     set = {"train.num_workers" = 16, "timing.model" = "homogeneous"}
 
-Each run goes to ``OUT/<setting>/<method>/seed<k>``. Running the sweep again skips finished runs and resumes the
-others from their last checkpoint.
+A method given as a table may carry a ``label`` (its name in the run directory and the table; needed to run two
+variants of one rule). Overrides from the command line (``--set``) apply after the settings' and the methods'.
+Each run goes to ``OUT/<setting>/<method label>/seed<k>``; ``OUT/sweep.json`` records the order of the settings and
+methods for ``ormo table``. Running the sweep again skips finished runs and resumes the others from their last
+checkpoint; a run directory that holds another configuration is an error (choose another ``--out``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import multiprocessing
 import os
 import re
@@ -65,17 +69,29 @@ def plan_sweep(
     unknown = set(spec) - {"methods", "seeds", "settings"}
     if unknown:
         raise ConfigError(f"unknown key sweep.{sorted(unknown)[0]}; [sweep] accepts: methods, seeds, settings")
-    base = apply_overrides(data, overrides or [])
+    base = data
+    cli = list(overrides or [])
 
     method_specs: list[tuple[str, list[str]]] = []
-    for m in methods if methods is not None else spec.get("methods", [base.get("method", {}).get("name", "ormo")]):
+    default_method = apply_overrides(data, cli).get("method", {}).get("name", "ormo")
+    for m in methods if methods is not None else spec.get("methods", [default_method]):
         if isinstance(m, str):
             method_specs.append((m, [f"method.name={_toml_value(m)}"]))
         elif isinstance(m, dict) and isinstance(m.get("name"), str):
+            unknown_keys = set(m) - {"name", "label", "set"}
+            if unknown_keys:
+                raise ConfigError(f"sweep.methods entry {m!r}: unknown key {sorted(unknown_keys)[0]!r} "
+                                  f"(accepted: name, label, set)")
             extra = [_as_override(k, v) for k, v in (m.get("set") or {}).items()]
-            method_specs.append((m["name"], [f"method.name={_toml_value(m['name'])}", *extra]))
+            method_specs.append((str(m.get("label", m["name"])), [f"method.name={_toml_value(m['name'])}", *extra]))
         else:
-            raise ConfigError(f"sweep.methods entries must be names or {{name = ..., set = {{...}}}}, got {m!r}")
+            raise ConfigError(f"sweep.methods entries must be names or {{name = ..., label = ..., set = {{...}}}}, "
+                              f"got {m!r}")
+    labels_seen = [label for label, _ in method_specs]
+    duplicate = next((x for x in labels_seen if labels_seen.count(x) > 1), None)
+    if duplicate is not None:
+        raise ConfigError(f"sweep.methods lists {duplicate!r} twice; give each variant its own label "
+                          f"({{name = \"{duplicate}\", label = \"...\", set = {{...}}}})")
 
     setting_specs: list[tuple[str, list[str]]] = []
     if grid:
@@ -106,24 +122,46 @@ def plan_sweep(
             for seed in seed_list:
                 if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
                     raise ConfigError(f"invalid sweep seed: {seed!r} (must be an integer >= 0)")
-                d = apply_overrides(base, [*set_over, *m_over, f"train.seed={seed}",
+                d = apply_overrides(base, [*set_over, *m_over, *cli, f"train.seed={seed}",
                                            f"train.label={_toml_value(label)}"])
                 cfg = from_dict(d)
                 runs.append(SweepRun(method, label, seed, out / slug(label) / method / f"seed{seed}", cfg))
     return runs
 
 
+def check_existing(run: SweepRun) -> str | None:
+    """None for a fresh directory; 'finished', 'resume' or 'restart' for one that holds this configuration's run;
+    an error for a directory that holds another configuration."""
+    from .config import load_config, to_toml
+    from .run import CHECKPOINT, read_run_info
+
+    if not (run.run_dir / "run.json").exists():
+        return None
+    stored = load_config(run.run_dir / "config.toml")
+    if stored != run.config:
+        theirs, ours = to_toml(stored).splitlines(), to_toml(run.config).splitlines()
+        diff = [line for line in ours if line not in theirs][:3]
+        raise ConfigError(f"{run.run_dir} holds a run of another configuration (this sweep has: {'; '.join(diff)}); "
+                          f"use another --out, or delete that directory to redo it")
+    status = read_run_info(run.run_dir).get("status")
+    if status == "finished":
+        return "finished"
+    return "resume" if (run.run_dir / CHECKPOINT).exists() else "restart"
+
+
 def _run_one(run: SweepRun, threads: int) -> tuple[str, str]:
     import torch
 
-    from .run import read_run_info, train
+    from .run import train
 
     torch.set_num_threads(threads)
-    resume = (run.run_dir / "run.json").exists()
-    if resume and read_run_info(run.run_dir).get("status") == "finished":
+    state = check_existing(run)
+    if state == "finished":
         return str(run.run_dir), "skipped (finished)"
-    train(run.config, run.run_dir, resume=resume, progress=False)
-    return str(run.run_dir), "resumed" if resume else "done"
+    if state == "restart":  # it failed before its first checkpoint: start it again
+        (run.run_dir / "run.json").unlink()
+    train(run.config, run.run_dir, resume=state == "resume", progress=False)
+    return str(run.run_dir), "resumed" if state == "resume" else "done"
 
 
 def run_sweep(runs: list[SweepRun], *, jobs: int = 1, progress: bool = True) -> list[tuple[str, str]]:
@@ -131,6 +169,14 @@ def run_sweep(runs: list[SweepRun], *, jobs: int = 1, progress: bool = True) -> 
     A failing run is reported and the others go on; the sweep then raises listing the failures."""
     if jobs < 1:
         raise ConfigError(f"invalid jobs: {jobs} (must be an integer >= 1)")
+    for r in runs:  # before anything starts: a directory of another configuration stops the sweep
+        check_existing(r)
+    if runs:
+        out = runs[0].run_dir.parent.parent.parent
+        out.mkdir(parents=True, exist_ok=True)
+        order = {"labels": list(dict.fromkeys(r.label for r in runs)),
+                 "methods": list(dict.fromkeys(r.method for r in runs))}
+        (out / "sweep.json").write_text(json.dumps(order, indent=2) + "\n", encoding="utf-8")
     threads = max(1, (os.cpu_count() or 1) // jobs)
     results: list[tuple[str, str]] = []
     failures: list[str] = []

@@ -1,0 +1,123 @@
+"""The training problem: flat parameters, gradients against plain autograd, weight decay at the worker (A13),
+BatchNorm statistics per worker, staged until a message is accepted (A14), and the training-loss window (A16)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ormo.experiment import load_config, train
+from ormo.experiment.metrics import read_metrics
+from ormo.experiment.problem import TrainProblem
+from ormo.flat import FlatModel
+from ormo.models import build_model
+
+SYNTH = ["data.name=synthetic", "data.options.train_size=128", "data.options.test_size=32",
+         "data.options.image_shape=[3, 8, 8]", "data.batch_size=8", "model.name=resnet20", "train.num_workers=3"]
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+
+
+def test_flat_model_gradient_equals_autograd_and_buffers_are_views():
+    net, ref = _bn_net(), _bn_net()
+    flat = FlatModel(net)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+    for _ in range(2):  # twice: the flat gradient is zeroed and refilled in place
+        flat.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        flat.check_bound()
+    ref.zero_grad()
+    F.cross_entropy(ref(x), y).backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
+    assert torch.allclose(flat.grad, expected, atol=1e-6)
+    assert flat.int_buffers.tolist() == [2]  # num_batches_tracked lives in the flat integer buffer
+    assert torch.equal(flat.buffers[:4], net[1].running_mean)
+
+
+def test_replacing_gradients_is_caught_instead_of_silently_training_on_zero():
+    net = _bn_net()
+    flat = FlatModel(net)
+    net.zero_grad()  # torch's default sets every .grad to None
+    F.cross_entropy(net(torch.randn(2, 3, 8, 8)), torch.tensor([0, 1])).backward()
+    with pytest.raises(RuntimeError, match="gradients no longer reach the flat buffer"):
+        flat.check_bound()
+
+
+def test_gradient_has_weight_decay_added_at_the_worker_point():
+    cfg = load_config(None, [*SYNTH, "train.weight_decay=0.01"])
+    problem = TrainProblem(cfg)
+    params = problem.params0 + 0.01
+    g = problem.grad_fn(params, 1, 4, 0)
+    problem.commit_message()
+    model = build_model("resnet20", num_classes=10, in_channels=3, image_size=8, seed=0)
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(params, model.parameters())
+    model.train()
+    x, y = problem.batch(1, 4, 0)
+    F.cross_entropy(model(x), y).backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in model.parameters()]) + 0.01 * params
+    assert torch.allclose(g, expected, atol=1e-5)
+
+
+def test_batchnorm_statistics_are_per_worker_and_committed_only_when_accepted():
+    problem = TrainProblem(load_config(None, SYNTH))
+    initial = problem.server_buffers.clone()
+    problem.grad_fn(problem.params0, 0, 0, 0)
+    assert torch.equal(problem.worker_buffers[0], initial)  # staged, not yet committed
+    problem.commit_message()
+    w0 = problem.worker_buffers[0].clone()
+    assert not torch.equal(w0, initial) and torch.equal(problem.server_buffers, w0)  # the server keeps the latest
+    assert torch.equal(problem.worker_buffers[1], initial)  # other workers untouched
+    assert problem.worker_int_buffers[0].sum() > 0 and problem.worker_int_buffers[1].sum() == 0
+    problem.grad_fn(problem.params0, 1, 0, 0)
+    problem.discard_message()  # rejected: nothing kept
+    assert torch.equal(problem.worker_buffers[1], initial) and torch.equal(problem.server_buffers, w0)
+    # a local message of two steps continues the worker's statistics from step to step
+    problem.grad_fn(problem.params0, 0, 3, 0)
+    problem.grad_fn(problem.params0, 0, 3, 1)
+    problem.commit_message()
+    assert int(problem.worker_int_buffers[0][0]) == 3  # 1 + 2 training-mode forward passes
+
+
+def test_diverged_batchnorm_statistics_poison_the_gradient_not_the_server():
+    problem = TrainProblem(load_config(None, SYNTH))
+    before = problem.server_buffers.clone()
+    g = problem.grad_fn(problem.params0 * 1e30, 2, 0, 0)  # activations overflow the running variance
+    assert not torch.isfinite(g).all()
+    problem.discard_message()
+    assert torch.equal(problem.server_buffers, before)
+
+
+def test_training_loss_metric_is_the_mean_over_the_last_epoch_of_messages(tmp_path, monkeypatch):
+    losses = []
+    original = TrainProblem.commit_message
+
+    def recording(self):
+        out = original(self)
+        losses.append(out)
+        return out
+
+    monkeypatch.setattr(TrainProblem, "commit_message", recording)
+    cfg = load_config(None, [*SYNTH, "model.name=mlp", "train.epochs=2", "train.eval_every=1"])
+    train(cfg, tmp_path / "run", progress=False)
+    rows = read_metrics(tmp_path / "run")
+    window = math.ceil(128 / 8)  # messages per epoch
+    for row in rows[1:]:
+        t = row["iteration"]
+        assert row["train_loss"] == pytest.approx(float(np.mean(losses[max(0, t - window) : t])), rel=1e-12)
+
+
+def test_the_schedule_reaches_the_local_rate_of_local_methods(tmp_path):
+    cfg = load_config(None, [*SYNTH, "model.name=mlp", "method.name=orlomo", "method.local_steps=2",
+                             "train.epochs=2", "train.eval_every=0.5", "schedule.milestones=[1.0]"])
+    train(cfg, tmp_path / "run", progress=False)
+    scales = [r["lr_scale"] for r in read_metrics(tmp_path / "run")]
+    assert scales[:3] == [1.0, 1.0, 1.0] and scales[-1] == pytest.approx(0.1)
