@@ -391,9 +391,10 @@ class Worker:
             message = rule.work(payload, lambda x, step, i=index: problem.grad_fn(x, k, i, step), worker_state)
             compute_s = time.perf_counter() - t0
             sleep_s = 0.0
-            if self.clock is not None:
-                sleep_s = self.clock.duration(k, rule.local_steps) * self.time_scale
-                time.sleep(sleep_s)
+            if self.clock is not None:  # the emulated rest of the computation (measured: sleeps overshoot)
+                t1 = time.perf_counter()
+                time.sleep(self.clock.duration(k, rule.local_steps) * self.time_scale)
+                sleep_s = time.perf_counter() - t1
             out = {
                 "update": message.update.numpy(),
                 "momentum": None if message.momentum is None else message.momentum.numpy(),
