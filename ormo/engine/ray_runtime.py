@@ -42,6 +42,11 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 #: a rejected synchronous-round message is re-sent the same round; after this many rejections the run stops.
 MAX_ROUND_REJECTIONS = 3
+#: A local instance passes arrays up to this size inline in the call (Ray's default is 100 KB): measured here, a 200 KB
+#: round trip takes 1.4 ms inline and 2.8 ms through the object store, and from 1 MB the two cost the same. Larger
+#: arrays still move through the object store, zero-copy on arrival. A cluster keeps its own setting.
+INLINE_MAX_BYTES = 512 * 1024
+
 _WAIT = object()  # _apply's answer for a synchronous round that is not complete yet
 
 #: this many rejections in a row per worker, with no message applied in between, stop the run (it cannot progress)
@@ -417,7 +422,8 @@ def start_ray(address: str | None, num_cpus: int | None) -> bool:
     if address:
         ray.init(address=address, **kw)
     else:
-        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw)
+        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw,
+                 _system_config={"max_direct_call_object_size": INLINE_MAX_BYTES})
     return True
 
 
