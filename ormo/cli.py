@@ -38,6 +38,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.config is None:
             raise ConfigError("give a CONFIG file (e.g. configs/quickstart.toml) or --resume RUN_DIR")
         overrides = list(args.set)
+        if args.address and args.engine != "ray":
+            raise ConfigError("--address joins a Ray cluster: use it with --engine ray")
         if args.address:
             overrides.append(f'ray.address="{args.address}"')
         cfg = load_config(args.config, overrides)
@@ -58,6 +60,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     print(json.dumps(out))
     if not out["bit_identical"]:
         print(f"replay differs from the run: max |Δ| = {out['max_abs_diff']:.3e}", file=sys.stderr)
+        return 1
     return 0
 
 

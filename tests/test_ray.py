@@ -221,3 +221,39 @@ def test_timing_emulation_gives_the_expected_delays(tmp_path):
     counts = summary["messages_per_worker"]
     assert counts[-1] * 3 < min(counts[:-1])  # the slow worker sends far fewer messages
     assert (k - 1) * 6 * 0.5 <= summary["delay"]["max"] <= (k - 1) * 6 * 2.5
+
+
+def test_a_dead_incarnations_message_does_not_disturb_its_replacement():
+    server = _server()
+    ray.get(server.hello.remote(0, 0))
+    ray.get(server.hello.remote(1, 0))
+    ray.get(server.push.remote(0, 0, 0, _msg()))  # t = 1
+    fresh = ray.get(server.hello.remote(1, 1))  # worker 1 died and was replaced: it gets the current parameters
+    assert fresh["index"] == 1
+    ray.get(server.push.remote(0, 0, 1, _msg()))  # t = 2
+    late = ray.get(server.push.remote(1, 0, 0, _msg()))  # the dead process's message arrives after all
+    assert "stop" in late and "stale message from incarnation 0" in late["stop"]
+    applied = ray.get(server.push.remote(1, 1, 1, _msg()))  # the replacement's message is still the right one
+    assert applied["index"] == 3 and "rejected" not in applied
+    final = ray.get(server.final.remote())
+    assert final["t"] == 3 and [r[3] for r in final["redispatches"]] == ["restarted"]
+
+
+def test_a_second_message_of_one_worker_in_a_synchronous_round_is_rejected():
+    server = _server("ssgdm", k=3)
+    for w in range(3):
+        ray.get(server.hello.remote(w, 0))
+    first = server.push.remote(0, 0, 0, _msg())  # waits for the round
+    time.sleep(0.2)
+    again = ray.get(server.push.remote(0, 0, 0, _msg()))
+    assert again.get("rejected", "").startswith("worker 0 already sent its message for this round")
+    others = [server.push.remote(w, 0, 0, _msg()) for w in (1, 2)]  # a round's pushes wait for each other
+    assert [r["index"] for r in ray.get([first, *others])] == [3, 3, 3]  # completed by three different workers
+    assert ray.get(server.final.remote())["t"] == 3
+
+
+def test_a_rejected_live_worker_is_told_so_it_can_reset():
+    server = _server()
+    ray.get(server.hello.remote(0, 0))
+    reply = ray.get(server.push.remote(0, 0, 0, _msg(loss=math.nan)))
+    assert reply["rejected"].startswith("malformed or non-finite loss") and reply["index"] == 0

@@ -32,6 +32,7 @@ import numpy as np
 import ray
 import torch
 from ray.exceptions import RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..rules.base import Message, Payload, Rule, set_rate_factor
 from .events import EventLog
@@ -49,8 +50,8 @@ INLINE_MAX_BYTES = 512 * 1024
 
 _WAIT = object()  # _apply's answer for a synchronous round that is not complete yet
 
-#: this many rejections in a row per worker, with no message applied in between, stop the run (it cannot progress)
-MAX_CONSECUTIVE_REJECTIONS_PER_WORKER = 25
+#: a worker whose messages are rejected this many times in a row stops the run (it cannot contribute)
+MAX_REJECTION_STREAK = 25
 
 
 def _tensor(a: Any) -> torch.Tensor:
@@ -104,7 +105,7 @@ class ParameterServer:
         self.last_eval = 0
         self.failed: str | None = None
         self.checkpoint_due = False
-        self.consecutive_rejections = 0
+        self.rejection_streak = [0] * num_workers
         self.busy_s = 0.0  # time spent handling messages (validation, update, reply), for benchmarks
         self.work_s = 0.0  # the workers' reported compute + emulated sleep of the applied messages
         if schedule is not None:
@@ -135,21 +136,22 @@ class ParameterServer:
         self.sent[worker] = index
         self.dispatch_time[worker] = self._now()
 
-    def _reject(self, worker: int, index: Any, reason: str) -> dict[str, Any]:
-        """Log the rejection; send the worker (if it is a live, known one) fresh work."""
+    def _reject(self, worker: Any, index: Any, reason: str, *, live: bool = True) -> dict[str, Any]:
+        """Log the rejection. A live worker is sent fresh work (and told, so that it resets its own state, as the
+        replay does); an unknown worker or a dead incarnation is told to stop and changes nothing."""
         self.rejections.append({"t": self.t, "worker": worker, "index": index, "reason": reason,
                                 "time": self._now()})
-        self.consecutive_rejections += 1
-        if self.consecutive_rejections > MAX_CONSECUTIVE_REJECTIONS_PER_WORKER * self.K:
-            self.failed = (f"{self.consecutive_rejections} messages in a row were rejected at server iteration "
-                           f"{self.t} (last: {reason}); the run cannot progress")
+        if not live or self.t >= self.total:
+            return self._stop(f"rejected: {reason}")
+        self.rejection_streak[worker] += 1
+        if self.rejection_streak[worker] > MAX_REJECTION_STREAK:
+            self.failed = (f"worker {worker}'s last {self.rejection_streak[worker]} messages were all rejected "
+                           f"(last: {reason}); stopping the run")
             self.round_event.set()
             return self._stop(self.failed)
-        if not (isinstance(worker, int) and 0 <= worker < self.K) or self.t >= self.total:
-            return self._stop(f"rejected: {reason}")
         if self.scheduler == "async":
             self._redispatch(worker, self.t, f"rejected: {reason}")
-            return self._reply(self.t)
+            return {**self._reply(self.t), "rejected": reason}
         # sync: the worker redoes its message for the current round
         n = self.round_rejections[worker] = self.round_rejections.get(worker, 0) + 1
         if n > MAX_ROUND_REJECTIONS:
@@ -158,19 +160,25 @@ class ParameterServer:
             self.round_event.set()
             return self._stop(self.failed)
         self._redispatch(worker, self.round_reply["index"], f"rejected: {reason}")
-        return self.round_reply
+        return {**self.round_reply, "rejected": reason}
 
-    def _validate(self, worker: Any, incarnation: Any, index: Any, msg: Any) -> str | None:
+    def _identify(self, worker: Any, incarnation: Any) -> str | None:
+        """Who sent it: an unknown worker, or a dead incarnation of a known one, is not answered with work."""
         if not isinstance(worker, int) or isinstance(worker, bool) or not 0 <= worker < self.K:
             return f"unknown worker {worker!r} (workers are 0..{self.K - 1})"
         if incarnation != self.incarnation[worker]:
             return f"stale message from incarnation {incarnation!r} of worker {worker} (now {self.incarnation[worker]})"
+        return None
+
+    def _validate(self, worker: int, index: Any, msg: Any) -> str | None:
         if not isinstance(index, int) or isinstance(index, bool) or index < 0:
             return f"malformed index {index!r}"
         if index > self.t:
             return f"index {index} is from the future (the server is at iteration {self.t})"
         if index != self.sent[worker]:
             return f"index {index} is not the one worker {worker} was sent ({self.sent[worker]})"
+        if self.scheduler == "sync" and any(w == worker for w, _ in self.waiting):
+            return f"worker {worker} already sent its message for this round"
         if not isinstance(msg, dict):
             return f"malformed message of type {type(msg).__name__}"
         n = self.state.params.numel()
@@ -209,6 +217,7 @@ class ParameterServer:
             self._redispatch(worker, self.t, "restarted" if self.sent[worker] is not None else "joined late")
             return self._reply(self.t)
         if any(w == worker for w, _ in self.waiting):  # its message is in: it waits for the round like the others
+            self._redispatch(worker, self.round_reply["index"], "restarted")  # a new process: fresh worker state
             return await self._await_round()
         if self.sent[worker] is None and self.round_reply["index"] == 0:
             self.sent[worker] = 0
@@ -222,11 +231,14 @@ class ParameterServer:
         try:
             await asyncio.wait_for(event.wait(), timeout=self.sync_timeout_s)
         except TimeoutError:
+            if event.is_set():  # completed on the same tick
+                return self.round_reply if self.t < self.total else self._stop("done")
             missing = sorted(set(range(self.K)) - {w for w, _ in self.waiting})
             self.failed = self.failed or (
                 f"the synchronous round at index {self.round_reply['index']} did not complete within "
                 f"ray.sync_timeout_s={self.sync_timeout_s} s: no message from worker(s) {missing}"
             )
+            event.set()  # the other waiting workers stop now rather than each after its own timeout
             return self._stop(self.failed)
         if self.failed:
             return self._stop(self.failed)
@@ -244,7 +256,10 @@ class ParameterServer:
         return await self._await_round() if reply is _WAIT else reply
 
     def _apply(self, worker: int, incarnation: int, index: int, msg: dict[str, Any]) -> dict[str, Any] | object:
-        reason = self._validate(worker, incarnation, index, msg)
+        reason = self._identify(worker, incarnation)
+        if reason is not None:
+            return self._reject(worker, index, reason, live=False)
+        reason = self._validate(worker, index, msg)
         if reason is not None:
             return self._reject(worker, index, reason)
         now, t, rule, state = self._now(), self.t, self.rule, self.state
@@ -254,7 +269,7 @@ class ParameterServer:
             set_rate_factor(rule, state, self.schedule(t))
         rule.begin_iteration(state, t=t, waiting_empty=not self.waiting)
         rule.apply(state, message, t=t, worker=worker)
-        self.consecutive_rejections = 0
+        self.rejection_streak[worker] = 0
         if not all_finite(state.params):
             self.failed = (f"diverged: the server parameters became NaN/Inf at iteration t={t}, after applying the "
                            f"message of worker {worker} (index {index}, delay {t - index})")
@@ -385,12 +400,17 @@ class Worker:
     def run(self, incarnation: int) -> str:
         """Work until the server says stop; returns its reason."""
         k, rule, problem = self.k, self.rule, self.problem
+        device = problem.params0.device
+
+        def on_device(a: Any) -> Any:
+            return None if a is None else _tensor(a).to(device)
+
         worker_state = rule.init_worker(problem.params0)
         problem.reset_worker(k)
         reply = ray.get(self.server.hello.remote(k, incarnation))
         while "stop" not in reply:
             index = reply["index"]
-            payload = Payload(index=index, params=_tensor(reply["params"]), momentum=_tensor(reply["momentum"]),
+            payload = Payload(index=index, params=on_device(reply["params"]), momentum=on_device(reply["momentum"]),
                               lr_scale=reply["lr_scale"])
             t0 = time.perf_counter()
             message = rule.work(payload, lambda x, step, i=index: problem.grad_fn(x, k, i, step), worker_state)
@@ -401,21 +421,28 @@ class Worker:
                 time.sleep(self.clock.duration(k, rule.local_steps) * self.time_scale)
                 sleep_s = time.perf_counter() - t1
             out = {
-                "update": message.update.numpy(),
-                "momentum": None if message.momentum is None else message.momentum.numpy(),
+                "update": message.update.cpu().numpy(),
+                "momentum": None if message.momentum is None else message.momentum.cpu().numpy(),
                 "local_lr_scale": float(message.local_lr_scale),
-                "loss": float(problem.commit_message()),  # the worker keeps its statistics whatever the server says
-                "buffers": problem.worker_buffers[k].numpy(),
+                "loss": float(problem.message_loss()),
+                "buffers": problem.flat.buffers.cpu().numpy(),  # the message's statistics (staged)
                 "compute_s": compute_s,
                 "sleep_s": sleep_s,
             }
             reply = ray.get(self.server.push.remote(k, incarnation, index, out))
+            if "rejected" in reply:  # the message never happened: reset as the simulator's replay does
+                problem.discard_message()
+                problem.reset_worker(k)
+                worker_state = rule.init_worker(problem.params0)
+            else:
+                problem.commit_message()
         return reply["stop"]
 
 
 def start_ray(address: str | None, num_cpus: int | None) -> bool:
-    """Connect to ``address``, or start a local instance bound to loopback. Returns True if this call started it
-    (then the caller shuts it down). Ray's token authentication stays as Ray configures it (on by default)."""
+    """Connect to ``address``, or start a local instance (its node address set to 127.0.0.1; Ray still listens on
+    all interfaces, so its token authentication, on by default, is what guards it). Returns True if this call started
+    it (then the caller shuts it down)."""
     if ray.is_initialized():
         return False
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
@@ -452,8 +479,12 @@ def run_ray(
 ) -> dict[str, Any]:
     """Run to ``total`` server iterations; returns the server's final state (params, events, re-dispatches, …)."""
     started = start_ray(options.address, options.num_cpus or max(os.cpu_count() or 1, num_workers + 1))
+    actors: list[Any] = []
+    server = None
     try:
-        server = ParameterServer.options(num_cpus=0, max_restarts=0, max_task_retries=0,
+        # The server runs on the driver's node: it writes the checkpoint there.
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        server = ParameterServer.options(num_cpus=0, max_restarts=0, max_task_retries=0, scheduling_strategy=here,
                                          max_concurrency=4 * num_workers + 16).remote(
             rule, params0.detach().cpu().numpy(), num_workers=num_workers, scheduler=scheduler, total=total,
             schedule=schedule, meta=meta, eval_marks=eval_marks, checkpoint_marks=checkpoint_marks,
@@ -462,13 +493,23 @@ def run_ray(
         def new_worker(k: int) -> Any:
             # A dead worker is replaced by a fresh actor (a new process), not restarted by Ray: its constructor
             # rebuilds the problem from the factory, and nothing of the dead process is reused.
-            return Worker.options(num_cpus=1, num_gpus=options.gpus_per_worker, max_restarts=0,
-                                  max_task_retries=0).remote(
+            actor = Worker.options(num_cpus=1, num_gpus=options.gpus_per_worker, max_restarts=0,
+                                   max_task_retries=0).remote(
                 k, problem_factory, rule, server, timing=timing, seed=seed, num_workers=num_workers,
                 emulate_timing=options.emulate_timing, time_scale=options.time_scale, threads=options.worker_threads)
+            actors.append(actor)
+            return actor
 
+        actors.append(server)
         workers = [new_worker(k) for k in range(num_workers)]
-        ray.get([w.pid.remote() for w in workers])  # every worker built its problem: start together
+        try:  # every worker built its problem: start together
+            ray.get([w.pid.remote() for w in workers], timeout=options.startup_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            gpus = f" and {num_workers * options.gpus_per_worker:g} GPUs" if options.gpus_per_worker else ""
+            raise RuntimeError(
+                f"the {num_workers} workers did not start within ray.startup_timeout_s={options.startup_timeout_s} s "
+                f"(does the cluster have {num_workers} free CPUs{gpus}?)"
+            ) from None
         ray.get(server.start.remote())
         incarnation = [0] * num_workers
         runs = {w.run.remote(0): k for k, w in enumerate(workers)}
@@ -494,14 +535,23 @@ def run_ray(
                 on_progress(status["t"])
             if status["failed"]:
                 raise RuntimeError(f"the Ray run stopped: {status['failed']}")
+            if status["t"] >= total:  # done: a replacement still starting up is not waited for
+                break
         for snap in ray.get(server.status.remote())["snapshots"]:
             on_snapshot(snap)
         final = ray.get(server.final.remote())
-        for actor in [*workers, server]:
-            ray.kill(actor)
         if final["failed"]:
             raise RuntimeError(f"the Ray run stopped: {final['failed']}")
         return final
+    except Exception as e:
+        if server is not None:  # what the server had, for the failed run's logs
+            try:
+                e.partial = ray.get(server.final.remote(), timeout=30)  # type: ignore[attr-defined]
+            except Exception:  # the server itself may be gone
+                pass
+        raise
     finally:
+        for actor in actors:
+            ray.kill(actor)
         if started:
             ray.shutdown()

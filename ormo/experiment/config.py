@@ -239,6 +239,8 @@ class RayConfig:
     sync_timeout_s: float = 120.0
     #: how many times each worker process may be restarted after it dies
     max_restarts: int = 10
+    #: how long the workers may take to start (build their model and data) before the run stops with an error
+    startup_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.num_cpus is not None:
@@ -250,6 +252,7 @@ class RayConfig:
             raise invalid("ray.time_scale", self.time_scale, ">= 0")
         check_positive("ray.sync_timeout_s", self.sync_timeout_s)
         check_int_at_least("ray.max_restarts", self.max_restarts, 0)
+        check_positive("ray.startup_timeout_s", self.startup_timeout_s)
 
 
 SECTIONS: dict[str, type] = {

@@ -114,6 +114,10 @@ class TrainProblem:
         if self._staged == worker:
             self.discard_message()
 
+    def message_loss(self) -> float:
+        """The loss of the message just computed (mean over its local steps), without committing anything."""
+        return self._loss_sum / self._loss_count if self._loss_count else float("nan")
+
     def commit_message(self) -> float:
         """The engine accepted the message just computed: its worker keeps the staged BatchNorm statistics and the
         server keeps them as the latest (A14). Returns the message's loss (mean over its local steps)."""

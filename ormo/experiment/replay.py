@@ -1,12 +1,11 @@
 """``ormo replay RUN_DIR``: rerun a recorded run (a Ray run, or a simulated one) in the simulator.
 
 The simulator follows the run's event log: the same arrival order, the same parameter indices, the same
-re-dispatches (restarted workers, rejected messages), and — because minibatches are keyed by (seed, worker, index,
-step) — the same data. Each worker's message is recomputed from the parameters the simulator's server sent it.
-With the workers' torch thread count (recorded in the log), the arithmetic is the same, and the final parameters are
-bit-identical to the run's on CPU. What a replay cannot reproduce, and why it does not matter for the parameters:
-the BatchNorm statistics of a worker whose rejected message the simulator never computes (they only affect
-evaluation, never a gradient computed in training mode).
+re-dispatches (restarted workers, rejected messages, late joiners: the worker then starts again from fresh worker
+state and its model's initial BatchNorm statistics, as the Ray worker does), and, because minibatches are keyed by
+(seed, worker, index, step), the same data. Each worker's message is recomputed from the parameters the simulator's
+server sent it. With the workers' torch thread count (recorded in the log) and the same kind of CPU, the arithmetic
+is the same and the final parameters are bit-identical.
 """
 
 from __future__ import annotations

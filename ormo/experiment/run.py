@@ -153,7 +153,7 @@ def train(
                 f"run directory {str(run_dir)!r} already holds a run; continue it with "
                 f"`ormo train --resume {run_dir}` or choose another directory"
             )
-        problem, rule = TrainProblem(cfg), cfg.method.build()  # a bad model or dataset fails before any file exists
+        problem, rule = _driver_problem(cfg, engine), cfg.method.build()  # a bad model or dataset fails here, early
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
         info = {
@@ -172,7 +172,7 @@ def train(
         _write_json(run_dir / "run.json", info)
     assert cfg is not None
     if resume:
-        problem, rule = TrainProblem(cfg), cfg.method.build()
+        problem, rule = _driver_problem(cfg, engine), cfg.method.build()
     messages_per_epoch = problem.train_size / (cfg.data.batch_size * rule.local_steps)
     total = max(1, math.ceil(cfg.train.epochs * messages_per_epoch))
     if engine == "ray":
@@ -288,6 +288,15 @@ def train(
                 final=metrics.rows[-1], diverged=diverged)
     _write_json(run_dir / "run.json", info)
     return RunResult(run_dir=run_dir, params=result.params, metrics=metrics.rows, summary=summary)
+
+
+def _driver_problem(cfg: ExperimentConfig, engine: str) -> TrainProblem:
+    """On Ray the driver only evaluates, on CPU: the head node needs no GPU when the workers use one."""
+    if engine == "ray" and cfg.train.device != "cpu":
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu"))
+    return TrainProblem(cfg)
 
 
 def _finished_result(run_dir: Path, info: dict[str, Any]) -> RunResult:

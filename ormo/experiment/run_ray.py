@@ -30,6 +30,18 @@ def _schedule(schedule: ScheduleConfig, messages_per_epoch: float, t: int) -> fl
     return schedule.factor(t / messages_per_epoch)
 
 
+def _write_logs(run_dir: Path, final: dict[str, Any]) -> EventLog:
+    """The event log (with its re-dispatches) and rejections.jsonl from the server's final state."""
+    events = EventLog()
+    events.load_state_dict(final["events"])
+    events.meta["redispatches"] = final["redispatches"]
+    events.save(run_dir / "events.jsonl")
+    with open(run_dir / "rejections.jsonl", "w", encoding="utf-8") as f:
+        for r in final["rejections"]:
+            f.write(json.dumps(r, default=str) + "\n")
+    return events
+
+
 def train_on_ray(
     cfg: ExperimentConfig,
     run_dir: Path,
@@ -107,19 +119,16 @@ def train_on_ray(
     except Exception as e:
         info["status"], info["error"] = "failed", f"{type(e).__name__}: {e}"
         _write_json(run_dir / "run.json", info)
+        partial = getattr(e, "partial", None)
+        if partial is not None:  # the logs of a failed run are the ones most worth reading (and replaying)
+            _write_logs(run_dir, partial)
         raise
     finally:
         if bar is not None:
             bar.close()
         metrics.close()
 
-    events = EventLog()
-    events.load_state_dict(final["events"])
-    events.meta["redispatches"] = final["redispatches"]
-    events.save(run_dir / "events.jsonl")
-    with open(run_dir / "rejections.jsonl", "w", encoding="utf-8") as f:
-        for r in final["rejections"]:
-            f.write(json.dumps(r, default=str) + "\n")
+    events = _write_logs(run_dir, final)
     params = final["params"]
     torch.save({"params": params, "bn_buffers": torch.tensor(np.array(final["buffers"]))}, run_dir / "final.pt")
     k = cfg.train.num_workers
