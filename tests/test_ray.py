@@ -142,6 +142,10 @@ def test_resume_after_the_whole_run_is_killed(tmp_path, ray_instance):
     assert info["status"] == "finished" and res.final["epoch"] >= 4 - 1e-9
     iterations = [r["iteration"] for r in read_metrics(run_dir)]
     assert iterations == sorted(set(iterations))  # no row from the lost timeline survives
+    # it continued from the checkpoint (not from scratch): every worker was re-dispatched there, at some t > 0
+    meta = json.loads((run_dir / "events.jsonl").read_text().splitlines()[0])["meta"]
+    restarts = [r for r in meta["redispatches"] if r[3] == "restarted"]
+    assert len(restarts) == 3 and len({r[0] for r in restarts}) == 1 and restarts[0][0] > 0
     assert replay(run_dir)["bit_identical"]
 
 
