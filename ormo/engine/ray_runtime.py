@@ -480,6 +480,7 @@ def run_ray(
     """Run to ``total`` server iterations; returns the server's final state (params, events, re-dispatches, …)."""
     started = start_ray(options.address, options.num_cpus or max(os.cpu_count() or 1, num_workers + 1))
     actors: list[Any] = []
+    runs: dict[Any, int] = {}  # each worker's running loop -> its id
     server = None
     try:
         # The server runs on the driver's node: it writes the checkpoint there.
@@ -512,7 +513,7 @@ def run_ray(
             ) from None
         ray.get(server.start.remote())
         incarnation = [0] * num_workers
-        runs = {w.run.remote(0): k for k, w in enumerate(workers)}
+        runs.update({w.run.remote(0): k for k, w in enumerate(workers)})
         if kill_hook is not None:
             kill_hook(workers)
         while runs:
@@ -551,7 +552,15 @@ def run_ray(
                 pass
         raise
     finally:
+        pending = list(runs)
+        if pending:  # workers still finishing (or a replacement starting): collect what they say, quietly
+            ray.wait(pending, num_returns=len(pending), timeout=10)
         for actor in actors:
             ray.kill(actor)
+        for ref in pending:  # read every result so that Ray does not report it as an unhandled error
+            try:
+                ray.get(ref, timeout=10)
+            except Exception:  # noqa: S110 - a killed worker's call fails, as it should
+                pass
         if started:
             ray.shutdown()
