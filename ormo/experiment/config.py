@@ -282,10 +282,6 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **overrides: str) -> ExperimentConfig:
-        """A copy with ``{"section.key": toml_value_text}`` overrides applied."""
-        return from_dict(apply_overrides(self.to_dict(), [f"{k}={v}" for k, v in overrides.items()]))
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # reading, type checking, overrides

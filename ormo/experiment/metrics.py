@@ -26,6 +26,34 @@ METRIC_FIELDS: tuple[str, ...] = (
 )
 
 
+def metrics_row(
+    t: int,
+    *,
+    messages_per_epoch: float,
+    local_steps: int,
+    sim_time_s: float,
+    train_loss: float,
+    test_loss: float,
+    test_acc: float,
+    delay_mean: float,
+    delay_max: int | None,
+    lr_scale: float,
+) -> dict[str, Any]:
+    """One evaluation row (the fields of :data:`METRIC_FIELDS`) after ``t`` server iterations."""
+    return {
+        "epoch": t / messages_per_epoch,
+        "iteration": t,
+        "gradients": t * local_steps,
+        "sim_time_s": sim_time_s,
+        "train_loss": train_loss,
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "delay_mean": delay_mean,
+        "delay_max": delay_max,
+        "lr_scale": lr_scale,
+    }
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")

@@ -36,7 +36,7 @@ import torch
 from ..engine import NonFiniteError, Simulator
 from ..rules.base import ConfigError
 from .config import ExperimentConfig, load_config, to_toml
-from .metrics import MetricsWriter
+from .metrics import MetricsWriter, metrics_row
 from .problem import TrainProblem
 
 CHECKPOINT = "checkpoint.pt"
@@ -195,18 +195,13 @@ def train(
         test_loss, test_acc = problem.evaluate(sim.state.params)
         delays = sim.events.column("delay")[last_eval:t]
         filled = losses[~np.isnan(losses)]
-        return {
-            "epoch": t / messages_per_epoch,
-            "iteration": t,
-            "gradients": t * rule.local_steps,
-            "sim_time_s": sim.now,
-            "train_loss": float(filled.mean()) if filled.size else math.nan,
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-            "delay_mean": float(delays.mean()) if delays.size else math.nan,
-            "delay_max": int(delays.max()) if delays.size else None,
-            "lr_scale": cfg.schedule.factor(max(t - 1, 0) / messages_per_epoch),
-        }
+        return metrics_row(
+            t, messages_per_epoch=messages_per_epoch, local_steps=rule.local_steps, sim_time_s=sim.now,
+            train_loss=float(filled.mean()) if filled.size else math.nan, test_loss=test_loss, test_acc=test_acc,
+            delay_mean=float(delays.mean()) if delays.size else math.nan,
+            delay_max=int(delays.max()) if delays.size else None,
+            lr_scale=cfg.schedule.factor(max(t - 1, 0) / messages_per_epoch),
+        )
 
     def save_checkpoint() -> None:
         ckpt = {
