@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .rules import make_rule, rule_names
@@ -65,31 +67,70 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .experiment.sweep import plan_sweep, run_sweep
+    from .experiment.config import apply_overrides, from_dict, read_config_file
+    from .experiment.sweep import SweepFailed, SweepStopped, describe_plan, plan_sweep, run_sweep, sweep_root
 
     runs = plan_sweep(args.config, out=args.out, overrides=args.set, methods=_csv(args.methods),
                       seeds=_csv(args.seeds, int), settings=_csv(args.settings), grid=args.grid)
+    if getattr(args, "dry_run", False) or getattr(args, "print_config", False):
+        data = read_config_file(args.config)
+        data.pop("sweep", None)
+        base = from_dict(apply_overrides(data, args.set))
+        print(describe_plan(runs, base, full=getattr(args, "print_config", False)), end="")
+        return 0
     print(f"{len(runs)} runs into {args.out} ({args.jobs} at a time)", file=sys.stderr)
-    run_sweep(runs, jobs=args.jobs, progress=not args.quiet)
+    failed: SweepFailed | None = None
+    try:
+        run_sweep(runs, jobs=args.jobs, progress=not args.quiet)
+    except SweepFailed as e:  # the finished runs still make a table; the failures are listed after it
+        failed = e
+    except SweepStopped as e:
+        print(f"ormo sweep: {e}", file=sys.stderr)
+        return 128 + e.signum  # 130 for Ctrl-C, 143 for SIGTERM
     if not args.no_report:
-        labels = list(dict.fromkeys(r.label for r in runs))  # the config's order of settings
-        _report([args.out], Path(args.out), table=True, plot=True, labels=labels, metrics=_csv(args.metrics))
+        root = sweep_root(runs)
+        finished = [r for r in runs if (r.run_dir / "run.json").is_file()]
+        if finished:
+            _report([str(root)], root, table=True, plot=True, metrics=_csv(args.metrics))
+    if failed is not None:
+        print(f"ormo sweep: error: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 
-def _report(paths: list[str], out: Path, *, table: bool, plot: bool, labels: list[str] | None = None,
+def _sweep_order(paths: list[str]) -> tuple[list[str] | None, list[str] | None]:
+    """The settings and methods order recorded in a sweep folder's sweep.json (None where there is none)."""
+    for p in paths:
+        order = Path(p) / "sweep.json"
+        if order.is_file():
+            try:
+                data = json.loads(order.read_text(encoding="utf-8"))
+                return list(data.get("labels", [])), list(data.get("methods", []))
+            except (ValueError, AttributeError, TypeError):
+                print(f"ormo: warning: {order} is not readable JSON; settings follow the folders' order",
+                      file=sys.stderr)
+    return None, None
+
+
+def _default_out(paths: list[str]) -> Path:
+    """Next to the runs: the folder holding all of them (a single run directory's parent)."""
+    dirs = [Path(p).resolve() for p in paths]
+    dirs = [d.parent if d.is_file() else d for d in dirs]
+    common = Path(os.path.commonpath([str(d) for d in dirs]))
+    return common.parent if (common / "run.json").is_file() else common
+
+
+def _report(paths: list[str], out: Path | None, *, table: bool, plot: bool, labels: list[str] | None = None,
             metrics: list[str] | None = None) -> None:
     from .report import load_runs, plot_runs, write_table
 
     records = load_runs(paths)
-    if labels is None:  # a sweep folder records the order of its settings
-        for p in paths:
-            order = Path(p) / "sweep.json"
-            if order.is_file():
-                labels = json.loads(order.read_text())["labels"]
-                present = {r.label for r in records}
-                labels = [x for x in labels if x in present] or None
-                break
+    if labels is None:  # a sweep folder records the order of its settings; runs it does not list come after
+        recorded, _ = _sweep_order(paths)
+        if recorded is not None:
+            present = list(dict.fromkeys(r.label for r in records))
+            labels = [x for x in recorded if x in present] + [x for x in present if x not in recorded]
+    out = _default_out(paths) if out is None else out
     out.mkdir(parents=True, exist_ok=True)
     if table:
         print(write_table(records, out, labels=labels, metrics=tuple(metrics or ("train_loss", "test_acc"))))
@@ -109,6 +150,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(config=str(config), out=args.out, set=[], methods=None, seeds=None, settings=None,
                             grid=None, jobs=args.jobs, quiet=False, no_report=False, metrics=None)
     return _cmd_sweep(ns)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Warnings as one line for people (no source line, no module path): ``ormo: warning: ...``."""
+    print(f"ormo: warning: {message}", file=sys.stderr if file is None else file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,14 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_replay)
 
     p = sub.add_parser("sweep", help="methods x settings x seeds in parallel processes (resumable)")
-    p.add_argument("config", nargs="?", help="a TOML config, usually with a [sweep] section")
+    p.add_argument("config", help="a TOML config, usually with a [sweep] section (or preset:NAME)")
     p.add_argument("--out", required=True, help="folder for the runs, the table and the plots")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override, repeatable")
     p.add_argument("--methods", help="comma-separated rule names (default: the config's [sweep] methods)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the config's [sweep] seeds)")
     p.add_argument("--settings", help="comma-separated setting labels to run (default: all)")
     p.add_argument("--grid", action="append", metavar="SECTION.KEY=V1,V2",
-                   help="ad-hoc settings, one per value (replaces the config's settings); repeatable")
+                   help="a grid axis: every value in every setting; several flags form a product; repeatable")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (each run's folder, state and config difference from the base) and exit")
+    p.add_argument("--print-config", action="store_true", help="print every planned run's full config and exit")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-report", action="store_true", help="do not write the table and plots at the end")
@@ -150,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, helptext in (("table", "mean ± std tables of finished runs"), ("plot", "PNG curves of runs")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("runs", nargs="+", help="run directories, or folders searched for them")
-        p.add_argument("--out", type=Path, default=Path("."), help="where to write the files (default .)")
+        p.add_argument("--out", type=Path, help="where to write the files (default: the folder holding the runs)")
         p.add_argument("--labels", help="comma-separated settings to show, in this order (default: all)")
         if name == "table":
             p.add_argument("--metrics", help="default train_loss,test_acc; also test_loss, delay_mean, delay_max")
@@ -168,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_demo)
 
     args = parser.parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except ConfigError as e:  # bad input: the message names the field and the constraint

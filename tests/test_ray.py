@@ -125,7 +125,7 @@ def test_resume_after_the_whole_run_is_killed(tmp_path, ray_instance):
     run_dir = tmp_path / "run"
     overrides = [*BASE, "method.name=ormo", "train.num_workers=3", "train.epochs=4", "ray.time_scale=0.01"]
     cfg_file = tmp_path / "c.toml"
-    cfg_file.write_text("")
+    cfg_file.write_text('name = "t"\n')
     cmd = [sys.executable, "-m", "ormo", "train", str(cfg_file), "--engine", "ray", "--address", ray_instance,
            "--run-dir", str(run_dir), "--quiet", *sum((["--set", o] for o in overrides), [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

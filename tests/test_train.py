@@ -79,7 +79,7 @@ def test_resume_after_a_kill_at_a_random_point_is_bit_identical(tmp_path, method
     for o in overrides:
         cmd += ["--set", o]
     config_file = tmp_path / "empty.toml"
-    config_file.write_text("")
+    config_file.write_text('name = "t"\n')
     proc = subprocess.Popen([*cmd, str(config_file)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (run_dir / "checkpoint.pt").exists():
@@ -156,7 +156,7 @@ def test_sweep_plan_errors(tmp_path):
 def test_cli_train_and_errors(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     cfg_file = tmp_path / "c.toml"
-    cfg_file.write_text("")
+    cfg_file.write_text('name = "t"\n')
     out = subprocess.run([sys.executable, "-m", "ormo", "train", str(cfg_file), "--run-dir", str(tmp_path / "r"),
                           "--quiet", *sum((["--set", o] for o in [*SMALL, "train.epochs=0.25"]), [])],
                          capture_output=True, text=True, env=env, timeout=300)
@@ -206,7 +206,7 @@ def test_ctrl_c_checkpoints_at_an_iteration_boundary_and_resume_is_bit_identical
     reference = train(load_config(None, overrides), tmp_path / "reference", progress=False)
     run_dir = tmp_path / "interrupted"
     config_file = tmp_path / "empty.toml"
-    config_file.write_text("")
+    config_file.write_text('name = "t"\n')
     cmd = [sys.executable, "-m", "ormo", "train", str(config_file), "--run-dir", str(run_dir), "--quiet",
            *sum((["--set", o] for o in overrides), [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

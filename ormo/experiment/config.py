@@ -9,6 +9,7 @@ as a string. Unknown sections or keys and wrong types are errors naming the key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -47,9 +48,13 @@ class MethodConfig:
     local_steps: int | None = None
     #: the rule's own switches, e.g. {delay_rule = "inverse", group_decay = "beta"}; checked strictly
     options: dict[str, Any] = field(default_factory=dict)
+    #: the method's name in tables, plots and sweep folders, e.g. "ormo-da-drop" for a variant; default: ``name``
+    label: str | None = None
 
     def __post_init__(self) -> None:
         rule_class(self.name)  # unknown names list the valid ones
+        if self.label is not None and not self.label.strip():
+            raise invalid("method.label", self.label, "a non-empty name")
         self.build()  # validates every value
 
     def build(self) -> Rule:
@@ -361,9 +366,11 @@ def from_dict(data: dict[str, Any]) -> ExperimentConfig:
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
+    """A new nested dict: ``base`` with ``top`` merged in, tables recursively. Neither argument is modified, and the
+    result shares no table or list with them (an override on the result never reaches a config it came from)."""
+    out = copy.deepcopy(base)
     for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 
@@ -395,8 +402,9 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides to a TOML-shaped dictionary."""
-    data = _merge({}, data)
+    """A new TOML-shaped dictionary: ``data`` with the ``section.key=value`` overrides applied in order. ``data`` is
+    not modified and shares nothing with the result."""
+    data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. method.lr=0.05)")
@@ -412,16 +420,29 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"unknown key {keys[0]}.{keys[1]}; [{keys[0]}] accepts: {', '.join(names)}")
         if len(keys) > 2 and keys[1] != "options":
             raise ConfigError(f"override {item!r}: {keys[0]}.{keys[1]} is a value, it has no key {keys[2]!r}")
-        node = data.setdefault(keys[0], {})
-        for k in keys[1:-1]:
+        node = data
+        for depth, k in enumerate(keys[:-1]):
             node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(keys[:depth + 1])} is {node!r} in the config, "
+                                  f"not a table")
         node[keys[-1]] = parse_value(text)
     return data
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """``read_toml``, refusing a file that sets nothing (an empty or comment-only file would silently train the
+    defaults: a ResNet20 on the digits)."""
+    data = read_toml(path)
+    if not any(k not in ("extends",) for k in data):
+        raise ConfigError(f"config file {str(path)!r} is empty: it sets nothing, so the run would be all defaults; "
+                          f"give at least a [method] or [model] section, or start from a preset (`ormo presets`)")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read ``path`` (or start from the defaults), apply overrides, validate."""
-    data = read_toml(path) if path is not None else {}
+    """Read ``path`` (or start from the defaults), apply overrides, validate. A file that sets nothing is an error."""
+    data = read_config_file(path) if path is not None else {}
     return from_dict(apply_overrides(data, overrides or []))
 
 

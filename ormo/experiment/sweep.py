@@ -1,44 +1,62 @@
-"""Sweeps: methods × settings × seeds, in parallel processes, resumable.
+"""Sweeps: the Cartesian product settings × grid axes × methods × seeds, run in child processes, resumable.
 
 A config file may carry a ``[sweep]`` section (ignored by ``ormo train``)::
 
     [sweep]
     methods = ["ormo", {name = "orlomo", label = "orlomo-H", set = {"method.options.group_decay" = "beta_pow_H"}}]
     seeds = [0, 1, 2]
+    grid = {"method.lr" = [0.01, 0.03]}        # optional: every value of every axis, in every setting
 
     [[sweep.settings]]
     label = "K=16 hom."
     set = {"train.num_workers" = 16, "timing.model" = "homogeneous"}
 
-A method given as a table may carry a ``label`` (its name in the run directory and the table; needed to run two
-variants of one rule). Overrides from the command line (``--set``) apply after the settings' and the methods'.
-Each run goes to ``OUT/<setting>/<method label>/seed<k>``; ``OUT/sweep.json`` records the order of the settings and
-methods for ``ormo table``. Running the sweep again skips finished runs and resumes the others from their last
-checkpoint; a run directory that holds another configuration is an error (choose another ``--out``).
+Every planned run is a complete, independent config: the base file, then its setting's overrides, its method's, its
+grid values', the command line's ``--set`` and finally its seed and labels, each applied to a fresh copy (nothing
+one run sets can reach another). A method given as a table may carry a ``label``: its row in tables and plots and
+its folder (variants of one rule need distinct labels). Each run goes to ``OUT/<setting>/<method label>/seed<k>``;
+labels whose folder names would collide are an error at planning time. ``OUT/sweep.json`` accumulates the order of
+the settings and methods ever run into ``OUT`` (a rerun with a subset of settings keeps the others).
+
+Running the sweep again skips finished runs and resumes the others from their last checkpoint; a run directory that
+holds another configuration is an error. Each run is an ``ormo train`` child process in its own process group: a
+Ctrl-C (SIGINT) or SIGTERM to the sweep stops queueing at once and is passed to the running children exactly once,
+which checkpoint at their next iteration boundary and exit; the children also get SIGTERM if the sweep process dies
+(Linux), so none outlives it.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import collections
+import ctypes
 import json
-import multiprocessing
 import os
 import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..rules.base import ConfigError
-from .config import ExperimentConfig, _toml_value, apply_overrides, from_dict, read_toml
+from .config import ExperimentConfig, _toml_value, apply_overrides, from_dict, read_config_file, to_toml
 
 
 @dataclass(frozen=True)
 class SweepRun:
+    """One planned run: its method label (row and folder), setting label (column), seed and directory."""
+
     method: str
     label: str
     seed: int
     run_dir: Path
     config: ExperimentConfig = field(compare=False)
+    #: the overrides that make this run's config from the base file, in the order applied
+    overrides: tuple[str, ...] = field(compare=False, default=())
 
 
 def slug(text: str) -> str:
@@ -51,6 +69,61 @@ def _as_override(key: str, value: Any) -> str:
     return f"{key}={_toml_value(value)}"
 
 
+def _table_overrides(where: str, table: Any) -> list[str]:
+    if table is None:
+        return []
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: set must be a table of overrides like {{\"method.lr\" = 0.05}}, got {table!r}")
+    return [_as_override(k, v) for k, v in table.items()]
+
+
+def _check_slugs(kind: str, labels: list[str]) -> None:
+    """Distinct labels must give distinct folders (``"K=4 het."`` and ``"K4 het"`` both give ``K4-het``)."""
+    seen: dict[str, str] = {}
+    for label in labels:
+        if label in seen.values():
+            raise ConfigError(f"sweep {kind} label {label!r} is given twice; give each its own label")
+        other = seen.get(slug(label))
+        if other is not None:
+            raise ConfigError(f"sweep {kind} labels {other!r} and {label!r} would share the folder {slug(label)!r}; "
+                              f"make them differ in letters or digits")
+        seen[slug(label)] = label
+
+
+def _grid_axes(spec_grid: Any, cli_grid: list[str] | None) -> dict[str, list[str]]:
+    """Grid axes as key → list of TOML value texts: ``[sweep.grid]`` first, then ``--grid`` flags (a flag for a key
+    the config already sweeps replaces that axis)."""
+    axes: dict[str, list[str]] = {}
+    if spec_grid is not None:
+        if not isinstance(spec_grid, dict):
+            raise ConfigError(f"sweep.grid must be a table like {{\"method.lr\" = [0.01, 0.03]}}, got {spec_grid!r}")
+        for key, values in spec_grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"sweep.grid.{key}: expected a non-empty list of values, got {values!r}")
+            axes[key] = [_toml_value(v) for v in values]
+    for item in cli_grid or []:
+        key, sep, values = item.partition("=")
+        texts = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key.strip() or not texts:
+            raise ConfigError(f"--grid {item!r} must look like section.key=v1,v2 (e.g. method.lr=0.01,0.03)")
+        axes[key.strip()] = texts
+    for key, texts in axes.items():
+        if len(set(texts)) != len(texts):
+            raise ConfigError(f"grid axis {key} lists a value twice: {', '.join(texts)}")
+    return axes
+
+
+def _grid_points(axes: dict[str, list[str]]) -> list[tuple[str, list[str]]]:
+    """(label part, overrides) for every point of the product of the axes; one empty point without axes."""
+    short = {key: key.split(".")[-1] for key in axes}
+    names = {key: short[key] if list(short.values()).count(short[key]) == 1 else key for key in axes}
+    points: list[tuple[str, list[str]]] = [("", [])]
+    for key, texts in axes.items():
+        points = [(f"{label} {names[key]}={text}".strip(), [*over, f"{key}={text}"])
+                  for label, over in points for text in texts]
+    return points
+
+
 def plan_sweep(
     path: str | Path | None,
     *,
@@ -61,144 +134,352 @@ def plan_sweep(
     settings: list[str] | None = None,
     grid: list[str] | None = None,
 ) -> list[SweepRun]:
-    """Expand a config (and its ``[sweep]`` section, or the command-line choices) into the list of runs."""
-    data = read_toml(path) if path is not None else {}
+    """Expand a config (its ``[sweep]`` section, or the command-line choices) into the list of planned runs."""
+    if path is None:
+        raise ConfigError("a sweep needs a CONFIG file with the base settings (e.g. configs/quickstart.toml, or a "
+                          "preset: `ormo presets` lists them)")
+    data = read_config_file(path)
     spec = data.pop("sweep", {}) or {}
     if not isinstance(spec, dict):
         raise ConfigError("[sweep] must be a table")
-    unknown = set(spec) - {"methods", "seeds", "settings"}
+    unknown = set(spec) - {"methods", "seeds", "settings", "grid"}
     if unknown:
-        raise ConfigError(f"unknown key sweep.{sorted(unknown)[0]}; [sweep] accepts: methods, seeds, settings")
+        raise ConfigError(f"unknown key sweep.{sorted(unknown)[0]}; [sweep] accepts: methods, seeds, settings, grid")
     base = data
     cli = list(overrides or [])
+    base_cfg = from_dict(apply_overrides(base, cli))  # the base must be valid on its own: errors name it first
 
     method_specs: list[tuple[str, list[str]]] = []
-    default_method = apply_overrides(data, cli).get("method", {}).get("name", "ormo")
-    for m in methods if methods is not None else spec.get("methods", [default_method]):
+    method_list = methods if methods is not None else spec.get("methods", [base_cfg.method.name])
+    if not isinstance(method_list, list) or not method_list:
+        raise ConfigError(f"sweep.methods must be a non-empty list of rule names or tables, got {method_list!r}")
+    for m in method_list:
         if isinstance(m, str):
-            method_specs.append((m, [f"method.name={_toml_value(m)}"]))
+            name, label, extra = m, m, []
         elif isinstance(m, dict) and isinstance(m.get("name"), str):
             unknown_keys = set(m) - {"name", "label", "set"}
             if unknown_keys:
                 raise ConfigError(f"sweep.methods entry {m!r}: unknown key {sorted(unknown_keys)[0]!r} "
                                   f"(accepted: name, label, set)")
-            extra = [_as_override(k, v) for k, v in (m.get("set") or {}).items()]
-            method_specs.append((str(m.get("label", m["name"])), [f"method.name={_toml_value(m['name'])}", *extra]))
+            name, label = m["name"], m.get("label", m["name"])
+            if not isinstance(label, str) or not label.strip():
+                raise ConfigError(f"sweep.methods entry {m!r}: label must be a non-empty string")
+            extra = _table_overrides(f"sweep.methods entry {label!r}", m.get("set"))
         else:
             raise ConfigError(f"sweep.methods entries must be names or {{name = ..., label = ..., set = {{...}}}}, "
                               f"got {m!r}")
+        method_specs.append((label, [f"method.name={_toml_value(name)}", *extra,
+                                     f"method.label={_toml_value(label)}"]))
     labels_seen = [label for label, _ in method_specs]
     duplicate = next((x for x in labels_seen if labels_seen.count(x) > 1), None)
     if duplicate is not None:
         raise ConfigError(f"sweep.methods lists {duplicate!r} twice; give each variant its own label "
                           f"({{name = \"{duplicate}\", label = \"...\", set = {{...}}}})")
+    _check_slugs("method", labels_seen)
 
     setting_specs: list[tuple[str, list[str]]] = []
-    if grid:
-        for item in grid:  # key=v1,v2 → one setting per value
-            if "=" not in item:
-                raise ConfigError(f"--grid {item!r} must look like section.key=v1,v2")
-            key, values = item.split("=", 1)
-            setting_specs += [(f"{key.split('.')[-1]}={v}", [f"{key}={v}"]) for v in values.split(",")]
-    else:
-        for s in spec.get("settings", []):
-            if not isinstance(s, dict) or not isinstance(s.get("label"), str):
-                raise ConfigError(f"sweep.settings entries need a label and a set table, got {s!r}")
-            setting_specs.append((s["label"], [_as_override(k, v) for k, v in (s.get("set") or {}).items()]))
-    if not setting_specs:
-        setting_specs = [(base.get("train", {}).get("label") or "default", [])]
+    raw_settings = spec.get("settings", [])
+    if not isinstance(raw_settings, list):
+        raise ConfigError(f"sweep.settings must be a list of {{label = ..., set = {{...}}}} tables, "
+                          f"got {raw_settings!r}")
+    for s in raw_settings:
+        if not isinstance(s, dict) or not isinstance(s.get("label"), str) or not s["label"].strip():
+            raise ConfigError(f"sweep.settings entries need a label and a set table, got {s!r}")
+        extra_keys = sorted(set(s) - {"label", "set"})
+        if extra_keys:
+            raise ConfigError(f"sweep.settings entry {s['label']!r}: unknown key {extra_keys[0]!r} "
+                              f"(accepted: label, set)")
+        setting_specs.append((s["label"], _table_overrides(f"sweep.settings entry {s['label']!r}", s.get("set"))))
+    _check_slugs("setting", [label for label, _ in setting_specs])
     if settings:
         known = [label for label, _ in setting_specs]
         missing = [s for s in settings if s not in known]
         if missing:
-            raise ConfigError(f"unknown setting {missing[0]!r}; this sweep has: {', '.join(known)}")
+            raise ConfigError(f"unknown setting {missing[0]!r}; this sweep has: {', '.join(known) or 'no settings'}")
         setting_specs = [s for s in setting_specs if s[0] in settings]
+    implicit = not setting_specs
+    if implicit:
+        setting_specs = [(base_cfg.train.label or "default", [])]
 
-    seed_list = seeds if seeds is not None else spec.get("seeds", [base.get("train", {}).get("seed", 0)])
+    points = _grid_points(_grid_axes(spec.get("grid"), grid))
+    cells: list[tuple[str, list[str], list[str]]] = []  # (label, setting overrides, grid overrides)
+    for label, set_over in setting_specs:
+        for part, grid_over in points:
+            full = part if implicit and part else f"{label} {part}".strip()
+            cells.append((full, set_over, grid_over))
+    _check_slugs("setting", [label for label, _, _ in cells])
+
+    seed_list = seeds if seeds is not None else spec.get("seeds", [base_cfg.train.seed])
+    if not isinstance(seed_list, list) or not seed_list:
+        raise ConfigError(f"sweep.seeds must be a non-empty list of integers >= 0, got {seed_list!r}")
+    for seed in seed_list:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"invalid sweep seed: {seed!r} (must be an integer >= 0)")
+    if len(set(seed_list)) != len(seed_list):
+        raise ConfigError(f"sweep seeds list a seed twice: {seed_list}")
+
     out = Path(out)
     runs = []
-    for label, set_over in setting_specs:
+    for label, set_over, grid_over in cells:
         for method, m_over in method_specs:
             for seed in seed_list:
-                if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-                    raise ConfigError(f"invalid sweep seed: {seed!r} (must be an integer >= 0)")
-                d = apply_overrides(base, [*set_over, *m_over, *cli, f"train.seed={seed}",
-                                           f"train.label={_toml_value(label)}"])
-                cfg = from_dict(d)
-                runs.append(SweepRun(method, label, seed, out / slug(label) / method / f"seed{seed}", cfg))
+                own = (*set_over, *m_over, *grid_over, *cli, f"train.seed={seed}",
+                       f"train.label={_toml_value(label)}")
+                try:
+                    cfg = from_dict(apply_overrides(base, list(own)))
+                except ConfigError as e:
+                    raise ConfigError(f"setting {label!r}, method {method!r}: {e}") from None
+                runs.append(SweepRun(method, label, seed, out / slug(label) / slug(method) / f"seed{seed}", cfg,
+                                     tuple(own)))
     return runs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# showing a plan
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def config_diff(base: ExperimentConfig, cfg: ExperimentConfig) -> list[str]:
+    """``key = value (base: value)`` for every resolved value of ``cfg`` that differs from ``base``."""
+    a, b = _flatten(base.to_dict()), _flatten(cfg.to_dict())
+    lines = []
+    for key in sorted(a.keys() | b.keys()):
+        if a.get(key) != b.get(key):
+            new = "unset" if b.get(key) is None else _toml_value(b[key])
+            old = "unset" if a.get(key) is None else _toml_value(a[key])
+            lines.append(f"{key} = {new}   (base: {old})")
+    return lines
+
+
+def describe_plan(runs: list[SweepRun], base: ExperimentConfig, *, full: bool = False) -> str:
+    """The plan as text: each run's directory, what is already there, and its resolved config's difference from the
+    base config (``full``: its whole resolved config)."""
+    labels = list(dict.fromkeys(r.label for r in runs))
+    methods = list(dict.fromkeys(r.method for r in runs))
+    seeds = list(dict.fromkeys(r.seed for r in runs))
+    lines = [f"# {len(runs)} runs = {len(labels)} settings × {len(methods)} methods × {len(seeds)} seeds"]
+    for r in runs:
+        try:
+            state = check_existing(r) or "new"
+        except ConfigError:
+            state = "ANOTHER CONFIGURATION IS THERE (the sweep will refuse it)"
+        lines.append(f"{r.run_dir}   [{state}]")
+        if full:
+            lines += ["    " + x for x in to_toml(r.config).splitlines() if x]
+        else:
+            lines += ["    " + x for x in config_diff(base, r.config)]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running
 
 
 def check_existing(run: SweepRun) -> str | None:
     """None for a fresh directory; 'finished', 'resume' or 'restart' for one that holds this configuration's run;
     an error for a directory that holds another configuration."""
-    from .config import load_config, to_toml
+    from .config import load_config
     from .run import CHECKPOINT, read_run_info
 
     if not (run.run_dir / "run.json").exists():
         return None
-    stored = load_config(run.run_dir / "config.toml")
+    try:
+        stored = load_config(run.run_dir / "config.toml")
+    except ConfigError as e:
+        raise ConfigError(f"{run.run_dir} holds a run whose config.toml cannot be read ({e}); delete that "
+                          f"directory to redo it") from None
     if stored != run.config:
         theirs, ours = to_toml(stored).splitlines(), to_toml(run.config).splitlines()
         diff = [line for line in ours if line not in theirs][:3]
         raise ConfigError(f"{run.run_dir} holds a run of another configuration (this sweep has: {'; '.join(diff)}); "
                           f"use another --out, or delete that directory to redo it")
-    status = read_run_info(run.run_dir).get("status")
+    try:
+        status = read_run_info(run.run_dir).get("status")
+    except (OSError, ValueError):
+        status = None
     if status == "finished":
         return "finished"
     return "resume" if (run.run_dir / CHECKPOINT).exists() else "restart"
 
 
-def _run_one(run: SweepRun, threads: int) -> tuple[str, str]:
-    import torch
+def sweep_root(runs: list[SweepRun]) -> Path:
+    """The ``--out`` folder of a plan (``OUT/<setting>/<method>/seed<k>``)."""
+    return runs[0].run_dir.parent.parent.parent
 
-    from .run import train
 
-    torch.set_num_threads(threads)
-    state = check_existing(run)
-    if state == "finished":
-        return str(run.run_dir), "skipped (finished)"
-    if state == "restart":  # it failed before its first checkpoint: start it again
-        (run.run_dir / "run.json").unlink()
-    train(run.config, run.run_dir, resume=state == "resume", progress=False)
-    return str(run.run_dir), "resumed" if state == "resume" else "done"
+def record_plan(out: Path, runs: list[SweepRun]) -> None:
+    """Add this plan's settings and methods to ``OUT/sweep.json``, after those already recorded there (a rerun with
+    a subset of the settings must not hide the others from ``ormo table OUT``)."""
+    path = out / "sweep.json"
+    order: dict[str, list[str]] = {"labels": [], "methods": []}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            order = {k: [x for x in old.get(k, []) if isinstance(x, str)] for k in order}
+        except (ValueError, AttributeError):
+            pass  # unreadable: rebuilt from this plan (ormo table also shows every run it finds)
+    order["labels"] = list(dict.fromkeys([*order["labels"], *(r.label for r in runs)]))
+    order["methods"] = list(dict.fromkeys([*order["methods"], *(r.method for r in runs)]))
+    tmp = path.with_name(f"sweep.json.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(order, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class SweepStopped(KeyboardInterrupt):
+    """A sweep stopped by SIGINT or SIGTERM; ``signum`` is the signal, ``results`` the (run_dir, outcome) pairs."""
+
+    def __init__(self, signum: int, results: list[tuple[str, str]], not_started: int) -> None:
+        super().__init__(signum)
+        self.signum, self.results, self.not_started = signum, results, not_started
+
+    def __str__(self) -> str:
+        counts = collections.Counter(o.split(" ")[0].rstrip(":") for _, o in self.results)
+        done = counts["done"] + counts["resumed"] + counts["skipped"]
+        return (f"stopped by {signal.Signals(self.signum).name}: {done} runs finished, {counts['stopped']} stopped at "
+                f"a checkpoint, {counts['failed']} failed, {self.not_started} not started; run the same command again "
+                f"to continue")
+
+
+class SweepFailed(RuntimeError):
+    """Some runs of a sweep failed (the others ran to the end); ``results`` holds every (run_dir, outcome)."""
+
+    def __init__(self, failures: list[str], total: int, results: list[tuple[str, str]]) -> None:
+        super().__init__(f"{len(failures)} of {total} runs failed:\n" + "\n".join(failures))
+        self.results = results
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_setup() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Ask Linux to send SIGTERM to the child when the sweep process dies, even by SIGKILL (survives exec)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+class _Child:
+    def __init__(self, run: SweepRun, state: str | None, threads: int, plan_dir: Path) -> None:
+        self.run, self.state = run, state
+        if state == "restart":  # it failed before its first checkpoint: start it again
+            (run.run_dir / "run.json").unlink(missing_ok=True)
+        if state == "resume":
+            args = ["--resume", str(run.run_dir)]
+        else:
+            with tempfile.NamedTemporaryFile("w", suffix=".toml", dir=plan_dir, delete=False,
+                                             encoding="utf-8") as f:
+                f.write(to_toml(run.config))
+            config = Path(f.name)
+            args = [str(config), "--run-dir", str(run.run_dir)]
+        self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ormo", "train", *args, "--quiet"], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=self.stderr, env=env, process_group=0,
+            preexec_fn=_child_setup if sys.platform.startswith("linux") else None)
+
+    def outcome(self) -> tuple[str, list[str]]:
+        """('done' | 'resumed' | 'stopped' | 'failed: ...', the child's stderr lines)."""
+        self.stderr.seek(0)
+        lines = [x.rstrip() for x in self.stderr.read().splitlines() if x.strip()]
+        self.stderr.close()
+        rc = self.proc.returncode
+        if rc == 0:
+            return ("resumed" if self.state == "resume" else "done"), lines
+        if rc in (130, 143, -signal.SIGINT, -signal.SIGTERM):
+            return "stopped (checkpointed; rerun to continue)", lines
+        errors = [x for x in lines if "error" in x.lower()] or lines or [f"exit status {rc}"]
+        return f"failed: {errors[-1]}", lines
 
 
 def run_sweep(runs: list[SweepRun], *, jobs: int = 1, progress: bool = True) -> list[tuple[str, str]]:
-    """Run every planned run, ``jobs`` at a time in separate processes; returns (run_dir, outcome) pairs.
-    A failing run is reported and the others go on; the sweep then raises listing the failures."""
-    if jobs < 1:
-        raise ConfigError(f"invalid jobs: {jobs} (must be an integer >= 1)")
+    """Run every planned run, ``jobs`` at a time, each in an ``ormo train`` child process; returns (run_dir, outcome)
+    pairs in completion order. A failing run is reported and the others go on; the sweep then raises ``SweepFailed``.
+    SIGINT/SIGTERM stop it as the module docstring says, raising ``SweepStopped``."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"invalid jobs: {jobs!r} (must be an integer >= 1)")
     for r in runs:  # before anything starts: a directory of another configuration stops the sweep
         check_existing(r)
-    if runs:
-        out = runs[0].run_dir.parent.parent.parent
-        out.mkdir(parents=True, exist_ok=True)
-        order = {"labels": list(dict.fromkeys(r.label for r in runs)),
-                 "methods": list(dict.fromkeys(r.method for r in runs))}
-        (out / "sweep.json").write_text(json.dumps(order, indent=2) + "\n", encoding="utf-8")
+    if not runs:
+        return []
+    out = sweep_root(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    record_plan(out, runs)
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    pending = collections.deque(runs)
+    running: list[_Child] = []
     results: list[tuple[str, str]] = []
     failures: list[str] = []
+    stop: list[int] = []
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(runs), desc="sweep", unit="run", dynamic_ncols=True)
-    ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = {pool.submit(_run_one, r, threads): r for r in runs}
-        for fut in cf.as_completed(futures):
-            r = futures[fut]
-            try:
-                results.append(fut.result())
-            except Exception as e:  # keep going: one diverging or broken run must not lose the others
-                failures.append(f"{r.run_dir}: {type(e).__name__}: {e}")
-                results.append((str(r.run_dir), f"failed: {e}"))
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    say = bar.write if bar is not None else (lambda text: print(text, file=sys.stderr))
+    warned: set[str] = set()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.append(signum)  # queue nothing more; each child gets the signal once per signal to the sweep
+        for child in running:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="ormo-sweep-") as plan_dir:
+            while running or (pending and not stop):
+                while pending and not stop and len(running) < jobs:
+                    run = pending.popleft()
+                    state = check_existing(run)
+                    if state == "finished":
+                        results.append((str(run.run_dir), "skipped (finished)"))
+                        if bar is not None:
+                            bar.update(1)
+                        continue
+                    running.append(_Child(run, state, threads, Path(plan_dir)))
+                    if stop:  # a signal arrived while it was starting
+                        running[-1].proc.send_signal(stop[0])
+                time.sleep(0.05)
+                for child in [c for c in running if c.proc.poll() is not None]:
+                    running.remove(child)
+                    outcome, lines = child.outcome()
+                    results.append((str(child.run.run_dir), outcome))
+                    for line in lines:
+                        if "warning" in line and line not in warned:
+                            warned.add(line)
+                            say(f"{child.run.run_dir}: {line}")
+                    if outcome.startswith("failed"):
+                        failures.append(f"{child.run.run_dir}: {outcome[len('failed: '):]}")
+                        say(f"{child.run.run_dir}: {outcome}")
+                    if bar is not None:
+                        bar.update(1)
+    except BaseException:
+        for child in running:  # an unexpected error in the sweep itself: no child may outlive it
+            child.proc.kill()
+            child.proc.wait()
+        raise
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if bar is not None:
+            bar.close()
+    if stop:
+        raise SweepStopped(stop[0], results, len(pending))
     if failures:
-        raise RuntimeError(f"{len(failures)} of {len(runs)} runs failed:\n" + "\n".join(failures))
+        raise SweepFailed(failures, len(runs), results)
     return results

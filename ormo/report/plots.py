@@ -91,7 +91,7 @@ def _draw_setting(label: str, records: Sequence[RunRecord], path: Path, *, dpi: 
     FigureCanvasAgg(fig)  # attaches itself to fig: savefig renders with Agg whatever the user's backend is
     axes = fig.subplots(2, 2, squeeze=False)
     fig.suptitle(label)
-    methods = method_order(r.method for r in records)
+    methods = method_order((r.method for r in records), {r.method: r.rule for r in records})
     for (row, col), (y_key, y_title, x_key, x_title) in _PANELS.items():
         ax = axes[row][col]
         for index, method in enumerate(methods):

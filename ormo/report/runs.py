@@ -2,7 +2,7 @@
 
 A run directory holds ``run.json`` (name, label, method, seed, status and, once finished, ``summary`` and
 ``final``), ``config.toml`` (the resolved configuration) and ``metrics.jsonl`` (one row per evaluation, NaN written
-as null). A sweep writes many of them under one folder, e.g. ``SWEEP/<method>/<setting-slug>/seed<k>/``.
+as null). A sweep writes many of them under one folder, e.g. ``SWEEP/<setting-slug>/<method-label>/seed<k>/``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ class RunRecord:
     path: Path
     #: ``run.json`` name (the experiment's name)
     name: str
-    #: the rule's registry name, e.g. ``"ormo-da"``
+    #: the method's label: its row in tables and plots (``method.label`` of the config, e.g. ``"ormo-da-drop"`` for
+    #: a variant; the rule's registry name when the config has none)
     method: str
     #: the setting the run belongs to in tables and plots, e.g. ``"K=16 het."``
     label: str
@@ -46,6 +47,12 @@ class RunRecord:
     metrics: list[dict[str, Any]] = field(repr=False)
     #: ``run.json`` summary (only for finished runs; empty otherwise)
     summary: dict[str, Any] = field(repr=False)
+    #: the rule's registry name, e.g. ``"ormo-da"`` (default: ``method``)
+    rule: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.rule:
+            object.__setattr__(self, "rule", self.method)
 
     @property
     def finished(self) -> bool:
@@ -140,8 +147,9 @@ def read_run(run_dir: PathLike) -> RunRecord:
     run_dir = Path(run_dir)
     info = _read_json(run_dir / "run.json")
     config = _read_config(run_dir / "config.toml")
-    method = info.get("method") or config.get("method", {}).get("name")
-    if not method:
+    method_table = config.get("method", {}) if isinstance(config.get("method"), dict) else {}
+    rule = info.get("method") or method_table.get("name")
+    if not rule:
         raise ValueError(f"{str(run_dir / 'run.json')!r} has no method, and config.toml no [method] name")
     seed = info.get("seed", config.get("train", {}).get("seed"))
     if seed is None:
@@ -149,7 +157,8 @@ def read_run(run_dir: PathLike) -> RunRecord:
     return RunRecord(
         path=run_dir,
         name=str(info.get("name") or config.get("name") or run_dir.name),
-        method=str(method),
+        method=str(method_table.get("label") or rule),
+        rule=str(rule),
         label=str(info["label"]) if info.get("label") else derived_label(config),
         seed=int(seed),
         status=str(info.get("status", "unknown")),

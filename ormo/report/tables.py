@@ -11,7 +11,7 @@ import csv
 import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,15 +55,29 @@ _SUMMARY_DELAY_METRICS = {"delay_mean": "mean", "delay_max": "max", "delay_p50":
 
 
 def display_name(method: str) -> str:
-    """The papers' name of a rule (``"ormo-da"`` -> ``"OrMo-DA"``); unknown names are returned as they are."""
+    """The papers' name of a rule (``"ormo-da"`` -> ``"OrMo-DA"``); other labels (variants, unknown rules) are
+    returned as they are."""
     return METHOD_NAMES.get(method, method)
 
 
-def method_order(methods: Iterable[str]) -> list[str]:
-    """``methods`` without duplicates in the papers' row order; unknown names follow, in first-seen order."""
+def method_order(methods: Iterable[str], rules: Mapping[str, str] | None = None) -> list[str]:
+    """``methods`` (labels) without duplicates in the papers' row order of their rules (``rules``: label -> rule
+    name; a label without one is its own rule); variants of one rule follow it in first-seen order, and labels of
+    unknown rules come last, in first-seen order."""
     unique = list(dict.fromkeys(methods))
     known = list(METHOD_NAMES)
-    return sorted(unique, key=lambda m: (known.index(m), 0) if m in METHOD_NAMES else (len(known), unique.index(m)))
+    rules = rules or {}
+
+    def key(m: str) -> tuple[int, int, int]:
+        rule = rules.get(m, m)
+        rank = known.index(rule) if rule in METHOD_NAMES else len(known)
+        return rank, 0 if m == rule else 1, unique.index(m)
+
+    return sorted(unique, key=key)
+
+
+def _rules_of(records: Iterable[RunRecord]) -> dict[str, str]:
+    return {r.method: r.rule for r in records}
 
 
 def final_value(record: RunRecord, metric: str) -> float:
@@ -113,6 +127,8 @@ class Summary:
     cells: dict[tuple[str, str], dict[str, CellStats]]
     #: seeds of each (method, label), sorted
     seeds: dict[tuple[str, str], tuple[int, ...]]
+    #: the rule of each method label (a label of a variant -> its rule's registry name)
+    rules: dict[str, str] = field(default_factory=dict)
 
 
 def summarize(
@@ -140,7 +156,8 @@ def summarize(
         twin = next((o for o in group if o.seed == r.seed), None)
         if twin is not None:
             raise ValueError(f"two runs of method {r.method!r}, label {r.label!r} and seed {r.seed}: "
-                             f"{str(twin.path)!r} and {str(r.path)!r}; give them distinct labels or pass only one")
+                             f"{str(twin.path)!r} and {str(r.path)!r}; give the variants distinct method labels "
+                             f"(method.label) or pass only one")
         group.append(r)
     cells: dict[tuple[str, str], dict[str, CellStats]] = {}
     for key, group in groups.items():
@@ -153,10 +170,11 @@ def summarize(
                                                n=len(group))
     return Summary(
         metrics=tuple(metrics),
-        methods=tuple(method_order(r.method for r in records)),
+        methods=tuple(method_order((r.method for r in records), _rules_of(records))),
         labels=tuple(dict.fromkeys(r.label for r in records)),
         cells=cells,
         seeds={key: tuple(sorted(r.seed for r in group)) for key, group in groups.items()},
+        rules=_rules_of(records),
     )
 
 
@@ -202,10 +220,11 @@ def format_table(summary: Summary, *, decimals: int | Mapping[str, int] = 2) -> 
 
 
 def format_csv(summary: Summary) -> str:
-    """One line per method × setting × metric: method, name, label, metric, mean, std, n (full precision)."""
+    """One line per method × setting × metric: method (label), name, label (setting), metric, mean, std, n (full
+    precision), rule."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["method", "name", "label", "metric", "mean", "std", "n"])
+    writer.writerow(["method", "name", "label", "metric", "mean", "std", "n", "rule"])
     for method in summary.methods:
         for label in summary.labels:
             stats = summary.cells.get((method, label))
@@ -213,7 +232,8 @@ def format_csv(summary: Summary) -> str:
                 continue
             for metric in summary.metrics:
                 s = stats[metric]
-                writer.writerow([method, display_name(method), label, metric, repr(s.mean), repr(s.std), s.n])
+                writer.writerow([method, display_name(method), label, metric, repr(s.mean), repr(s.std), s.n,
+                                 summary.rules.get(method, method)])
     return buf.getvalue()
 
 

@@ -1,0 +1,356 @@
+"""Sweeps that never run the wrong experiment: isolated overrides, products of axes, unique folders, honest stops,
+reports by method label. Each test reproduces a defect an audit found (issue 7)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ormo import ConfigError
+from ormo.cli import main
+from ormo.experiment.config import _toml_value, apply_overrides, from_dict, load_config, parse_value
+from ormo.experiment.sweep import plan_sweep, run_sweep
+from ormo.report import load_runs, summarize
+
+TINY = ('name = "tiny"\n[method]\nlr = 0.02\nmomentum = 0.9\n[model]\nname = "mlp"\n'
+        '[data]\nbatch_size = 16\nsubset = 160\n[train]\nepochs = 0.5\nnum_workers = 4\neval_every = 0.25\n')
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sweep.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configs are values
+
+
+def test_apply_overrides_never_touches_its_input():
+    data = {"method": {"name": "ormo-da", "options": {"delay_rule": "inverse"}}, "schedule": {"milestones": [1.0]}}
+    before = copy.deepcopy(data)
+    out = apply_overrides(data, ["method.options.delay_rule=drop_above", "train.num_workers=8"])
+    out["schedule"]["milestones"].append(2.0)  # the result shares no list or table with the input either
+    assert data == before
+    assert out["method"]["options"]["delay_rule"] == "drop_above" and out["train"]["num_workers"] == 8
+
+
+def test_a_method_variant_does_not_leak_into_later_settings_or_methods(tmp_path):
+    """The audit's reproduction: the plain ormo-da run of K=8 ran with drop_above on the slow pool."""
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = [{name = "ormo-da", label = "ormo-da-drop", '
+                 'set = {"method.options.delay_rule" = "drop_above"}}, "ormo-da"]\n'
+                 '[[sweep.settings]]\nlabel = "het"\nset = {"timing.model" = "slow_fraction", '
+                 '"timing.fraction" = 0.25, "timing.slowdown" = 4.0}\n'
+                 '[[sweep.settings]]\nlabel = "K=8"\nset = {"train.num_workers" = 8}\n')
+    runs = {(r.label, r.method): r.config for r in plan_sweep(cfg, out=tmp_path / "out")}
+    plain_k8 = runs[("K=8", "ormo-da")]
+    assert plain_k8.method.options == {} and plain_k8.timing.model == "homogeneous"
+    assert plain_k8.train.num_workers == 8
+    assert runs[("K=8", "ormo-da-drop")].method.options == {"delay_rule": "drop_above"}
+    assert runs[("K=8", "ormo-da-drop")].timing.model == "homogeneous"
+    assert runs[("het", "ormo-da")].method.options == {} and runs[("het", "ormo-da")].train.num_workers == 4
+
+
+def test_several_grid_flags_form_a_product_and_do_not_leak(tmp_path):
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["ormo"]\n')
+    runs = plan_sweep(cfg, out=tmp_path / "out", grid=["method.lr=0.01,0.03", "train.num_workers=2,8"])
+    got = sorted((r.config.method.lr, r.config.train.num_workers, r.label) for r in runs)
+    assert got == [(0.01, 2, "lr=0.01 num_workers=2"), (0.01, 8, "lr=0.01 num_workers=8"),
+                   (0.03, 2, "lr=0.03 num_workers=2"), (0.03, 8, "lr=0.03 num_workers=8")]
+
+
+def test_grid_axes_multiply_the_settings_and_the_config_can_declare_them(tmp_path):
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["asgd", "ormo"]\nseeds = [0, 1]\n'
+                 'grid = {"method.lr" = [0.01, 0.1]}\n'
+                 '[[sweep.settings]]\nlabel = "hom"\nset = {}\n'
+                 '[[sweep.settings]]\nlabel = "het"\nset = {"timing.model" = "one_slow", "timing.ratio" = 4.0}\n')
+    runs = plan_sweep(cfg, out=tmp_path / "out")
+    assert len(runs) == 2 * 2 * 2 * 2
+    assert list(dict.fromkeys(r.label for r in runs)) == ["hom lr=0.01", "hom lr=0.1", "het lr=0.01", "het lr=0.1"]
+    # a --grid flag for the same key replaces the config's axis
+    runs = plan_sweep(cfg, out=tmp_path / "out", grid=["method.lr=0.5"])
+    assert {r.config.method.lr for r in runs} == {0.5}
+
+
+_KEYS = {
+    "method.lr": st.sampled_from([0.01, 0.02, 0.5]),
+    "method.momentum": st.sampled_from([0.0, 0.5, 0.9]),
+    "method.options.delay_rule": st.sampled_from(["inverse", "none", "drop_above"]),
+    "train.num_workers": st.integers(1, 9),
+    "train.weight_decay": st.sampled_from([0.0, 1e-4]),
+    "timing.model": st.just("homogeneous"),
+    "schedule.milestones": st.sampled_from([[], [0.5], [0.2, 0.4]]),
+    "data.batch_size": st.integers(1, 64),
+}
+_override_tables = st.dictionaries(st.sampled_from(sorted(_KEYS)), st.none(), max_size=3).flatmap(
+    lambda d: st.fixed_dictionaries({k: _KEYS[k] for k in d}))
+
+
+def _expected(base: dict, layers: list[dict]) -> dict:
+    """An independent nested merge: a fresh dict per run, built key by key."""
+    out = json.loads(json.dumps(base))
+    for layer in layers:
+        for dotted, value in layer.items():
+            node = out
+            *path, last = dotted.split(".")
+            for k in path:
+                node = node.setdefault(k, {})
+            node[last] = json.loads(json.dumps(value))
+    return out
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    settings_=st.lists(_override_tables, min_size=1, max_size=3),
+    variants=st.lists(_override_tables, min_size=1, max_size=3),
+    cli=_override_tables,
+    seeds=st.lists(st.integers(0, 5), min_size=1, max_size=2, unique=True),
+)
+def test_every_planned_run_is_base_plus_its_own_overrides_and_nothing_else(tmp_path, settings_, variants, cli, seeds):
+    base = {"name": "p", "method": {"name": "ormo-da", "lr": 0.1, "options": {"delay_threshold": 3.0}},
+            "model": {"name": "mlp"}, "train": {"epochs": 1.0, "num_workers": 4}}
+    lines = ['name = "p"', "[method]", 'name = "ormo-da"', "lr = 0.1", "[method.options]", "delay_threshold = 3.0",
+             "[model]", 'name = "mlp"', "[train]", "epochs = 1.0", "num_workers = 4", "[sweep]",
+             f"seeds = {_toml_value(seeds)}"]
+    def inline(t: dict) -> str:
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in t.items()) + "}"
+
+    methods = [f'{{name = "ormo-da", label = "v{i}", set = {inline(t)}}}' for i, t in enumerate(variants)]
+    lines.append(f"methods = [{', '.join(methods)}]")
+    for i, t in enumerate(settings_):
+        lines += ["[[sweep.settings]]", f'label = "s{i}"',
+                  f"set = {inline(t)}"]
+    path = tmp_path / "prop.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cli_args = [f"{k}={_toml_value(v)}" for k, v in cli.items()]
+    runs = plan_sweep(path, out=tmp_path / "out", overrides=cli_args)
+    assert len(runs) == len(settings_) * len(variants) * len(seeds)
+    for run in runs:
+        s, v = int(run.label[1:]), int(run.method[1:])
+        layers = [settings_[s], {"method.name": "ormo-da", **variants[v], "method.label": f"v{v}"}, cli,
+                  {"train.seed": run.seed, "train.label": run.label}]
+        assert run.config == from_dict(_expected(base, layers)), (run.label, run.method, run.seed)
+
+
+def test_labels_that_share_a_folder_are_an_error_at_planning_time(tmp_path):
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["ormo"]\n'
+                 '[[sweep.settings]]\nlabel = "K=4 het."\nset = {}\n[[sweep.settings]]\nlabel = "K4 het"\nset = {}\n')
+    with pytest.raises(ConfigError, match=r"'K=4 het\.' and 'K4 het' would share the folder 'K4-het'"):
+        plan_sweep(cfg, out=tmp_path / "out")
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = [{name = "ormo", label = "a b"}, '
+                 '{name = "asgd", label = "a/b"}]\n')
+    with pytest.raises(ConfigError, match="method labels 'a b' and 'a/b' would share the folder 'a-b'"):
+        plan_sweep(cfg, out=tmp_path / "out")
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["ormo"]\n'
+                 '[[sweep.settings]]\nlabel = "x"\nset = {}\n[[sweep.settings]]\nlabel = "x"\nset = {}\n')
+    with pytest.raises(ConfigError, match="setting label 'x' is given twice"):
+        plan_sweep(cfg, out=tmp_path / "out")
+
+
+def test_an_empty_config_and_a_sweep_without_one_are_errors(tmp_path, capsys):
+    empty = tmp_path / "empty.toml"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(ConfigError, match="is empty: it sets nothing"):
+        load_config(empty)
+    with pytest.raises(ConfigError, match="is empty"):
+        plan_sweep(empty, out=tmp_path / "out")
+    with pytest.raises(ConfigError, match="a sweep needs a CONFIG file"):
+        plan_sweep(None, out=tmp_path / "out")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "config" in capsys.readouterr().err
+
+
+def test_bad_sweep_values_name_the_key(tmp_path):
+    for text, pattern in [
+        ('[sweep]\nmethods = []\n', "sweep.methods must be a non-empty list"),
+        ('[sweep]\nseeds = [1, 1]\n', "list a seed twice"),
+        ('[sweep]\nseeds = 3\n', "sweep.seeds must be a non-empty list"),
+        ('[sweep]\ngrid = {"method.lr" = []}\n', r"sweep.grid.method.lr: expected a non-empty list"),
+        ('[sweep]\nmethods = [{name = "ormo", set = 3}]\n', "set must be a table of overrides"),
+        ('[sweep]\n[[sweep.settings]]\nlabel = "a"\nset = {"train.num_workers" = 0}\n',
+         r"setting 'a', method 'ormo': .*train.num_workers"),
+        ('[sweep]\n[[sweep.settings]]\nlabel = "a"\nsets = {}\n', "unknown key 'sets'"),
+    ]:
+        with pytest.raises(ConfigError, match=pattern):
+            plan_sweep(_write(tmp_path, TINY + text), out=tmp_path / "out")
+    with pytest.raises(ConfigError, match="--grid 'method.lr' must look like section.key=v1,v2"):
+        plan_sweep(_write(tmp_path, TINY), out=tmp_path / "out", grid=["method.lr"])
+    with pytest.raises(ConfigError, match="method.options is 3 in the config, not a table"):
+        apply_overrides({"method": {"options": 3}}, ["method.options.x=1"])
+    with pytest.raises(ConfigError, match="method is 'ormo' in the config, not a table"):
+        apply_overrides({"method": "ormo"}, ["method.lr=1"])
+
+
+def test_dry_run_prints_each_run_with_its_config_difference(tmp_path, capsys):
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["asgd", {name = "ormo", label = "ormo-fast", '
+                 'set = {"method.lr" = 0.05}}]\nseeds = [3]\n')
+    args = ["sweep", str(cfg), "--out", str(tmp_path / "out"), "--dry-run", "--grid", "train.num_workers=2,4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# 4 runs = 2 settings × 2 methods × 1 seeds")
+    block = out.split(str(tmp_path / "out" / "num-workers2" / "ormo-fast" / "seed3"))[1].split("\n" + str(tmp_path))[0]
+    assert "[new]" in block and "method.lr = 0.05   (base: 0.02)" in block
+    assert "method.name" not in block and "train.num_workers = 2   (base: 4)" in block  # the base rule is ormo
+    assert 'method.name = "asgd"   (base: "ormo")' in out
+    assert "train.seed = 3   (base: 0)" in block
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "out"), "--print-config"]) == 0
+    full = capsys.readouterr().out
+    assert full.count('name = "tiny"') == 2 and "[method]" in full
+
+
+def test_parse_value_bare_words_are_strings():
+    assert parse_value("drop_above") == "drop_above" and parse_value("[1, 2]") == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reports by method label, sweep.json across reruns
+
+
+@pytest.fixture(scope="module")
+def variant_sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("variants")
+    cfg = _write(tmp, TINY + '[sweep]\nmethods = ["ormo-da", {name = "ormo-da", label = "ormo-da-drop", '
+                 'set = {"method.options.delay_rule" = "drop_above", "method.options.delay_threshold" = 2.0}}]\n'
+                 'seeds = [0]\n'
+                 '[[sweep.settings]]\nlabel = "hom"\nset = {}\n'
+                 '[[sweep.settings]]\nlabel = "het"\nset = {"timing.model" = "one_slow", "timing.ratio" = 8.0}\n')
+    out = tmp / "out"
+    # the README's scale-down advice: one setting first, then the other
+    assert main(["sweep", str(cfg), "--out", str(out), "--settings", "het", "--quiet", "--jobs", "2"]) == 0
+    assert main(["sweep", str(cfg), "--out", str(out), "--settings", "hom", "--quiet", "--jobs", "2"]) == 0
+    return cfg, out
+
+
+def test_variants_of_one_rule_are_reported_by_label(variant_sweep, capsys):
+    _, out = variant_sweep
+    records = load_runs(out)
+    assert sorted((r.method, r.rule) for r in records) == [("ormo-da", "ormo-da"), ("ormo-da", "ormo-da"),
+                                                          ("ormo-da-drop", "ormo-da"), ("ormo-da-drop", "ormo-da")]
+    summary = summarize(records)
+    assert summary.methods == ("ormo-da", "ormo-da-drop") and summary.rules["ormo-da-drop"] == "ormo-da"
+    table = (out / "table.md").read_text()
+    assert "| OrMo-DA |" in table and "| ormo-da-drop |" in table
+
+
+def test_a_rerun_with_a_subset_of_settings_keeps_the_others(variant_sweep, capsys):
+    _, out = variant_sweep
+    assert json.loads((out / "sweep.json").read_text())["labels"] == ["het", "hom"]
+    header = (out / "table.md").read_text().splitlines()[0]
+    assert "het train loss" in header and "hom train loss" in header  # the sweep's own final table
+    capsys.readouterr()
+    assert main(["table", str(out)]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.index("het train loss") < header.index("hom train loss")
+
+
+def test_table_and_plot_write_next_to_the_runs_by_default(variant_sweep, tmp_path, monkeypatch, capsys):
+    _, out = variant_sweep
+    monkeypatch.chdir(tmp_path)
+    for name in ("table.md", "table.csv", "het.png", "hom.png"):
+        (out / name).unlink()
+    assert main(["table", str(out)]) == 0 and main(["plot", str(out)]) == 0
+    assert (out / "table.md").is_file() and (out / "het.png").is_file() and (out / "hom.png").is_file()
+    assert not list(tmp_path.iterdir())  # nothing in the current directory
+    one_run = out / "het" / "ormo-da" / "seed0"
+    assert main(["table", str(one_run)]) == 0 and (one_run.parent / "table.md").is_file()
+
+
+def test_warnings_are_one_line_without_source(variant_sweep, tmp_path, capsys):
+    _, out = variant_sweep
+    broken = tmp_path / "runs"
+    broken.mkdir()
+    shutil.copytree(out / "het", broken / "a")
+    running = broken / "b"
+    running.mkdir()
+    (running / "run.json").write_text('{"method": "ormo", "seed": 0, "status": "running"}')
+    assert main(["table", str(broken), "--out", str(tmp_path / "rep")]) == 0
+    err = capsys.readouterr().err
+    warning_lines = [x for x in err.splitlines() if "warning:" in x]
+    assert len(warning_lines) == 1 and warning_lines[0].startswith("ormo: warning: skipping 1 unfinished run")
+    assert "warnings.warn" not in err and "UserWarning" not in err
+
+
+def test_rerunning_a_finished_sweep_skips_every_run(variant_sweep):
+    cfg, out = variant_sweep
+    runs = plan_sweep(cfg, out=out)
+    assert sorted(o for _, o in run_sweep(runs, jobs=2, progress=False)) == ["skipped (finished)"] * 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stops: Ctrl-C and SIGTERM stop queueing, running runs checkpoint, no child outlives the sweep
+
+
+def _children_of_sweep(out: Path) -> list[int]:
+    """Live `ormo train` processes working in ``out`` (found by their command lines)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+                state = (entry / "stat").read_text().split(")")[-1].split()[0]
+            except OSError:
+                continue
+            if b"train" in cmd and any(str(out).encode() in c for c in cmd) and state != "Z":
+                pids.append(int(entry.name))
+    return pids
+
+
+SLOW = ('name = "slow"\n[method]\nlr = 0.02\n[model]\nname = "mlp"\n[data]\nbatch_size = 8\nsubset = 400\n'
+        '[train]\nepochs = 400\nnum_workers = 4\neval_every = 10\ncheckpoint_every = 2\n'
+        '[sweep]\nmethods = ["asgd", "ormo", "ssgdm"]\nseeds = [0, 1]\n')
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_the_sweep_and_a_rerun_continues(tmp_path, sig, code):
+    cfg = _write(tmp_path, SLOW)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "ormo", "sweep", str(cfg), "--out", str(out), "--jobs", "2",
+                             "--quiet", "--no-report"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 120
+    while len(list(out.rglob("checkpoint.pt"))) < 2:  # both running runs have checkpointed once
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == code, err
+    assert "run the same command again to continue" in err and "4 not started" in err, err
+    assert not _children_of_sweep(out)
+    started = sorted(p.parent.parent.name for p in out.rglob("run.json"))
+    assert len(started) == 2  # queued runs never started
+    for info in (json.loads(p.read_text()) for p in out.rglob("run.json")):
+        assert info["status"] == "interrupted"
+
+
+def test_a_killed_sweep_leaves_no_child_behind(tmp_path):
+    cfg = _write(tmp_path, SLOW)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "ormo", "sweep", str(cfg), "--out", str(out), "--jobs", "2",
+                             "--quiet", "--no-report"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(_children_of_sweep(out)) < 2 or not list(out.rglob("run.json")):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 30  # a run alone would take minutes
+    while _children_of_sweep(out):  # they got SIGTERM from the kernel, checkpoint and exit
+        assert time.time() < deadline, _children_of_sweep(out)
+        time.sleep(0.1)
+    statuses = [json.loads(p.read_text())["status"] for p in out.rglob("run.json")]
+    assert statuses and set(statuses) == {"interrupted"}  # each checkpointed on its way out
