@@ -25,8 +25,14 @@ from .rules import make_rule, rule_names
 from .rules.base import ConfigError
 
 
-def _csv(text: str | None, cast=str) -> list | None:
-    return None if text is None else [cast(x.strip()) for x in text.split(",") if x.strip()]
+def _csv(text: str | None, cast=str, *, flag: str = "") -> list | None:
+    if text is None:
+        return None
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        return [cast(x) for x in items]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -71,7 +77,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from .experiment.sweep import SweepFailed, SweepStopped, describe_plan, plan_sweep, run_sweep, sweep_root
 
     runs = plan_sweep(args.config, out=args.out, overrides=args.set, methods=_csv(args.methods),
-                      seeds=_csv(args.seeds, int), settings=_csv(args.settings), grid=args.grid)
+                      seeds=_csv(args.seeds, int, flag="--seeds"), settings=_csv(args.settings), grid=args.grid)
     if getattr(args, "dry_run", False) or getattr(args, "print_config", False):
         data = read_config_file(args.config)
         data.pop("sweep", None)

@@ -211,6 +211,12 @@ def test_dry_run_prints_each_run_with_its_config_difference(tmp_path, capsys):
     assert full.count('name = "tiny"') == 2 and "[method]" in full
 
 
+def test_bad_seeds_flag_is_a_clear_error(tmp_path, capsys):
+    cfg = _write(tmp_path, TINY)
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "o"), "--seeds", "0,x", "--dry-run"]) == 2
+    assert "--seeds '0,x': expected comma-separated integers" in capsys.readouterr().err
+
+
 def test_parse_value_bare_words_are_strings():
     assert parse_value("drop_above") == "drop_above" and parse_value("[1, 2]") == [1, 2]
 
@@ -293,19 +299,42 @@ def test_rerunning_a_finished_sweep_skips_every_run(variant_sweep):
 # stops: Ctrl-C and SIGTERM stop queueing, running runs checkpoint, no child outlives the sweep
 
 
-def _children_of_sweep(out: Path) -> list[int]:
-    """Live `ormo train` processes working in ``out`` (found by their command lines)."""
+def _children_of(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid``."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                cmd = (entry / "cmdline").read_bytes().split(b"\0")
-                state = (entry / "stat").read_text().split(")")[-1].split()[0]
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if b"train" in cmd and any(str(out).encode() in c for c in cmd) and state != "Z":
+            if int(fields[1]) == pid and fields[0] != "Z":
                 pids.append(int(entry.name))
     return pids
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
+@pytest.fixture
+def reap():
+    """Sweep processes a test started: killed with their children if the test fails half-way."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        for pid in _children_of(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
 
 
 SLOW = ('name = "slow"\n[method]\nlr = 0.02\n[model]\nname = "mlp"\n[data]\nbatch_size = 8\nsubset = 400\n'
@@ -314,43 +343,49 @@ SLOW = ('name = "slow"\n[method]\nlr = 0.02\n[model]\nname = "mlp"\n[data]\nbatc
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_stops_the_sweep_and_a_rerun_continues(tmp_path, sig, code):
+def test_a_signal_stops_the_sweep_and_a_rerun_continues(tmp_path, sig, code, reap):
     cfg = _write(tmp_path, SLOW)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen([sys.executable, "-m", "ormo", "sweep", str(cfg), "--out", str(out), "--jobs", "2",
                              "--quiet", "--no-report"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    reap.append(proc)
     deadline = time.time() + 120
     while len(list(out.rglob("checkpoint.pt"))) < 2:  # both running runs have checkpointed once
         assert proc.poll() is None, proc.communicate()[1].decode()
         assert time.time() < deadline
         time.sleep(0.05)
+    children = _children_of(proc.pid)
+    assert len(children) == 2
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     err = err.decode()
     assert proc.returncode == code, err
     assert "run the same command again to continue" in err and "4 not started" in err, err
-    assert not _children_of_sweep(out)
+    assert not _alive(children)
     started = sorted(p.parent.parent.name for p in out.rglob("run.json"))
     assert len(started) == 2  # queued runs never started
     for info in (json.loads(p.read_text()) for p in out.rglob("run.json")):
         assert info["status"] == "interrupted"
 
 
-def test_a_killed_sweep_leaves_no_child_behind(tmp_path):
+def test_a_killed_sweep_leaves_no_child_behind(tmp_path, reap):
     cfg = _write(tmp_path, SLOW)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "ormo", "sweep", str(cfg), "--out", str(out), "--jobs", "2",
                              "--quiet", "--no-report"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reap.append(proc)
     deadline = time.time() + 120
-    while len(_children_of_sweep(out)) < 2 or not list(out.rglob("run.json")):
+    while len(list(out.rglob("checkpoint.pt"))) < 2:
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
+    children = _children_of(proc.pid)
+    assert len(children) == 2
     proc.kill()
     proc.wait()
     deadline = time.time() + 30  # a run alone would take minutes
-    while _children_of_sweep(out):  # they got SIGTERM from the kernel, checkpoint and exit
-        assert time.time() < deadline, _children_of_sweep(out)
+    while _alive(children):  # they got SIGTERM from the kernel, checkpoint and exit
+        assert time.time() < deadline, _alive(children)
         time.sleep(0.1)
     statuses = [json.loads(p.read_text())["status"] for p in out.rglob("run.json")]
     assert statuses and set(statuses) == {"interrupted"}  # each checkpointed on its way out

@@ -19,10 +19,11 @@ labels whose folder names would collide are an error at planning time. ``OUT/swe
 the settings and methods ever run into ``OUT`` (a rerun with a subset of settings keeps the others).
 
 Running the sweep again skips finished runs and resumes the others from their last checkpoint; a run directory that
-holds another configuration is an error. Each run is an ``ormo train`` child process in its own process group: a
+holds another configuration is an error. Runs execute in child processes, each in its own process group: a
 Ctrl-C (SIGINT) or SIGTERM to the sweep stops queueing at once and is passed to the running children exactly once,
 which checkpoint at their next iteration boundary and exit; the children also get SIGTERM if the sweep process dies
-(Linux), so none outlives it.
+(Linux), so none outlives it. The children are ``jobs`` long-lived workers (``ormo.experiment.sweep_worker``) that
+run one planned run after another, so torch is imported once per worker rather than once per run.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ import collections
 import ctypes
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -371,43 +372,81 @@ def _child_setup() -> None:  # pragma: no cover - runs in the child between fork
         pass
 
 
-class _Child:
-    def __init__(self, run: SweepRun, state: str | None, threads: int, plan_dir: Path) -> None:
+class _Worker:
+    """A long-lived ``python -m ormo.experiment.sweep_worker`` child: it runs the jobs sent on its stdin one after
+    another (torch is imported once per worker, not once per run) and answers each with a JSON line. It lives in its
+    own process group, so a terminal's Ctrl-C reaches only the sweep, which passes it on exactly once."""
+
+    def __init__(self, threads: int, replies: queue.Queue) -> None:
+        self.run: SweepRun | None = None
+        self.state: str | None = None
+        self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ORMO_SWEEP_THREADS": str(threads)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ormo.experiment.sweep_worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self.stderr, env=env, text=True, encoding="utf-8", process_group=0,
+            preexec_fn=_child_setup if sys.platform.startswith("linux") else None)
+        threading.Thread(target=self._read, args=(replies,), daemon=True).start()
+
+    def _read(self, replies: queue.Queue) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            replies.put((self, line))
+        replies.put((self, None))  # the worker exited
+
+    def start(self, run: SweepRun, state: str | None, plan_dir: Path) -> None:
         self.run, self.state = run, state
         if state == "restart":  # it failed before its first checkpoint: start it again
             (run.run_dir / "run.json").unlink(missing_ok=True)
-        if state == "resume":
-            args = ["--resume", str(run.run_dir)]
-        else:
-            with tempfile.NamedTemporaryFile("w", suffix=".toml", dir=plan_dir, delete=False,
-                                             encoding="utf-8") as f:
+        config = None
+        if state != "resume":
+            with tempfile.NamedTemporaryFile("w", suffix=".toml", dir=plan_dir, delete=False, encoding="utf-8") as f:
                 f.write(to_toml(run.config))
-            config = Path(f.name)
-            args = [str(config), "--run-dir", str(run.run_dir)]
-        self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ormo", "train", *args, "--quiet"], stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=self.stderr, env=env, process_group=0,
-            preexec_fn=_child_setup if sys.platform.startswith("linux") else None)
+            config = f.name
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"config": config, "run_dir": str(run.run_dir),
+                                          "resume": state == "resume"}) + "\n")
+        self.proc.stdin.flush()
 
-    def outcome(self) -> tuple[str, list[str]]:
-        """('done' | 'resumed' | 'stopped' | 'failed: ...', the child's stderr lines)."""
+    def finish(self, line: str | None) -> tuple[str, list[str]]:
+        """The outcome of the current run from the worker's reply (None: it exited without one) and its warnings."""
+        if line is not None:
+            reply = json.loads(line)
+            self.run = None
+            return str(reply["outcome"]), [str(w) for w in reply.get("warnings", [])]
+        run, self.run = self.run, None
+        assert run is not None
+        self.proc.wait()
         self.stderr.seek(0)
         lines = [x.rstrip() for x in self.stderr.read().splitlines() if x.strip()]
-        self.stderr.close()
-        rc = self.proc.returncode
-        if rc == 0:
-            return ("resumed" if self.state == "resume" else "done"), lines
-        if rc in (130, 143, -signal.SIGINT, -signal.SIGTERM):
-            return "stopped (checkpointed; rerun to continue)", lines
-        errors = [x for x in lines if "error" in x.lower()] or lines or [f"exit status {rc}"]
-        return f"failed: {errors[-1]}", lines
+        try:  # it died without answering: the run directory says how far it got
+            status = read_run_status(run.run_dir)
+        except (OSError, ValueError):
+            status = None
+        if status == "finished":
+            return ("resumed" if self.state == "resume" else "done"), []
+        if status == "interrupted" or self.proc.returncode in (130, 143, -signal.SIGINT, -signal.SIGTERM):
+            return "stopped (checkpointed; rerun to continue)", []
+        return f"failed: the worker process died (exit status {self.proc.returncode}): " + \
+            (lines[-1] if lines else "no message"), []
+
+    def close(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+
+
+def read_run_status(run_dir: Path) -> str | None:
+    from .run import read_run_info
+
+    return read_run_info(run_dir).get("status")
 
 
 def run_sweep(runs: list[SweepRun], *, jobs: int = 1, progress: bool = True) -> list[tuple[str, str]]:
-    """Run every planned run, ``jobs`` at a time, each in an ``ormo train`` child process; returns (run_dir, outcome)
-    pairs in completion order. A failing run is reported and the others go on; the sweep then raises ``SweepFailed``.
+    """Run every planned run, ``jobs`` at a time in worker child processes; returns (run_dir, outcome) pairs in
+    completion order. A failing run is reported and the others go on; the sweep then raises ``SweepFailed``.
     SIGINT/SIGTERM stop it as the module docstring says, raising ``SweepStopped``."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"invalid jobs: {jobs!r} (must be an integer >= 1)")
@@ -420,7 +459,8 @@ def run_sweep(runs: list[SweepRun], *, jobs: int = 1, progress: bool = True) -> 
     record_plan(out, runs)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pending = collections.deque(runs)
-    running: list[_Child] = []
+    replies: queue.Queue = queue.Queue()
+    workers: list[_Worker] = []
     results: list[tuple[str, str]] = []
     failures: list[str] = []
     stop: list[int] = []
@@ -433,47 +473,68 @@ def run_sweep(runs: list[SweepRun], *, jobs: int = 1, progress: bool = True) -> 
     warned: set[str] = set()
 
     def on_signal(signum: int, frame: Any) -> None:
-        stop.append(signum)  # queue nothing more; each child gets the signal once per signal to the sweep
-        for child in running:
-            if child.proc.poll() is None:
-                child.proc.send_signal(signum)
+        stop.append(signum)  # queue nothing more; each busy worker gets the signal once per signal to the sweep
+        for w in workers:
+            if w.run is not None and w.proc.poll() is None:
+                w.proc.send_signal(signum)
+
+    def done(run: SweepRun, outcome: str) -> None:
+        results.append((str(run.run_dir), outcome))
+        if outcome.startswith("failed"):
+            failures.append(f"{run.run_dir}: {outcome[len('failed: '):]}")
+            say(f"{run.run_dir}: {outcome}")
+        if bar is not None:
+            bar.update(1)
 
     main_thread = threading.current_thread() is threading.main_thread()
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         with tempfile.TemporaryDirectory(prefix="ormo-sweep-") as plan_dir:
-            while running or (pending and not stop):
-                while pending and not stop and len(running) < jobs:
+            while True:
+                while pending and not stop:
+                    idle = next((w for w in workers if w.run is None and w.proc.poll() is None), None)
+                    if idle is None and len([w for w in workers if w.proc.poll() is None]) >= jobs:
+                        break
                     run = pending.popleft()
                     state = check_existing(run)
                     if state == "finished":
-                        results.append((str(run.run_dir), "skipped (finished)"))
-                        if bar is not None:
-                            bar.update(1)
+                        done(run, "skipped (finished)")
                         continue
-                    running.append(_Child(run, state, threads, Path(plan_dir)))
+                    if idle is None:  # started on demand: a rerun of a finished sweep starts no process
+                        idle = _Worker(threads, replies)
+                        workers.append(idle)
+                    idle.start(run, state, Path(plan_dir))
                     if stop:  # a signal arrived while it was starting
-                        running[-1].proc.send_signal(stop[0])
-                time.sleep(0.05)
-                for child in [c for c in running if c.proc.poll() is not None]:
-                    running.remove(child)
-                    outcome, lines = child.outcome()
-                    results.append((str(child.run.run_dir), outcome))
-                    for line in lines:
-                        if "warning" in line and line not in warned:
-                            warned.add(line)
-                            say(f"{child.run.run_dir}: {line}")
-                    if outcome.startswith("failed"):
-                        failures.append(f"{child.run.run_dir}: {outcome[len('failed: '):]}")
-                        say(f"{child.run.run_dir}: {outcome}")
-                    if bar is not None:
-                        bar.update(1)
+                        idle.proc.send_signal(stop[0])
+                if not any(w.run is not None for w in workers):
+                    break
+                try:
+                    worker, line = replies.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if worker.run is None:
+                    continue  # the end of an idle worker's output
+                run = worker.run
+                outcome, warnings_ = worker.finish(line)
+                for text in warnings_:
+                    if text not in warned:
+                        warned.add(text)
+                        say(f"ormo: warning: {text} ({run.run_dir})")
+                done(run, outcome)
     except BaseException:
-        for child in running:  # an unexpected error in the sweep itself: no child may outlive it
-            child.proc.kill()
-            child.proc.wait()
+        for w in workers:  # an unexpected error in the sweep itself: no child may outlive it
+            w.proc.kill()
         raise
     finally:
+        for w in workers:
+            w.close()
+        for w in workers:
+            try:
+                w.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait()
+            w.stderr.close()
         for s, handler in old.items():
             signal.signal(s, handler)
         if bar is not None:
