@@ -193,7 +193,8 @@ def _how_to_replace(layout: IdxLayout, folder: Path, download_folder: Path) -> s
                 f"`apt-get install {layout.debian_package}` if it was removed), or set data.download = true with a "
                 f"data_dir to fetch a fresh copy there")
     where = "" if folder == download_folder else f" into {download_folder}"
-    package = f"; or, on Debian or Ubuntu, `apt-get install {layout.debian_package}`" if layout.debian_package else ""
+    package = (f"; or remove this copy and use Debian's: `apt-get install {layout.debian_package}` (read when no "
+               f"data_dir is given)") if layout.debian_package else ""
     return (f"delete it and set data.download = true (download=True) to fetch the official file from "
             f"{layout.mirrors[0]}{where}{package}")
 
