@@ -173,17 +173,15 @@ def test_default_data_dirs_and_the_data_dir_given_flag(small, monkeypatch):
     monkeypatch.setenv("ORMO_DATA", str(small / "env"))
     assert data_base.default_data_dirs() == (small / "env", cache)
     seen = []
+    monkeypatch.setattr(data_base, "_REGISTRY", dict(data_base._REGISTRY))  # "probe" vanishes with the test
 
     @data_base.register_dataset("probe")
     def probe(*, data_dir, data_dir_given):
         seen.append((data_dir, data_dir_given))
         return load_dataset("synthetic", num_classes=2, image_shape=(1, 2, 2), train_size=4, test_size=2)
 
-    try:
-        load_dataset("probe")
-        load_dataset("probe", data_dir=small / "x")
-    finally:
-        del data_base._REGISTRY["probe"]
+    load_dataset("probe")
+    load_dataset("probe", data_dir=small / "x")
     assert seen == [(small / "env", False), (small / "x", True)]
 
 
@@ -205,10 +203,17 @@ def test_nothing_found_says_where_it_looked_and_how_to_get_the_files(small):
 
 
 def test_incomplete_folder_names_the_missing_file(small):
-    _write(small / "data", _make_set("fashion-mnist", seed=14), omit=("t10k-labels-idx1-ubyte",))
+    arrays = _make_set("fashion-mnist", seed=14)
+    _write(small / "data", arrays, omit=("t10k-labels-idx1-ubyte",))
     with pytest.raises(DatasetError, match=rf"the folder {small}/data holds some Fashion-MNIST files but not "
-                                           rf"t10k-labels-idx1-ubyte \(raw or .gz\).*{APT}.*data.download = true"):
+                                           rf"t10k-labels-idx1-ubyte \(raw or .gz\); add the missing files there, or "
+                                           rf"delete the Fashion-MNIST files in {small}/data so that the search goes "
+                                           rf"on; to get them, .*{APT}.*data.download = true"):
         load_dataset("fashion-mnist", data_dir=small / "data")
+    # In the download folder, downloading completes the set: the message says so directly.
+    _write(small / "other" / "fashion-mnist", arrays, omit=("train-images-idx3-ubyte",))
+    with pytest.raises(DatasetError, match=r"but not train-images-idx3-ubyte \(raw or .gz\); to get them, on Debian"):
+        load_dataset("fashion-mnist", data_dir=small / "other")
 
 
 def _header(magic: int, *sizes: int) -> bytes:
@@ -249,8 +254,9 @@ def test_damaged_file_names_it_what_was_expected_and_how_to_get_it(small, case, 
     path = small / "data" / (f"{name}.gz" if gz else name)
     with pytest.raises(DatasetError, match=rf"^{path} {message}") as info:
         load_dataset("fashion-mnist", data_dir=small / "data")
-    assert "delete it and set data.download = true" in str(info.value)
-    assert f"or remove this copy and use Debian's: `{APT}`" in str(info.value)
+    assert (f"delete the Fashion-MNIST files in {small}/data and set data.download = true (download=True) to fetch "
+            f"the official ones into {small}/data/fashion-mnist from https://github.com/") in str(info.value)
+    assert f"or delete them and use Debian's copy: `{APT}`" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -264,11 +270,13 @@ def test_damaged_file_names_it_what_was_expected_and_how_to_get_it(small, case, 
     ids=["truncated", "bad crc", "not gzip", "corrupt stream"],
 )
 def test_damaged_gzip_is_a_dataset_error(small, damage, message):
-    folder = _write(small / "data", _make_set("fashion-mnist", seed=16), gz=True)
+    folder = _write(small / "data" / "fashion-mnist", _make_set("fashion-mnist", seed=16), gz=True)
     path = folder / "train-images-idx3-ubyte.gz"
     path.write_bytes(damage(path.read_bytes()))
+    # In the download folder: deleting the one file and downloading fetches it again.
     with pytest.raises(DatasetError, match=rf"could not read {path} \(.*{message}.*\); it is truncated or corrupt: "
-                                           rf"delete it and set data.download = true.*{APT}"):
+                                           rf"delete it and set data.download = true \(download=True\) to fetch the "
+                                           rf"official file again from https://.*{APT}"):
         load_dataset("fashion-mnist", data_dir=small / "data")
 
 

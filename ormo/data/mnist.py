@@ -159,7 +159,7 @@ def load_idx_dataset(layout: IdxLayout, *, data_dir: Path, data_dir_given: bool,
     if missing:
         raise DatasetError(
             f"{layout.name}: the folder {folder} holds some {layout.title} files but not {', '.join(missing)} "
-            f"(raw or .gz); {_how_to_get(layout, download_folder)}"
+            f"(raw or .gz); {_how_to_complete(layout, folder, download_folder)}"
         )
     fix = _how_to_replace(layout, folder, download_folder)
     train_x, train_y = _read_split(layout, folder, "train", layout.train_counts, fix=fix)
@@ -187,16 +187,27 @@ def _how_to_get(layout: IdxLayout, download_folder: Path) -> str:
     return "to get them, " + "; or ".join(ways)
 
 
+def _how_to_complete(layout: IdxLayout, folder: Path, download_folder: Path) -> str:
+    if folder == download_folder:  # download=True fetches what is missing there
+        return _how_to_get(layout, download_folder)
+    # The search stops at the first folder holding any of the files, so this one must be completed or cleared.
+    return (f"add the missing files there, or delete the {layout.title} files in {folder} so that the search goes "
+            f"on; {_how_to_get(layout, download_folder)}")
+
+
 def _how_to_replace(layout: IdxLayout, folder: Path, download_folder: Path) -> str:
     if layout.debian_package and folder == DEBIAN_FASHION_MNIST_DIR:
         return (f"reinstall the package (`apt-get install --reinstall {layout.debian_package}`, or "
                 f"`apt-get install {layout.debian_package}` if it was removed), or set data.download = true with a "
                 f"data_dir to fetch a fresh copy there")
-    where = "" if folder == download_folder else f" into {download_folder}"
-    package = (f"; or remove this copy and use Debian's: `apt-get install {layout.debian_package}` (read when no "
+    if folder == download_folder:
+        fetch_again = "delete it and set data.download = true (download=True) to fetch the official file again"
+    else:  # deleting one file would leave an incomplete set that stops the search: clear the folder's set
+        fetch_again = (f"delete the {layout.title} files in {folder} and set data.download = true (download=True) "
+                       f"to fetch the official ones into {download_folder}")
+    package = (f"; or delete them and use Debian's copy: `apt-get install {layout.debian_package}` (read when no "
                f"data_dir is given)") if layout.debian_package else ""
-    return (f"delete it and set data.download = true (download=True) to fetch the official file from "
-            f"{layout.mirrors[0]}{where}{package}")
+    return f"{fetch_again} from {layout.mirrors[0]}{package}"
 
 
 def _read_split(layout: IdxLayout, folder: Path, prefix: str, class_counts: tuple[int, ...], *, fix: str
