@@ -8,12 +8,13 @@ Public API::
     idx = minibatch_indices(ds.train_size, 128, seed=0, worker=k, index=t, step=h)
     xb = aug(ds.train_x[idx], minibatch_generator(0, k, t, h, AUGMENT_STREAM))
 
-Registered datasets: ``digits`` (scikit-learn's bundled 8×8 digits), ``cifar10``, ``cifar100``, ``tinyimagenet``
-and ``synthetic``; add your own with :func:`register_dataset`. Importing this package registers them all (their
-heavy imports, scikit-learn and Pillow, happen only when loading).
+Registered datasets: ``digits`` (scikit-learn's bundled 8×8 digits), ``fashion-mnist`` (alias ``fashion_mnist``;
+read offline from Debian's ``dataset-fashion-mnist`` when installed), ``mnist``, ``cifar10``, ``cifar100``,
+``tinyimagenet`` and ``synthetic``; add your own with :func:`register_dataset`. Importing this package registers
+them all (their heavy imports, scikit-learn and Pillow, happen only when loading).
 """
 
-from . import cifar, digits, synthetic, tinyimagenet  # noqa: F401  (registration side effects)
+from . import cifar, digits, mnist, synthetic, tinyimagenet  # noqa: F401  (registration side effects)
 from .augment import Augment, normalize, random_crop_flip
 from .base import (
     DATA_ENV,

@@ -2,9 +2,9 @@
 
 A *loader* is a function registered under a name with :func:`register_dataset`. It returns a :class:`Dataset` of
 float32 images scaled to [0, 1] and int64 labels. :func:`load_dataset` calls it with the framework arguments its
-signature names (``data_dir``, ``download``, ``seed``) and with the user's options, then applies ``subset`` and
-``test_subset``. Loaders stay ignorant of subsetting, so every dataset, user-registered ones included, subsets the
-same way.
+signature names (``data_dir``, ``data_dir_given``, ``download``, ``seed``) and with the user's options, then applies
+``subset`` and ``test_subset``. Loaders stay ignorant of subsetting, so every dataset, user-registered ones
+included, subsets the same way.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ _STREAM_TEST_SUBSET = 0x7E57
 DATA_ENV = "ORMO_DATA"
 
 #: Arguments that :func:`load_dataset` supplies itself; a loader receives those its signature names.
-FRAMEWORK_ARGUMENTS: tuple[str, ...] = ("data_dir", "download", "seed")
+FRAMEWORK_ARGUMENTS: tuple[str, ...] = ("data_dir", "data_dir_given", "download", "seed")
 
 #: Options that :func:`load_dataset` consumes itself, whatever the loader.
 COMMON_OPTIONS: tuple[str, ...] = ("test_subset",)
@@ -46,6 +46,16 @@ def default_data_dir() -> Path:
     """Where dataset files are looked for by default: ``$ORMO_DATA`` if set and non-empty, else ``~/.cache/ormo``."""
     env = os.environ.get(DATA_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "ormo"
+
+
+def default_data_dirs() -> tuple[Path, ...]:
+    """Every default folder, in search order: ``$ORMO_DATA`` if set and non-empty, then ``~/.cache/ormo``.
+
+    For loaders that search several places (``fashion-mnist``, ``mnist``) when the caller names no ``data_dir``;
+    the first entry is :func:`default_data_dir`, where downloads go.
+    """
+    first, cache = default_data_dir(), Path.home() / ".cache" / "ormo"
+    return (first,) if first == cache else (first, cache)
 
 
 def seeded_generator(seed: int, stream: int, *keys: int) -> torch.Generator:
@@ -213,7 +223,8 @@ _REGISTRY: dict[str, Loader] = {}
 def register_dataset(name: str) -> Callable[[Loader], Loader]:
     """Decorator: register ``loader`` under ``name``.
 
-    The loader takes keyword arguments only. It receives those of ``data_dir`` (a :class:`~pathlib.Path`),
+    The loader takes keyword arguments only. It receives those of ``data_dir`` (a :class:`~pathlib.Path`: the
+    caller's, else :func:`default_data_dir`), ``data_dir_given`` (bool: whether the caller named ``data_dir``),
     ``download`` (bool) and ``seed`` (int) that its signature names, plus the user's options; any other parameter
     it declares is an accepted option. It returns a :class:`Dataset` of the whole dataset: subsetting is done by
     :func:`load_dataset`. Example::
@@ -271,7 +282,7 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, download: boo
             raise ConfigError(f"dataset {name!r} has no option {key!r}; accepted: "
                               f"{', '.join([*accepted, *COMMON_OPTIONS])}")
     supplied = {"data_dir": Path(data_dir).expanduser() if data_dir is not None else default_data_dir(),
-                "download": download, "seed": seed}
+                "data_dir_given": data_dir is not None, "download": download, "seed": seed}
     kwargs = {k: v for k, v in supplied.items() if k in params or takes_any}
     ds = loader(**kwargs, **options)
     if not isinstance(ds, Dataset):

@@ -84,9 +84,9 @@ class ModelConfig:
 class DataConfig:
     """The dataset and how workers sample it (``ormo.data``)."""
 
-    #: registry name: digits (bundled, the default), cifar10, cifar100, tinyimagenet, synthetic
+    #: registry name: digits (bundled, the default), fashion-mnist, mnist, cifar10, cifar100, tinyimagenet, synthetic
     name: str = "digits"
-    #: folder holding the archives (default $ORMO_DATA or ~/.cache/ormo)
+    #: folder holding the archives (default $ORMO_DATA or ~/.cache/ormo; fashion-mnist also finds Debian's copy)
     data_dir: str | None = None
     #: fetch a missing archive from its official location (checksum verified)
     download: bool = False
@@ -96,7 +96,7 @@ class DataConfig:
     batch_size: int = 64
     #: random crop (padding 4) and horizontal flip on training batches
     augment: bool = False
-    #: dataset-specific options, e.g. {upsample = true} for digits
+    #: dataset-specific options, e.g. {upsample = true} for digits, fashion-mnist and mnist
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
