@@ -14,7 +14,7 @@ import pytest
 from ormo.cli import main
 from ormo.experiment import load_config
 from ormo.experiment.config import read_toml
-from ormo.presets import PRESETS_DIR, preset_names, preset_path
+from ormo.presets import PRESETS_DIR, preset_description, preset_names, preset_path
 from ormo.rules.base import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +57,16 @@ def test_an_unknown_preset_names_the_value_and_lists_the_presets():
     assert "'quickstrat'" in message and "quickstart" in message and "ormo/table1_cifar10" in message
     with pytest.raises(ConfigError, match="unknown preset"):  # only the listed files: no way out of the folder
         read_toml("preset:../../pyproject")
+
+
+def test_ormo_presets_lists_each_preset_with_its_first_comment_line(capsys):
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(EXPECTED)
+    first = (PRESETS_DIR / "quickstart.toml").read_text().splitlines()[0].lstrip("# ")
+    assert preset_description("quickstart") == first
+    row = next(line for line in lines if line.startswith("preset:quickstart "))
+    assert row.endswith(first)
 
 
 def test_ormo_train_and_sweep_accept_a_preset(tmp_path, monkeypatch, capsys):
