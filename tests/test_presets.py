@@ -92,6 +92,7 @@ def test_a_built_wheel_holds_the_presets_and_resolves_them_from_anywhere(tmp_pat
     (wheel,) = out.glob("ormo-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"ormo/configs/{n}.toml" for n in EXPECTED} <= names
+    assert "ormo/demo.py" not in names  # the old fallback demo is gone: `ormo demo` is the packaged quickstart
 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
