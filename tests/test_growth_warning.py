@@ -28,7 +28,7 @@ def test_a_diverging_quadratic_warns_once_naming_the_iteration_the_norms_and_the
     (w,) = growth  # once per run, though every later check is over the limit too
     text = str(w.message)
     assert "t=15" in text and "|w_0| = 1 " in text and "|w_16| = 6.55e+04" in text
-    assert "smaller lr than 3" in text and "1 workers" in text
+    assert "smaller lr than 3" in text and "K = 1 workers" in text
     assert w.filename == __file__  # attributed to the caller, not to the simulator's internals
 
 

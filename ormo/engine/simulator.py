@@ -476,7 +476,7 @@ class Simulator:
         delay_max = int(self.events.column("delay").max())
         warnings.warn(
             f"the server parameters grew from |w_0| = {self._norm0:.3g} to |w_{t + 1}| = {norm:.3g} by iteration "
-            f"t={t} (more than {GROWTH_FACTOR:g} x max(|w_0|, 1)): the run is probably diverging. With "
+            f"t={t} (more than {GROWTH_FACTOR:g} x max(|w_0|, 1)): the run is probably diverging. With K = "
             f"{self.num_workers} workers and delays up to {delay_max}, the step is likely too large for this "
             f"staleness: try a smaller lr{f' than {lr:g}' if isinstance(lr, numbers.Real) else ''} (e.g. 10x "
             f"smaller), "
