@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -133,6 +134,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    # a line per case as it finishes, even through a pipe: the full run takes several minutes
+    sys.stdout.reconfigure(line_buffering=True)
+    print("starting a local Ray instance ...")
     per_worker = 15 if args.quick else 40
     sleep_s = 0.04
     start_ray(None, num_cpus=16)
@@ -144,6 +148,8 @@ def main() -> None:
               f"{'ormo/plain':>10s} {'no sleep: ormo':>15s} {'plain':>7s} {'ratio':>6s} {'server ms/upd':>14s} "
               f"{'sim ms/iter':>12s}")
         for k in (2, 4, 8):
+            if sys.stdout.isatty():  # what is being measured; its row overwrites this
+                print(f"{k:3d} ...", end="\r", flush=True)
             r = ormo_rate(k, sleep_s, per_worker, Path(tmp) / f"scale{k}")
             plain = plain_rate(k, sleep_s, per_worker)
             fast = ormo_rate(k, 0.0, per_worker * 2, Path(tmp) / f"fast{k}")

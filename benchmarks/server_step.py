@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="7 and 5 pairs instead of 31 (5-15 s instead of 15-60 s)")
     parser.add_argument("--json", metavar="PATH", help="write the results to PATH as JSON")
     args = parser.parse_args(argv)
+    # a line per case as it finishes, even through a pipe (`make bench | tee`): the full run takes a minute or two
+    sys.stdout.reconfigure(line_buffering=True)
 
     # (steps per block, pairs). Blocks hold a whole number of groups, so each has the same number of shifts, and
     # last ~25-60 ms unloaded: long enough to average over the OS scheduler's time slices (with 2-ms blocks on a
@@ -310,7 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     for size_name in SIZES:
         for rule_name in RULES:
             steps, pairs = plan[size_name]
-            results.append(measure(rule_name, size_name, pairs=pairs, steps=steps))
+            print(f"  {rule_name:6s} {size_name:>5s}: {pairs} pairs of {steps}-step blocks ...", end=" ", flush=True)
+            r = measure(rule_name, size_name, pairs=pairs, steps=steps)
+            results.append(r)
+            print(f"ratio {r['ratio']:.2f}x ({r['rule_us_per_step']:.1f} vs {r['floor_us_per_step']:.1f} µs/step), "
+                  f"{time.perf_counter() - start:.0f} s so far")
 
     print(format_table(results))
     floor_allocs = {f"{r['floor_allocs_per_step']:.3g} ({r['floor_max_alloc_bytes']} B)" for r in results}

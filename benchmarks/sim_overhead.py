@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -86,6 +87,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer and shorter blocks")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
+    # a line per case as it finishes, even through a pipe (`make bench | tee`): a resnet20 case takes ~20 s
+    sys.stdout.reconfigure(line_buffering=True)
     dataset = load_dataset("synthetic", train_size=2048, test_size=64, image_shape=(3, 32, 32), seed=0)
     plan = {"resnet20": (4, 5) if args.quick else (8, 7), "lenet": (40, 5) if args.quick else (100, 9)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch 64 of 32x32x3; OrMo, K workers")
@@ -93,6 +96,8 @@ def main() -> None:
     results = []
     for model_name, (steps, pairs) in plan.items():
         for k in (16, 64):
+            if sys.stdout.isatty():  # what is being measured; its row overwrites this
+                print(f"{model_name:10s} {k:3d} ...", end="\r", flush=True)
             r = measure(model_name, k, steps=steps, pairs=pairs, dataset=dataset)
             results.append(r)
             ok = "yes" if r["ratio"] <= 1.05 else "no"

@@ -8,7 +8,9 @@
     ormo table RUN_DIRS... [--out DIR]                                  mean ± std tables in the papers' layout
     ormo plot RUN_DIRS... [--out DIR]                                   accuracy / loss vs epochs and vs time
     ormo rules                                                          every rule and its defaults
-    ormo demo                                                           the quickstart sweep, table and plots
+    ormo presets                                                        the packaged configs (CONFIG = preset:NAME)
+    ormo demo [--out DIR]                                               the quickstart sweep, table and plots
+    ormo --version
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 import warnings
 from pathlib import Path
 
+from . import __version__
 from .rules import make_rule, rule_names
 from .rules.base import ConfigError
 
@@ -44,7 +47,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train(None, args.resume, resume=True, progress=not args.quiet)
     else:
         if args.config is None:
-            raise ConfigError("give a CONFIG file (e.g. configs/quickstart.toml) or --resume RUN_DIR")
+            raise ConfigError("give a CONFIG file (e.g. preset:quickstart or configs/quickstart.toml) "
+                              "or --resume RUN_DIR")
         overrides = list(args.set)
         if args.address and args.engine != "ray":
             raise ConfigError("--address joins a Ray cluster: use it with --engine ray")
@@ -147,14 +151,9 @@ def _report(paths: list[str], out: Path | None, *, table: bool, plot: bool, labe
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    config = Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml"
-    if not config.is_file():  # installed without the repository's configs/: the small built-in comparison
-        from .demo import main as demo_main
-
-        demo_main()
-        return 0
-    ns = argparse.Namespace(config=str(config), out=args.out, set=[], methods=None, seeds=None, settings=None,
-                            grid=None, jobs=args.jobs, quiet=False, no_report=False, metrics=None)
+    # the packaged preset, so an installed wheel runs the same demo as the repository, into --out
+    ns = argparse.Namespace(config="preset:quickstart", out=args.out, set=[], methods=None, seeds=None,
+                            settings=None, grid=None, jobs=args.jobs, quiet=False, no_report=False, metrics=None)
     return _cmd_sweep(ns)
 
 
@@ -163,13 +162,24 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"ormo: warning: {message}", file=sys.stderr if file is None else file)
 
 
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from .presets import preset_description, preset_names
+
+    names = preset_names()
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"preset:{name:<{width}}  {preset_description(name)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ormo", description="ordered momentum for asynchronous training",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--version", action="version", version=f"ormo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="run one experiment on the simulator (or --resume one)")
-    p.add_argument("config", nargs="?", help="a TOML config, e.g. configs/quickstart.toml")
+    p.add_argument("config", nargs="?", help="a TOML config, e.g. preset:quickstart or configs/quickstart.toml")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (TOML syntax), e.g. --set method.lr=0.05; repeatable")
     p.add_argument("--run-dir", type=Path, help="where to write the run (default runs/NAME-METHOD-TIMESTAMP)")
@@ -216,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("rules", help="list every rule with its scheduler, messages and default hyperparameters")
     p.set_defaults(func=lambda a: [print(json.dumps(make_rule(n).describe(), ensure_ascii=False, default=str))
                                    for n in rule_names()] and 0)
+
+    p = sub.add_parser("presets", help="list the packaged configs, usable as CONFIG = preset:NAME")
+    p.set_defaults(func=_cmd_presets)
 
     p = sub.add_parser("demo", help="the quickstart: a sweep on the bundled digits, its table and plots")
     p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from ormo.report import display_name, find_runs, format_table, load_runs, method_order, summarize, write_table
-from ormo.report.plots import mean_band, plot_runs, slugify
+from ormo.report.plots import mean_band, plot_runs, setting_figure, slugify
 
 SETTINGS = ("K=16 hom.", "K=16 het.")
 SEEDS = (0, 1, 2)
@@ -283,3 +283,20 @@ def test_plot_runs_with_seeds_of_different_lengths(tmp_path: Path) -> None:
     (path,) = plot_runs(records, tmp_path / "plots")
     data = path.read_bytes()
     assert data[:8] == PNG_SIGNATURE and len(data) > 20_000
+
+
+def test_loss_panels_are_log_scaled_and_the_figure_has_one_legend(sweep: Path) -> None:
+    records = [r for r in load_runs(sweep) if r.label == "K=16 het."]
+    fig = setting_figure("K=16 het.", records)
+    axes = fig.axes
+    assert [ax.get_yscale() for ax in axes] == ["linear", "log", "linear", "log"]  # acc, loss (epochs, then time)
+    assert all(ax.get_legend() is None for ax in axes)
+    (legend,) = fig.legends
+    # one entry per method, in the papers' order, whatever the order of the files
+    assert [t.get_text() for t in legend.get_texts()] == ["ASGD (n=3)", "OrMo (n=3)", "SSGD (n=3)"]
+
+
+def test_a_loss_curve_at_zero_keeps_the_linear_axis(tmp_path: Path) -> None:
+    write_run(tmp_path, method="ormo", label="zero", seed=0, final_loss=0.0, final_acc=99.0)
+    fig = setting_figure("zero", load_runs(tmp_path))
+    assert [ax.get_yscale() for ax in fig.axes] == ["linear"] * 4

@@ -3,6 +3,7 @@
 from .events import EVENT_FIELDS, Event, EventLog, EventLogError
 from .simulator import (
     GradFnError,
+    GrowthWarning,
     NonFiniteError,
     SimulationError,
     SimulationResult,
@@ -18,6 +19,7 @@ __all__ = [
     "EventLog",
     "EventLogError",
     "GradFnError",
+    "GrowthWarning",
     "HeavyTailed",
     "Homogeneous",
     "NonFiniteError",

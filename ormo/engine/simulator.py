@@ -18,6 +18,9 @@ from __future__ import annotations
 import heapq
 import math
 import numbers
+import os
+import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +68,39 @@ class NonFiniteError(SimulationError, FloatingPointError):
 
 class GradFnError(SimulationError, ValueError):
     """``grad_fn`` returned something that is not a tensor of the parameters' shape, dtype and device."""
+
+
+class GrowthWarning(UserWarning):
+    """The server parameters grew by orders of magnitude: the run is probably diverging (warned once per run).
+
+    Issued when ``‖w_t‖ > GROWTH_FACTOR · max(‖w_0‖, 1)`` at a checked iteration (see ``growth_check_due``). A
+    run that keeps growing ends in a NaN/Inf (:class:`NonFiniteError`) much later, after wasting its iterations;
+    turn the warning into an error with ``warnings.simplefilter("error", ormo.GrowthWarning)`` to stop at once.
+    """
+
+
+#: ‖w_t‖ above this multiple of max(‖w_0‖, 1) is "grown by orders of magnitude"
+GROWTH_FACTOR = 1e3
+#: after the powers of two, the norm is checked every this many iterations
+GROWTH_CHECK_EVERY = 256
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning to the first frame outside the ormo package (the user's call to
+    ``simulate``, ``Simulator.step`` or ``train``), not to the simulator's internals."""
+    package = os.path.dirname(os.path.dirname(__file__)) + os.sep  # .../ormo/
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def growth_check_due(t: int) -> bool:
+    """Whether the growth of ``w_{t+1}`` is checked after iteration ``t``: when ``t + 1`` is a power of two (early
+    blow-ups are caught early) or a multiple of ``GROWTH_CHECK_EVERY``. One norm per check, so ≲ 1 % of the passes
+    an iteration makes over the parameters anyway."""
+    n = t + 1
+    return n & (n - 1) == 0 or n % GROWTH_CHECK_EVERY == 0
 
 
 @dataclass
@@ -350,6 +386,9 @@ class Simulator:
         )
         self.state = rule.init(self.params0, num_workers=K)
         self.worker_states = [rule.init_worker(self.params0) for _ in range(K)]
+        # The growth warning's reference (one pass over params0; a host-device sync on CUDA, once).
+        self._norm0 = float(torch.linalg.vector_norm(self.params0, dtype=torch.float64))
+        self._growth_warned = False
         self._steps = rule.local_steps
         if lr_schedule is not None:
             self._set_rate(0)
@@ -420,7 +459,32 @@ class Simulator:
                 self.source.dispatch(j, now, self._steps)
             self.waiting.clear()
         self.t = t + 1
+        # checked after the iteration, so a warning turned into an error leaves the simulator consistent at w_{t+1}
+        if not self._growth_warned and growth_check_due(t):
+            self._check_growth(t)
         return event
+
+    def _check_growth(self, t: int) -> None:
+        """Warn (once per run) when ``w_{t+1}`` outgrew ``w_0`` by ``GROWTH_FACTOR``: reads the parameters only, so
+        results are unchanged. Costs one norm (a host-device sync on CUDA) per checked iteration."""
+        norm = float(torch.linalg.vector_norm(self.state.params, dtype=torch.float64))
+        limit = GROWTH_FACTOR * max(self._norm0, 1.0)
+        if not norm > limit or (self.check_finite and math.isinf(norm)):  # NaN/Inf: the finite checks stop the run
+            return
+        self._growth_warned = True
+        lr = getattr(self.rule, "lr", None)
+        delay_max = int(self.events.column("delay").max())
+        warnings.warn(
+            f"the server parameters grew from |w_0| = {self._norm0:.3g} to |w_{t + 1}| = {norm:.3g} by iteration "
+            f"t={t} (more than {GROWTH_FACTOR:g} x max(|w_0|, 1)): the run is probably diverging. With K = "
+            f"{self.num_workers} workers and delays up to {delay_max}, the step is likely too large for this "
+            f"staleness: try a smaller lr{f' than {lr:g}' if isinstance(lr, numbers.Real) else ''} (e.g. 10x "
+            f"smaller), "
+            f"fewer workers, or a delay-adaptive rule (ormo-da). Silence it with "
+            f"warnings.simplefilter('ignore', ormo.GrowthWarning).",
+            GrowthWarning,
+            stacklevel=_caller_stacklevel(),
+        )
 
     def _redispatch(self, worker: int, index: int) -> None:
         """Replay of a real run's re-dispatch before iteration ``t``: the worker lost its message (it died, or the

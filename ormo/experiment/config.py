@@ -375,7 +375,11 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a config file, following ``extends`` chains (relative to each file)."""
+    """Read a config file, following ``extends`` chains (relative to each file); ``preset:NAME`` is a packaged one."""
+    from ..presets import is_preset, preset_path  # here, not at the top: this hook is the module's only use
+
+    if is_preset(path):
+        path = preset_path(str(path))
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")

@@ -4,6 +4,8 @@ Figures are drawn on matplotlib's Agg canvas directly (``Figure`` + ``FigureCanv
 user's backend and pyplot's figure list are left alone. Each method is one line, the mean over its seeds, with a
 shaded band from the seeds' minimum to their maximum. Seeds are first interpolated onto a common grid that ends where
 the shortest seed ends (a seed that diverged ends at its last finite value), so the mean never mixes in fewer seeds.
+Loss panels use a log axis, as in the papers (a linear one when some value drawn there is not positive); one legend
+below the panels serves all four, since a method has the same colour in each.
 """
 
 from __future__ import annotations
@@ -86,14 +88,17 @@ def mean_band(
     return grid, stacked.mean(axis=0), stacked.min(axis=0), stacked.max(axis=0)
 
 
-def _draw_setting(label: str, records: Sequence[RunRecord], path: Path, *, dpi: int) -> None:
+def setting_figure(label: str, records: Sequence[RunRecord]) -> Figure:
+    """The four-panel figure of one setting's runs (see ``plot_runs``), drawn on an Agg canvas, not saved."""
     fig = Figure(figsize=(11.0, 8.0), layout="constrained")
     FigureCanvasAgg(fig)  # attaches itself to fig: savefig renders with Agg whatever the user's backend is
     axes = fig.subplots(2, 2, squeeze=False)
     fig.suptitle(label)
     methods = method_order((r.method for r in records), {r.method: r.rule for r in records})
+    legend: dict[str, object] = {}  # label -> line, first seen; a method missing from one panel is in another
     for (row, col), (y_key, y_title, x_key, x_title) in _PANELS.items():
         ax = axes[row][col]
+        lowest = np.inf  # the smallest value drawn in this panel (band included) decides the loss axis scale
         for index, method in enumerate(methods):
             seeds = [r for r in records if r.method == method]
             curves = [_finite_curve(r.metrics, x_key, y_key) for r in seeds]
@@ -101,17 +106,26 @@ def _draw_setting(label: str, records: Sequence[RunRecord], path: Path, *, dpi: 
             if not len(grid):
                 continue
             color = f"C{index % 10}"  # the same colour for a method in all four panels
-            ax.plot(grid, mean, color=color, marker="o" if len(grid) == 1 else None,
-                    label=f"{display_name(method)} (n={len(seeds)})")
+            (line,) = ax.plot(grid, mean, color=color, marker="o" if len(grid) == 1 else None,
+                              label=f"{display_name(method)} (n={len(seeds)})")
+            legend.setdefault(line.get_label(), line)
+            lowest = min(lowest, float(low.min()))
             if len(seeds) > 1:
                 ax.fill_between(grid, low, high, color=color, alpha=0.2, linewidth=0)
+        if y_key.endswith("_loss") and 0.0 < lowest < np.inf:  # log of a non-positive value would hide the curve
+            ax.set_yscale("log")
         ax.set_xlabel(x_title)
         ax.set_ylabel(y_title)
         ax.set_title(f"{label}: {y_title} vs {'epochs' if x_key == 'epoch' else 'simulated time'}", fontsize=10)
-        ax.grid(True, alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize="small")
-    fig.savefig(path, dpi=dpi)
+        ax.grid(True, alpha=0.3, which="both" if ax.get_yscale() == "log" else "major")
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncols=min(len(legend), 4),
+                   fontsize="small")
+    return fig
+
+
+def _draw_setting(label: str, records: Sequence[RunRecord], path: Path, *, dpi: int) -> None:
+    setting_figure(label, records).savefig(path, dpi=dpi)
 
 
 def plot_runs(
@@ -121,7 +135,8 @@ def plot_runs(
     also keeps only those settings); returns their paths.
 
     Each figure has four panels: test accuracy and training loss against epochs (top) and against simulated
-    wall-clock time ``sim_time_s`` (bottom). Labels whose slugs collide get ``-2``, ``-3``, ... appended.
+    wall-clock time ``sim_time_s`` (bottom); the loss on a log axis; one legend below them. Labels whose
+    slugs collide get ``-2``, ``-3``, ... appended.
     """
     if not records:
         raise ValueError("plot_runs() needs at least one run record, got none")

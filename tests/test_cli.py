@@ -1,0 +1,31 @@
+"""The newcomer's commands: ``ormo --version`` and ``ormo demo --out DIR`` (the packaged quickstart, into DIR)."""
+
+from __future__ import annotations
+
+import pytest
+
+import ormo
+from ormo.cli import main
+from ormo.experiment import sweep
+
+
+def test_version_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"ormo {ormo.__version__}" == "ormo 0.1.0"
+
+
+def test_demo_runs_the_packaged_quickstart_into_out(tmp_path, monkeypatch):
+    # the sweep itself is stubbed (the full quickstart takes ~30 s): what is checked is what it was asked to run
+    planned, reported = [], []
+    monkeypatch.setattr(sweep, "run_sweep", lambda runs, **kw: planned.extend(runs))
+    monkeypatch.setattr("ormo.cli._report", lambda paths, out, **kw: reported.append(out))
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: the preset comes from the package
+    out = tmp_path / "my-demo"
+    assert main(["demo", "--out", str(out), "--jobs", "1"]) == 0
+    assert len(planned) == 7 * 2 * 5  # the quickstart's methods x settings x seeds
+    assert {r.config.name for r in planned} == {"quickstart"}
+    assert all(r.run_dir.is_relative_to(out) for r in planned)
+    assert reported == [out]
+    assert not (tmp_path / "runs").exists()  # nothing went to the default folder
