@@ -168,9 +168,9 @@ def _train_locked(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, 
     problem, rule = built if built is not None else (_driver_problem(cfg, engine), cfg.method.build())
     messages_per_epoch = problem.train_size / (cfg.data.batch_size * rule.local_steps)
     total = max(1, math.ceil(cfg.train.epochs * messages_per_epoch))
-    if not resume:
-        _warn_about_the_size(cfg, train_size=problem.train_size, local_steps=rule.local_steps, total=total)
     try:
+        if not resume:  # inside the try: warnings turned into errors (-W error) still mark the run failed
+            _warn_about_the_size(cfg, train_size=problem.train_size, local_steps=rule.local_steps, total=total)
         if engine == "ray":
             from .run_ray import train_on_ray
 
@@ -202,7 +202,7 @@ def _warn_about_the_size(cfg: ExperimentConfig, *, train_size: int, local_steps:
     if cfg.data.batch_size > train_size:
         warnings.warn(f"data.batch_size = {cfg.data.batch_size} is larger than the training set ({train_size} "
                       f"examples): one message is {cfg.data.batch_size * local_steps / train_size:.3g} epochs",
-                      stacklevel=4)
+                      stacklevel=4)  # the caller of train()
     if cfg.train.num_workers > total:
         warnings.warn(f"train.num_workers = {cfg.train.num_workers} is larger than the number of messages in the run "
                       f"({total}): at least {cfg.train.num_workers - total} workers never report; raise train.epochs "
