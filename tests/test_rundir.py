@@ -202,6 +202,7 @@ class _Planted:
         return (open, (str(self.marker), "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the bare pickle below
 def test_a_crafted_checkpoint_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"version": 2, "payload": _Planted(marker)}, tmp_path / "probe.pt")
@@ -373,7 +374,8 @@ def test_a_diverged_run_prints_valid_json_and_one_stderr_line(tmp_path, capsys):
 def test_warnings_for_a_batch_larger_than_the_data_and_more_workers_than_messages(tmp_path):
     with pytest.warns(UserWarning, match=r"data.batch_size = 64 is larger than the training set \(40 examples\): "
                                          r"one message is 1.6 epochs"):
-        train(load_config(None, [*TINY, "data.subset=40", "data.batch_size=64"]), tmp_path / "a", progress=False)
+        train(load_config(None, [*TINY, "data.subset=40", "data.batch_size=64", "train.num_workers=1"]),
+              tmp_path / "a", progress=False)
     with pytest.warns(UserWarning, match=r"train.num_workers = 4 is larger than the number of messages in the run "
                                          r"\(1\): at least 3 workers never report"):
         train(load_config(None, [*TINY, "train.epochs=0.1"]), tmp_path / "b", progress=False)
