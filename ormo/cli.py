@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -39,11 +40,14 @@ def _csv(text: str | None, cast=str, *, flag: str = "") -> list | None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .experiment import load_config, train
+    from .experiment import load_config, to_toml, train
 
     if args.resume:
         if args.config or args.set:
             raise ConfigError("--resume continues a run with its own config: give no CONFIG or --set with it")
+        if args.print_config:
+            print(to_toml(load_config(args.resume / "config.toml")), end="")
+            return 0
         result = train(None, args.resume, resume=True, progress=not args.quiet)
     else:
         if args.config is None:
@@ -55,14 +59,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.address:
             overrides.append(f'ray.address="{args.address}"')
         cfg = load_config(args.config, overrides)
+        if args.print_config:  # the resolved config, exactly as the run directory would record it
+            print(to_toml(cfg), end="")
+            return 0
         run_dir = args.run_dir or Path("runs") / f"{cfg.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"run directory: {run_dir}", file=sys.stderr)
         result = train(cfg, run_dir, progress=not args.quiet, engine=args.engine)
+    if result.diverged:  # a result, not a failure: exit 0, but say so on stderr and in the JSON
+        print(f"ormo train: {result.diverged}; the run directory records it", file=sys.stderr)
     final = result.final
-    print(json.dumps({"run_dir": str(result.run_dir), "epoch": final["epoch"], "train_loss": final["train_loss"],
-                      "test_acc": final["test_acc"], "sim_time_s": final["sim_time_s"],
-                      "delay": result.summary.get("delay")}, default=str))
+    out = {"run_dir": str(result.run_dir), "status": result.status, "epoch": final["epoch"],
+           "train_loss": final["train_loss"], "test_acc": final["test_acc"], "sim_time_s": final["sim_time_s"],
+           "delay": result.summary.get("delay")}
+    print(json.dumps(_finite_or_null(out), default=str, allow_nan=False))  # valid JSON: NaN/Inf become null
     return 0
+
+
+def _finite_or_null(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_null(v) for v in obj]
+    return obj
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -188,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="simulator (default) or ray: real worker processes (pip install 'ormo[ray]')")
     p.add_argument("--address", help="with --engine ray: join this Ray cluster (`ray start --head` prints it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (after --set) as TOML and exit without running")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("replay", help="rerun a recorded run's arrival order in the simulator and compare")
@@ -237,16 +259,28 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     warnings.showwarning = _show_warning
+    from .experiment.rundir import RunDirError, explain_os_error
+    from .experiment.runloop import RunStopped
+
     try:
         return args.func(args)
     except ConfigError as e:  # bad input: the message names the field and the constraint
         print(f"ormo {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RunDirError as e:  # a run directory or file that cannot be used: the message names the file and the fix
+        print(f"ormo {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"ormo {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a file-system failure outside the run-directory writers: still one line
+        print(f"ormo {args.command}: error: {explain_os_error(e)}", file=sys.stderr)
+        return 1
+    except RunStopped as e:  # SIGINT 130, SIGTERM 143: the shell's codes for death by that signal
+        print(f"ormo {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
-        print(f"ormo {args.command}: interrupted (a checkpoint was written; --resume continues)", file=sys.stderr)
+        print(f"ormo {args.command}: interrupted; --resume continues from the last checkpoint", file=sys.stderr)
         return 130
 
 

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from ormo import ConfigError
 from ormo.cli import main
 from ormo.experiment.config import _toml_value, apply_overrides, from_dict, load_config, parse_value
+from ormo.experiment.rundir import RunLock
 from ormo.experiment.sweep import plan_sweep, run_sweep
 from ormo.report import load_runs, summarize
 
@@ -209,6 +210,20 @@ def test_dry_run_prints_each_run_with_its_config_difference(tmp_path, capsys):
     assert main(["sweep", str(cfg), "--out", str(tmp_path / "out"), "--print-config"]) == 0
     full = capsys.readouterr().out
     assert full.count('name = "tiny"') == 2 and "[method]" in full
+
+
+def test_one_sweep_per_folder_and_an_out_that_is_a_file(tmp_path, capsys):
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["asgd"]\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    with RunLock(out):  # another sweep is writing into this folder
+        assert main(["sweep", str(cfg), "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "is in use by another ormo process (pid" in err and "Traceback" not in err
+    assert not list(out.rglob("run.json"))
+    (tmp_path / "file").write_text("x")
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "file"), "--quiet"]) == 1
+    assert "is a file, not a folder: choose another --out" in capsys.readouterr().err
 
 
 def test_bad_seeds_flag_is_a_clear_error(tmp_path, capsys):

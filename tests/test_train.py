@@ -221,7 +221,7 @@ def test_ctrl_c_checkpoints_at_an_iteration_boundary_and_resume_is_bit_identical
     if read_run_info(run_dir)["status"] == "finished":
         pytest.skip("the run finished before the signal arrived")
     assert proc.returncode == 130, stderr
-    assert "interrupted (a checkpoint was written; --resume continues)" in stderr
+    assert "by SIGINT; checkpoint written; `ormo train --resume" in stderr
     assert read_run_info(run_dir)["status"] == "interrupted"
     resumed = train(None, run_dir, resume=True, progress=False)
     assert torch.equal(resumed.params, reference.params)

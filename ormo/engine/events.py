@@ -8,6 +8,7 @@ exact same simulated times.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 from collections.abc import Iterator, Sequence
@@ -109,6 +110,29 @@ class EventLog(Sequence[Event]):
         self.meta = dict(sd["meta"])
         self._cols = {name: np.asarray(sd["columns"][name]).tolist() for name in EVENT_FIELDS}
 
+    def check_workers(self, num_workers: int, *, source: str | Path) -> None:
+        """Check that every event and re-dispatch (``meta["redispatches"]``: ``[t, worker, index, ...]``) names a
+        worker in ``[0, num_workers)`` and a valid iteration, as read from file ``source`` (line = event t + 2)."""
+        for t, worker in enumerate(self._cols["worker"]):
+            if not 0 <= worker < num_workers:
+                raise EventLogError(f"{source}:{t + 2}: worker={worker} is out of range: the run has train.num_workers"
+                                    f" = {num_workers} (workers 0 to {num_workers - 1})")
+        redispatches = self.meta.get("redispatches", [])
+        if not isinstance(redispatches, list):
+            raise EventLogError(f"{source}:1: meta.redispatches = {redispatches!r} must be a list of [t, worker, "
+                                f"index, ...] entries")
+        for i, entry in enumerate(redispatches):
+            where = f"{source}:1: meta.redispatches[{i}] = {entry!r}"
+            if not isinstance(entry, list) or len(entry) < 3 or \
+                    not all(isinstance(x, int) and not isinstance(x, bool) for x in entry[:3]):
+                raise EventLogError(f"{where} must be a list starting with three integers [t, worker, index]")
+            t, worker, index = entry[:3]
+            if not 0 <= worker < num_workers:
+                raise EventLogError(f"{where}: worker={worker} must be in [0, {num_workers - 1}] "
+                                    f"(train.num_workers = {num_workers})")
+            if not 0 <= index <= t <= len(self):
+                raise EventLogError(f"{where}: needs 0 <= index <= t <= {len(self)} (the number of events)")
+
     # -- disk ---------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the log (gzip-compressed when the name ends in ``.gz``); returns the path."""
@@ -116,11 +140,16 @@ class EventLog(Sequence[Event]):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         opener = gzip.open if path.suffix == ".gz" else open
-        with opener(tmp, "wt", encoding="utf-8") as f:  # type: ignore[operator]
-            f.write(json.dumps({"format": FORMAT, "version": VERSION, "meta": _jsonable(self.meta)}) + "\n")
-            for row in zip(*(self._cols[n] for n in EVENT_FIELDS), strict=True):
-                f.write(json.dumps(dict(zip(EVENT_FIELDS, row, strict=True))) + "\n")
-        tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated log under the real name
+        try:
+            with opener(tmp, "wt", encoding="utf-8") as f:  # type: ignore[operator]
+                f.write(json.dumps({"format": FORMAT, "version": VERSION, "meta": _jsonable(self.meta)}) + "\n")
+                for row in zip(*(self._cols[n] for n in EVENT_FIELDS), strict=True):
+                    f.write(json.dumps(dict(zip(EVENT_FIELDS, row, strict=True))) + "\n")
+            tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated log under the real name
+        except BaseException:
+            with contextlib.suppress(OSError):  # a failed write (a full disk) leaves nothing behind
+                tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod

@@ -76,6 +76,7 @@ class ParameterServer:
         checkpoint_marks: list[int],
         checkpoint_path: str | None,
         sync_timeout_s: float,
+        checkpoint_config: str = "",
         buffers_size: int,
         loss_window: int,
         resume: dict[str, Any] | None = None,
@@ -86,7 +87,7 @@ class ParameterServer:
         self.dtype = self.state.params.dtype
         self.events = EventLog(meta)
         self.eval_marks, self.checkpoint_marks = set(eval_marks), set(checkpoint_marks)
-        self.checkpoint_path = checkpoint_path
+        self.checkpoint_path, self.checkpoint_config = checkpoint_path, checkpoint_config
         self.t = 0
         self.time_offset, self.clock0 = 0.0, time.monotonic()
         self.sent: list[int | None] = [None] * num_workers  # index each worker was last sent (None: never)
@@ -351,9 +352,11 @@ class ParameterServer:
 
     def _maybe_checkpoint(self) -> None:
         if self.checkpoint_due and self.checkpoint_path:
-            tmp = self.checkpoint_path + ".tmp"
-            torch.save({"version": 1, "engine": "ray", "server": self._state_dict()}, tmp)
-            os.replace(tmp, self.checkpoint_path)
+            # plain data, stamped with the run's config (imported here: only the server actor writes checkpoints)
+            from ..experiment.rundir import save_checkpoint
+
+            save_checkpoint(self.checkpoint_path, {"engine": "ray", "server": self._state_dict()},
+                            config_toml=self.checkpoint_config)
         self.checkpoint_due = False
 
     def _load(self, sd: dict[str, Any]) -> None:
@@ -473,6 +476,7 @@ def run_ray(
     buffers_size: int,
     loss_window: int,
     resume: dict[str, Any] | None,
+    checkpoint_config: str = "",
     on_snapshot: Callable[[dict[str, Any]], None],
     on_progress: Callable[[int], None] | None = None,
     kill_hook: Callable[[list[Any]], None] | None = None,
@@ -489,7 +493,8 @@ def run_ray(
                                          max_concurrency=4 * num_workers + 16).remote(
             rule, params0.detach().cpu().numpy(), num_workers=num_workers, scheduler=scheduler, total=total,
             schedule=schedule, meta=meta, eval_marks=eval_marks, checkpoint_marks=checkpoint_marks,
-            checkpoint_path=checkpoint_path, sync_timeout_s=options.sync_timeout_s, buffers_size=buffers_size,
+            checkpoint_path=checkpoint_path, checkpoint_config=checkpoint_config,
+            sync_timeout_s=options.sync_timeout_s, buffers_size=buffers_size,
             loss_window=loss_window, resume=resume)
         def new_worker(k: int) -> Any:
             # A dead worker is replaced by a fresh actor (a new process), not restarted by Ray: its constructor

@@ -12,16 +12,21 @@ from .config import (
     to_toml,
 )
 from .run import RunResult, train
+from .rundir import RunDirError, is_locked
+from .runloop import RunStopped
 
 __all__ = [
     "DataConfig",
     "ExperimentConfig",
     "MethodConfig",
     "ModelConfig",
+    "RunDirError",
     "RunResult",
+    "RunStopped",
     "ScheduleConfig",
     "TimingConfig",
     "TrainConfig",
+    "is_locked",
     "load_config",
     "to_toml",
     "train",

@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +54,9 @@ def metrics_row(
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from .rundir import write_text
+
+    write_text(path, text)
 
 
 def _jsonable(v: Any) -> Any:

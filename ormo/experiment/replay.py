@@ -17,8 +17,30 @@ from typing import Any
 import torch
 
 from ..engine import EventLog, Replay, Simulator
+from ..engine.events import EventLogError
 from .config import load_config
 from .problem import TrainProblem
+from .rundir import CHECKPOINT, FINAL, RunDirError, read_run_info, safe_load, write_text
+
+
+def _check_complete(run_dir: Path, events: int) -> None:
+    """A log with fewer events than the run made (a copy cut short) cannot be replayed: say so, rather than let the
+    comparison merely come out different. The run's count is run.json's summary, or its last checkpoint's t."""
+    path = run_dir / "events.jsonl"
+    made, source = None, ""
+    try:
+        made, source = int(read_run_info(run_dir)["summary"]["iterations"]), "run.json's summary"
+    except (OSError, RunDirError, KeyError, TypeError, ValueError):
+        if (run_dir / CHECKPOINT).is_file():
+            try:
+                ckpt = safe_load(run_dir / CHECKPOINT, fix="")
+                made, source = int(ckpt.get("t", ckpt.get("server", {}).get("t"))), f"{CHECKPOINT}"
+            except (RunDirError, TypeError, ValueError, AttributeError):
+                pass
+    if made is not None and events < made:
+        raise EventLogError(f"{path} is truncated: it holds {events} events, but the run made {made} iterations "
+                            f"({source}); the log ends at line {events + 1}, so the run cannot be replayed (restore "
+                            f"the complete events.jsonl)")
 
 
 def replay(run_dir: str | Path, *, write: bool = True) -> dict[str, Any]:
@@ -29,6 +51,12 @@ def replay(run_dir: str | Path, *, write: bool = True) -> dict[str, Any]:
             raise FileNotFoundError(f"cannot replay {run_dir}: {name} is missing (is the run finished?)")
     cfg = load_config(run_dir / "config.toml")
     log = EventLog.load(run_dir / "events.jsonl")
+    log.check_workers(cfg.train.num_workers, source=run_dir / "events.jsonl")
+    _check_complete(run_dir, len(log))
+    recorded = safe_load(run_dir / FINAL, fix="the run's final parameters are lost: it cannot be compared")
+    if not isinstance(recorded.get("params"), torch.Tensor):
+        raise RunDirError(f"{run_dir / FINAL} holds no 'params' tensor; it is not an ormo final.pt")
+    recorded = recorded["params"]
     threads = log.meta.get("worker_threads")
     previous_threads = torch.get_num_threads()
     if threads:
@@ -44,7 +72,6 @@ def replay(run_dir: str | Path, *, write: bool = True) -> dict[str, Any]:
         result = sim.run().result()
     finally:
         torch.set_num_threads(previous_threads)
-    recorded = torch.load(run_dir / "final.pt", weights_only=False)["params"]
     diff = (result.params.double() - recorded.double()).abs()
     out = {
         "run_dir": str(run_dir),
@@ -57,5 +84,5 @@ def replay(run_dir: str | Path, *, write: bool = True) -> dict[str, Any]:
         "worker_threads": threads,
     }
     if write:
-        (run_dir / "replay.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+        write_text(run_dir / "replay.json", json.dumps(out, indent=2) + "\n")
     return out

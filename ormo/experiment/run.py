@@ -7,25 +7,26 @@ A run directory holds::
     metrics.jsonl    one row per evaluation (also metrics.csv): epoch, iteration, gradients, sim_time_s,
                      train_loss, test_loss, test_acc, delay_mean, delay_max, lr_scale
     events.jsonl     the event log (written at every checkpoint and at the end)
-    checkpoint.pt    the latest checkpoint (written atomically: a kill never leaves a torn one)
+    checkpoint.pt    the latest checkpoint (written atomically: a kill never leaves a torn one), stamped with the
+                     config and code version that made it
     final.pt         the final server parameters and BatchNorm statistics
+    .lock            the run lock: one process writes a run directory at a time (see ``rundir.RunLock``)
     tensorboard/     when train.tensorboard = true
 
 Training loop, top to bottom: build the problem and the simulator, evaluate w_0, then step the simulator; every
 ``eval_every`` epochs evaluate and log, every ``checkpoint_every`` epochs checkpoint; at the end write the results.
+File I/O lives in ``rundir``; the loop's shared pieces (marks, signals, progress bar) in ``runloop``.
 """
 
 from __future__ import annotations
 
-import json
+import io
 import math
-import os
 import platform
-import signal
 import subprocess
 import sys
-import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,33 @@ import numpy as np
 import torch
 
 from ..engine import NonFiniteError, Simulator
+from ..rules import Rule
 from ..rules.base import ConfigError
 from .config import ExperimentConfig, load_config, to_toml
 from .metrics import MetricsWriter, metrics_row
 from .problem import TrainProblem
+from .rundir import (
+    CHECKPOINT,
+    CHECKPOINT_VERSION,
+    FINAL,
+    RunDirError,
+    RunLock,
+    load_checkpoint,
+    make_run_dir,
+    read_run_info,
+    safe_load,
+    save_checkpoint,
+    write_bytes,
+    write_json,
+    write_text,
+)
+from .runloop import DeferredInterrupt, RunStopped, iteration_marks, progress_bar
 
-CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_VERSION = 1
+__all__ = ["CHECKPOINT", "CHECKPOINT_VERSION", "DeferredInterrupt", "RunResult", "RunStopped", "read_run_info",
+           "train"]
+
+# the names run_ray.py and older callers imported from here
+_iteration_marks, _progress, _write_json = iteration_marks, progress_bar, write_json
 
 
 @dataclass
@@ -49,10 +70,16 @@ class RunResult:
     params: torch.Tensor
     metrics: list[dict[str, Any]]
     summary: dict[str, Any]
+    #: ``"run diverged at iteration t (worker w): ..."`` when the run stopped on NaN/Inf, else None
+    diverged: str | None = None
 
     @property
     def final(self) -> dict[str, Any]:
         return self.metrics[-1]
+
+    @property
+    def status(self) -> str:
+        return "diverged" if self.diverged else "finished"
 
 
 def _versions() -> dict[str, str]:
@@ -71,55 +98,6 @@ def _git_commit() -> str | None:
         return None
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_run_info(run_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))
-
-
-class DeferredInterrupt:
-    """Turns Ctrl-C (SIGINT) and SIGTERM into a flag that the training loop reads between iterations, so that the
-    checkpoint written on the way out is taken at a clean iteration boundary. A second signal interrupts at once
-    (the last periodic checkpoint stays valid). Only in the main thread, where Python delivers signals."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> DeferredInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = signum
-        self._restore()  # the next signal acts immediately
-
-    def _restore(self) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-        self._old = {}
-
-    def __exit__(self, *exc: Any) -> None:
-        self._restore()
-
-
-def _iteration_marks(every_epochs: float, messages_per_epoch: float, total: int) -> set[int]:
-    marks, k = {total}, 1
-    while (t := round(k * every_epochs * messages_per_epoch)) < total:
-        if t > 0:
-            marks.add(t)
-        k += 1
-    return marks
-
-
 def train(
     cfg: ExperimentConfig | None,
     run_dir: str | Path,
@@ -131,13 +109,32 @@ def train(
     """Run ``cfg`` into ``run_dir`` on the simulator (default) or on Ray (``engine="ray"``, real worker processes;
     see ``ormo.engine.ray_runtime``). With ``resume=True`` continue the run already there (its own config and engine
     are used) from its last checkpoint: bit-identically to an uninterrupted run on the simulator; on Ray every worker
-    restarts from the checkpointed server state."""
+    restarts from the checkpointed server state.
+
+    The run holds ``run_dir``'s lock from before it looks at the directory to the end: a second process gets a
+    ``RunDirError`` naming the holder. SIGINT/SIGTERM stop the run with a checkpoint and raise :class:`RunStopped`.
+    File-system failures raise ``RunDirError`` (or ``OSError``) naming the file, with ``run.json`` set to ``failed``
+    when it can still be written."""
     run_dir = Path(run_dir)
     if engine not in ("simulator", "ray"):
         raise ConfigError(f"invalid engine: {engine!r} (must be 'simulator' or 'ray')")
+    built: tuple[TrainProblem, Rule] | None = None
     if resume:
         if not (run_dir / "config.toml").is_file():
             raise ConfigError(f"cannot resume {str(run_dir)!r}: no config.toml there (not a run directory)")
+    else:
+        if cfg is None:
+            raise ConfigError("train() needs a config unless resume=True")
+        if not (run_dir / "run.json").exists():  # a bad model or dataset fails here, early, before any file is made
+            built = _driver_problem(cfg, engine), cfg.method.build()
+        make_run_dir(run_dir)
+    with RunLock(run_dir):
+        return _train_locked(cfg, run_dir, resume=resume, progress=progress, engine=engine, built=built)
+
+
+def _train_locked(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, progress: bool, engine: str,
+                  built: tuple[TrainProblem, Rule] | None) -> RunResult:
+    if resume:
         cfg = load_config(run_dir / "config.toml")
         info = read_run_info(run_dir)
         engine = info.get("engine", "simulator")
@@ -146,16 +143,13 @@ def train(
         if info.get("threads"):
             torch.set_num_threads(int(info["threads"]))  # the same arithmetic as before the interruption
     else:
-        if cfg is None:
-            raise ConfigError("train() needs a config unless resume=True")
+        assert cfg is not None
         if (run_dir / "run.json").exists():
             raise ConfigError(
                 f"run directory {str(run_dir)!r} already holds a run; continue it with "
                 f"`ormo train --resume {run_dir}` or choose another directory"
             )
-        problem, rule = _driver_problem(cfg, engine), cfg.method.build()  # a bad model or dataset fails here, early
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+        write_text(run_dir / "config.toml", to_toml(cfg))
         info = {
             "name": cfg.name,
             "label": cfg.train.label,
@@ -169,25 +163,63 @@ def train(
             "command": sys.argv,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        _write_json(run_dir / "run.json", info)
+        write_json(run_dir / "run.json", info)
     assert cfg is not None
-    if resume:
-        problem, rule = _driver_problem(cfg, engine), cfg.method.build()
+    problem, rule = built if built is not None else (_driver_problem(cfg, engine), cfg.method.build())
     messages_per_epoch = problem.train_size / (cfg.data.batch_size * rule.local_steps)
     total = max(1, math.ceil(cfg.train.epochs * messages_per_epoch))
-    if engine == "ray":
-        from .run_ray import train_on_ray
+    try:
+        if not resume:  # inside the try: warnings turned into errors (-W error) still mark the run failed
+            _warn_about_the_size(cfg, train_size=problem.train_size, local_steps=rule.local_steps, total=total)
+        if engine == "ray":
+            from .run_ray import train_on_ray
 
-        return train_on_ray(cfg, run_dir, info, problem=problem, rule=rule, total=total,
-                            messages_per_epoch=messages_per_epoch, resume=resume, progress=progress)
+            return train_on_ray(cfg, run_dir, info, problem=problem, rule=rule, total=total,
+                                messages_per_epoch=messages_per_epoch, resume=resume, progress=progress)
+        return _train_simulated(cfg, run_dir, info, problem=problem, rule=rule, total=total,
+                                messages_per_epoch=messages_per_epoch, resume=resume, progress=progress)
+    except KeyboardInterrupt:  # RunStopped included: the loop checkpointed before raising
+        _record(run_dir, info, status="interrupted")
+        raise
+    except Exception as e:
+        if info.get("status") != "finished":
+            _record(run_dir, info, status="failed",
+                    error=str(e) if isinstance(e, RunDirError) else f"{type(e).__name__}: {e}")
+        raise
+
+
+def _record(run_dir: Path, info: dict[str, Any], **fields: Any) -> None:
+    """Best effort: the run's status in run.json. When even that cannot be written (a full disk), the lock tells
+    the story: a ``running`` run whose lock is free is reported as ``stopped``."""
+    info.update(fields)
+    try:
+        write_json(run_dir / "run.json", info)
+    except (RunDirError, OSError):
+        pass
+
+
+def _warn_about_the_size(cfg: ExperimentConfig, *, train_size: int, local_steps: int, total: int) -> None:
+    if cfg.data.batch_size > train_size:
+        warnings.warn(f"data.batch_size = {cfg.data.batch_size} is larger than the training set ({train_size} "
+                      f"examples): one message is {cfg.data.batch_size * local_steps / train_size:.3g} epochs",
+                      stacklevel=4)  # the caller of train()
+    if cfg.train.num_workers > total:
+        warnings.warn(f"train.num_workers = {cfg.train.num_workers} is larger than the number of messages in the run "
+                      f"({total}): at least {cfg.train.num_workers - total} workers never report; raise train.epochs "
+                      f"or lower train.num_workers", stacklevel=4)
+
+
+def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any], *, problem: TrainProblem, rule: Rule,
+                     total: int, messages_per_epoch: float, resume: bool, progress: bool) -> RunResult:
     sim = Simulator(rule, problem.params0, problem.grad_fn, num_workers=cfg.train.num_workers,
                     num_iterations=total, timing=cfg.timing.build(), seed=cfg.train.seed,
                     lr_schedule=lambda t: cfg.schedule.factor(t / messages_per_epoch))
-    evals = _iteration_marks(cfg.train.eval_every, messages_per_epoch, total)
-    checkpoints = _iteration_marks(cfg.train.checkpoint_every, messages_per_epoch, total)
+    evals = iteration_marks(cfg.train.eval_every, messages_per_epoch, total)
+    checkpoints = iteration_marks(cfg.train.checkpoint_every, messages_per_epoch, total)
     window = max(1, math.ceil(messages_per_epoch))  # the last epoch of message losses (A16)
     losses = np.full(window, np.nan)
     metrics = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard)
+    config_toml = to_toml(cfg)
     last_eval = 0
 
     def evaluate() -> dict[str, Any]:
@@ -203,37 +235,31 @@ def train(
             lr_scale=cfg.schedule.factor(max(t - 1, 0) / messages_per_epoch),
         )
 
-    def save_checkpoint() -> None:
-        ckpt = {
-            "version": CHECKPOINT_VERSION,
-            "t": sim.t,
-            "sim": sim.state_dict(),
-            "problem": problem.state_dict(),
-            "losses": losses.copy(),
-            "last_eval": last_eval,
-            "metrics": metrics.rows,
-        }
-        tmp = run_dir / (CHECKPOINT + ".tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, run_dir / CHECKPOINT)
+    def save() -> None:
+        state = {"engine": "simulator", "t": sim.t, "sim": sim.state_dict(), "problem": problem.state_dict(),
+                 "losses": losses.copy(), "last_eval": last_eval, "metrics": metrics.rows}
+        save_checkpoint(run_dir / CHECKPOINT, state, config_toml=config_toml)
         sim.events.save(run_dir / "events.jsonl")
 
     if resume and (run_dir / CHECKPOINT).is_file():
-        ckpt = torch.load(run_dir / CHECKPOINT, weights_only=False)
-        if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise ConfigError(f"{run_dir / CHECKPOINT}: checkpoint version {ckpt.get('version')} is not supported")
-        sim.load_state_dict(ckpt["sim"])
-        problem.load_state_dict(ckpt["problem"])
-        losses[:] = ckpt["losses"]
-        last_eval = ckpt["last_eval"]
-        metrics.reset(ckpt["metrics"])
+        ckpt = load_checkpoint(run_dir, config_toml=config_toml, engine="simulator")
+        try:  # defensive: the stamp matched, so this fits unless the file was edited by hand
+            sim.load_state_dict(ckpt["sim"])
+            problem.load_state_dict(ckpt["problem"])
+            losses[:] = np.asarray(ckpt["losses"])
+            last_eval = int(ckpt["last_eval"])
+            metrics.reset(ckpt["metrics"])
+        except Exception as e:  # noqa: BLE001 - whatever a bad state raises, the fix is the same
+            raise RunDirError(f"{run_dir / CHECKPOINT} does not fit this run ({type(e).__name__}: {e}); delete "
+                              f"{CHECKPOINT} to restart the run from scratch") from None
     else:
         metrics.reset([])
         metrics.add(evaluate())  # w_0
 
+    info.pop("error", None)  # an earlier failure is history once the run goes on
     info["status"] = "running"
-    _write_json(run_dir / "run.json", info)
-    bar = _progress(total, sim.t, cfg.name, progress)
+    write_json(run_dir / "run.json", info)
+    bar = progress_bar(total, sim.t, cfg.name, progress)
     diverged: str | None = None
     try:
         with DeferredInterrupt() as interrupt:
@@ -248,41 +274,39 @@ def train(
                         bar.set_postfix(epoch=f"{row['epoch']:.2f}", sim_s=f"{row['sim_time_s']:.0f}",
                                         loss=f"{row['train_loss']:.4f}", acc=f"{row['test_acc']:.2f}", refresh=False)
                 if sim.t in checkpoints or interrupt.requested:
-                    save_checkpoint()
+                    save()
                 if bar is not None:
                     bar.update(1)
                 if interrupt.requested:  # checkpointed at this iteration boundary: `--resume` continues from here
-                    raise KeyboardInterrupt
+                    raise RunStopped(interrupt.requested, t=sim.t, run_dir=run_dir)
     except NonFiniteError as e:
         # A diverged run is a result, not a failure (the papers report such runs): the server stopped at w_t, the
         # last finite parameters; its final row has NaN losses and the accuracy of those parameters.
         problem.discard_message()
-        diverged = str(e)
+        diverged = f"run diverged at iteration {getattr(e, 't', sim.t)} (worker {getattr(e, 'worker', '?')}): {e}"
         row = evaluate()
         row.update(train_loss=math.nan, test_loss=math.nan)
         metrics.add(row)
-    except KeyboardInterrupt:
-        info["status"] = "interrupted"  # the loop checkpointed at an iteration boundary before raising
-        _write_json(run_dir / "run.json", info)
-        raise
-    except Exception as e:
-        info["status"], info["error"] = "failed", f"{type(e).__name__}: {e}"
-        _write_json(run_dir / "run.json", info)
-        raise
     finally:
         if bar is not None:
             bar.close()
         metrics.close()
 
     result = sim.result()
-    torch.save({"params": result.params, "bn_buffers": problem.server_buffers.clone(),
-                "model_state": problem.model_state(result.params)}, run_dir / "final.pt")
+    _save_final(run_dir, {"params": result.params, "bn_buffers": problem.server_buffers.clone(),
+                          "model_state": problem.model_state(result.params)})
     sim.events.save(run_dir / "events.jsonl")
     summary = result.summary()
     info.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), summary=summary,
                 final=metrics.rows[-1], diverged=diverged)
-    _write_json(run_dir / "run.json", info)
-    return RunResult(run_dir=run_dir, params=result.params, metrics=metrics.rows, summary=summary)
+    write_json(run_dir / "run.json", info)
+    return RunResult(run_dir=run_dir, params=result.params, metrics=metrics.rows, summary=summary, diverged=diverged)
+
+
+def _save_final(run_dir: Path, final: dict[str, Any]) -> None:
+    buf = io.BytesIO()  # serialized in memory (a copy of the parameters), so a disk error is an OSError
+    torch.save(final, buf)
+    write_bytes(run_dir / FINAL, buf.getvalue())
 
 
 def _driver_problem(cfg: ExperimentConfig, engine: str) -> TrainProblem:
@@ -297,16 +321,6 @@ def _driver_problem(cfg: ExperimentConfig, engine: str) -> TrainProblem:
 def _finished_result(run_dir: Path, info: dict[str, Any]) -> RunResult:
     from .metrics import read_metrics
 
-    final = torch.load(run_dir / "final.pt", weights_only=False)
+    final = safe_load(run_dir / FINAL, fix="the run's final parameters are lost: run it again into a new directory")
     return RunResult(run_dir=run_dir, params=final["params"], metrics=read_metrics(run_dir),
-                     summary=info.get("summary", {}))
-
-
-def _progress(total: int, initial: int, name: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
-    return tqdm(total=total, initial=initial, desc=name, unit="msg", dynamic_ncols=True, leave=True)
+                     summary=info.get("summary", {}), diverged=info.get("diverged"))

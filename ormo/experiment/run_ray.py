@@ -8,6 +8,7 @@ rerun the arrival order in the simulator. ``sim_time`` in the log and the metric
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import time
@@ -20,10 +21,12 @@ import torch
 from ..engine.events import EventLog
 from ..engine.simulator import delay_stats
 from ..rules import Rule
-from .config import ExperimentConfig, ScheduleConfig
+from .config import ExperimentConfig, ScheduleConfig, to_toml
 from .metrics import MetricsWriter, metrics_row, read_metrics
 from .problem import TrainProblem
-from .run import CHECKPOINT, RunResult, _iteration_marks, _progress, _write_json
+from .run import RunResult
+from .rundir import CHECKPOINT, FINAL, load_checkpoint, write_bytes, write_json, write_text
+from .runloop import StopOnSignal, iteration_marks, progress_bar
 
 
 def _schedule(schedule: ScheduleConfig, messages_per_epoch: float, t: int) -> float:
@@ -36,9 +39,7 @@ def _write_logs(run_dir: Path, final: dict[str, Any]) -> EventLog:
     events.load_state_dict(final["events"])
     events.meta["redispatches"] = final["redispatches"]
     events.save(run_dir / "events.jsonl")
-    with open(run_dir / "rejections.jsonl", "w", encoding="utf-8") as f:
-        for r in final["rejections"]:
-            f.write(json.dumps(r, default=str) + "\n")
+    write_text(run_dir / "rejections.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in final["rejections"]))
     return events
 
 
@@ -60,15 +61,14 @@ def train_on_ray(
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise RuntimeError("engine='ray' needs Ray: pip install 'ormo[ray]'") from e
 
-    evals = sorted(_iteration_marks(cfg.train.eval_every, messages_per_epoch, total))
-    checkpoints = sorted(_iteration_marks(cfg.train.checkpoint_every, messages_per_epoch, total))
+    evals = sorted(iteration_marks(cfg.train.eval_every, messages_per_epoch, total))
+    checkpoints = sorted(iteration_marks(cfg.train.checkpoint_every, messages_per_epoch, total))
     window = max(1, math.ceil(messages_per_epoch))
     metrics = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard)
+    config_toml = to_toml(cfg)
     resume_state = None
     if resume and (run_dir / CHECKPOINT).is_file():
-        ckpt = torch.load(run_dir / CHECKPOINT, weights_only=False)
-        if ckpt.get("engine") != "ray":
-            raise RuntimeError(f"{run_dir / CHECKPOINT} is not a checkpoint of a Ray run")
+        ckpt = load_checkpoint(run_dir, config_toml=config_toml, engine="ray")
         resume_state = ckpt["server"]
         metrics.reset([r for r in read_metrics(run_dir) if r["iteration"] <= resume_state["t"]])
     else:
@@ -77,7 +77,7 @@ def train_on_ray(
         metrics.add(metrics_row(0, messages_per_epoch=messages_per_epoch, local_steps=rule.local_steps,
                                 sim_time_s=0.0, train_loss=math.nan, test_loss=test_loss, test_acc=test_acc,
                                 delay_mean=math.nan, delay_max=None, lr_scale=cfg.schedule.factor(0.0)))
-    bar = _progress(total, resume_state["t"] if resume_state else 0, cfg.name, progress)
+    bar = progress_bar(total, resume_state["t"] if resume_state else 0, cfg.name, progress)
 
     def on_snapshot(snap: dict[str, Any]) -> None:
         problem.server_buffers.copy_(snap["buffers"])
@@ -101,24 +101,20 @@ def train_on_ray(
             "engine": "ray", "worker_threads": cfg.ray.worker_threads}
     info.update(status="running", engine="ray", ray={"address": cfg.ray.address,
                                                      "worker_threads": cfg.ray.worker_threads})
-    _write_json(run_dir / "run.json", info)
+    info.pop("error", None)  # an earlier failure is history once the run goes on
+    write_json(run_dir / "run.json", info)
     started = time.monotonic()
     try:
-        final = run_ray(
-            rule=rule, problem_factory=functools.partial(TrainProblem, cfg), params0=problem.params0,
-            num_workers=cfg.train.num_workers, total=total,
-            schedule=functools.partial(_schedule, cfg.schedule, messages_per_epoch),
-            timing=cfg.timing.build(), seed=cfg.train.seed, scheduler=rule.scheduler, meta=meta, options=cfg.ray,
-            eval_marks=evals, checkpoint_marks=checkpoints, checkpoint_path=str(run_dir / CHECKPOINT),
-            buffers_size=problem.server_buffers.numel(), loss_window=window, resume=resume_state,
-            on_snapshot=on_snapshot, on_progress=on_progress, kill_hook=kill_hook)
-    except KeyboardInterrupt:
-        info["status"] = "interrupted"
-        _write_json(run_dir / "run.json", info)
-        raise
-    except Exception as e:
-        info["status"], info["error"] = "failed", f"{type(e).__name__}: {e}"
-        _write_json(run_dir / "run.json", info)
+        with StopOnSignal(run_dir):  # the Ray driver cannot stop at an iteration boundary: the last checkpoint counts
+            final = run_ray(
+                rule=rule, problem_factory=functools.partial(TrainProblem, cfg), params0=problem.params0,
+                num_workers=cfg.train.num_workers, total=total,
+                schedule=functools.partial(_schedule, cfg.schedule, messages_per_epoch),
+                timing=cfg.timing.build(), seed=cfg.train.seed, scheduler=rule.scheduler, meta=meta, options=cfg.ray,
+                eval_marks=evals, checkpoint_marks=checkpoints, checkpoint_path=str(run_dir / CHECKPOINT),
+                checkpoint_config=config_toml, buffers_size=problem.server_buffers.numel(), loss_window=window,
+                resume=resume_state, on_snapshot=on_snapshot, on_progress=on_progress, kill_hook=kill_hook)
+    except Exception as e:  # train() records the failure in run.json
         partial = getattr(e, "partial", None)
         if partial is not None:  # the logs of a failed run are the ones most worth reading (and replaying)
             _write_logs(run_dir, partial)
@@ -130,7 +126,9 @@ def train_on_ray(
 
     events = _write_logs(run_dir, final)
     params = final["params"]
-    torch.save({"params": params, "bn_buffers": torch.tensor(np.array(final["buffers"]))}, run_dir / "final.pt")
+    buf = io.BytesIO()  # serialized in memory (a copy), so a disk error is an OSError naming the file
+    torch.save({"params": params, "bn_buffers": torch.tensor(np.array(final["buffers"]))}, buf)
+    write_bytes(run_dir / FINAL, buf.getvalue())
     k = cfg.train.num_workers
     workers = events.column("worker")
     summary = {
@@ -144,5 +142,5 @@ def train_on_ray(
     }
     info.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), summary=summary,
                 final=metrics.rows[-1], diverged=None)
-    _write_json(run_dir / "run.json", info)
+    write_json(run_dir / "run.json", info)
     return RunResult(run_dir=run_dir, params=params, metrics=metrics.rows, summary=summary)

@@ -45,6 +45,7 @@ from typing import Any
 
 from ..rules.base import ConfigError
 from .config import ExperimentConfig, _toml_value, apply_overrides, from_dict, read_config_file, to_toml
+from .rundir import RunDirError, RunLock, make_run_dir, write_text
 
 
 @dataclass(frozen=True)
@@ -330,12 +331,7 @@ def record_plan(out: Path, runs: list[SweepRun]) -> None:
             pass  # unreadable: rebuilt from this plan (ormo table also shows every run it finds)
     order["labels"] = list(dict.fromkeys([*order["labels"], *(r.label for r in runs)]))
     order["methods"] = list(dict.fromkeys([*order["methods"], *(r.method for r in runs)]))
-    tmp = path.with_name(f"sweep.json.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(order, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(path, json.dumps(order, indent=2) + "\n")
 
 
 class SweepStopped(KeyboardInterrupt):
@@ -455,8 +451,15 @@ def run_sweep(runs: list[SweepRun], *, jobs: int = 1, progress: bool = True) -> 
     if not runs:
         return []
     out = sweep_root(runs)
-    out.mkdir(parents=True, exist_ok=True)
-    record_plan(out, runs)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a folder: choose another --out")
+    make_run_dir(out)
+    with RunLock(out):  # one sweep per folder: a second one gets an error naming this one's pid
+        record_plan(out, runs)
+        return _run_all(runs, jobs=jobs, progress=progress)
+
+
+def _run_all(runs: list[SweepRun], *, jobs: int, progress: bool) -> list[tuple[str, str]]:
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pending = collections.deque(runs)
     replies: queue.Queue = queue.Queue()

@@ -39,7 +39,8 @@ class RunRecord:
     label: str
     #: the run's seed (``train.seed``)
     seed: int
-    #: ``"running"``, ``"finished"``, ``"failed"`` or ``"interrupted"``
+    #: ``"running"``, ``"finished"``, ``"failed"``, ``"interrupted"`` or ``"stopped"`` (run.json says running but no
+    #: process holds the run's lock: it was killed; ``ormo train --resume`` continues it)
     status: str
     #: ``config.toml`` as a nested dict (empty when the file is missing)
     config: dict[str, Any] = field(repr=False)
@@ -161,11 +162,18 @@ def read_run(run_dir: PathLike) -> RunRecord:
         rule=str(rule),
         label=str(info["label"]) if info.get("label") else derived_label(config),
         seed=int(seed),
-        status=str(info.get("status", "unknown")),
+        status=_live_status(run_dir, str(info.get("status", "unknown"))),
         config=config,
         metrics=_read_metrics(run_dir / "metrics.jsonl"),
         summary=dict(info.get("summary") or {}),
     )
+
+
+def _live_status(run_dir: Path, status: str) -> str:
+    """``running`` only while a process holds the run's lock; otherwise it was killed: ``stopped``."""
+    from ..experiment.rundir import is_locked  # imported here: only a "running" run needs it
+
+    return "stopped" if status == "running" and not is_locked(run_dir) else status
 
 
 def load_runs(paths: PathLike | Iterable[PathLike], *, include_unfinished: bool = False) -> list[RunRecord]:

@@ -1,0 +1,110 @@
+"""Pieces of the training loop shared by the simulator and Ray runs: when to evaluate and checkpoint, how a signal
+stops a run (:class:`RunStopped`), and the progress bar."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+
+class RunStopped(KeyboardInterrupt):
+    """A run stopped by a signal (SIGINT: Ctrl-C, or SIGTERM) after writing a checkpoint; ``--resume`` continues it.
+
+    A ``KeyboardInterrupt`` so that code which treats Ctrl-C as "stop" keeps working; ``exit_code`` is the shell's
+    convention for death by that signal (130 for SIGINT, 143 for SIGTERM), for callers that exit on it.
+    ``t`` is the iteration of the checkpoint written on the way out (None when the run stopped between periodic
+    checkpoints, e.g. on Ray: the last periodic one is where ``--resume`` continues)."""
+
+    def __init__(self, signum: int, *, t: int | None = None, run_dir: str | Path | None = None) -> None:
+        self.signum, self.t, self.run_dir = int(signum), t, run_dir
+        super().__init__(str(self))
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        name = signal.Signals(self.signum).name if self.signum in signal.Signals._value2member_map_ else \
+            f"signal {self.signum}"
+        where = f"stopped at iteration {self.t} by {name}; checkpoint written" if self.t is not None else \
+            f"stopped by {name}; the last checkpoint is kept"
+        resume = f"`ormo train --resume {self.run_dir}`" if self.run_dir is not None else "`ormo train --resume`"
+        return f"{where}; {resume} continues"
+
+
+class DeferredInterrupt:
+    """Turns Ctrl-C (SIGINT) and SIGTERM into a flag that the training loop reads between iterations, so that the
+    checkpoint written on the way out is taken at a clean iteration boundary. A second signal interrupts at once
+    (the last periodic checkpoint stays valid). Only in the main thread, where Python delivers signals."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = signum
+        self._restore()  # the next signal acts immediately
+
+    def _restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+
+class StopOnSignal:
+    """SIGINT and SIGTERM raise :class:`RunStopped` at once (for loops that cannot stop at a boundary of their own,
+    like the Ray driver's wait: the run continues from its last periodic checkpoint). Main thread only."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = run_dir
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        raise RunStopped(signum, run_dir=self.run_dir)
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in DeferredInterrupt.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
+
+
+def iteration_marks(every_epochs: float, messages_per_epoch: float, total: int) -> set[int]:
+    """The iterations at which to act every ``every_epochs`` epochs, and ``total`` (the end). A periodic mark within
+    half an interval of ``total`` is dropped: the end's own evaluation follows it within a message or so, and the
+    curve would end on two points taken one message apart."""
+    interval = every_epochs * messages_per_epoch
+    marks, k = {total}, 1
+    while (t := round(k * interval)) < total:
+        if t > 0 and total - t >= interval / 2:
+            marks.add(t)
+        k += 1
+    return marks
+
+
+def progress_bar(total: int, initial: int, name: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, initial=initial, desc=name, unit="msg", dynamic_ncols=True, leave=True)

@@ -1,0 +1,420 @@
+"""Runs that never lie: one writer per run directory, checkpoints that say which config and code made them and load
+as data only, one-line file-system errors that lose nothing, replay input checks, honest stops and divergence."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import Quadratic
+
+import ormo
+from ormo.cli import main
+from ormo.engine import Simulator
+from ormo.engine.events import EventLog, EventLogError
+from ormo.engine.timing import SlowFraction
+from ormo.experiment import RunDirError, RunStopped, is_locked, load_config, train
+from ormo.experiment import rundir as rundir_mod
+from ormo.experiment.replay import replay
+from ormo.experiment.rundir import CHECKPOINT, RunLock, plain, read_run_info, write_json
+from ormo.experiment.runloop import iteration_marks
+from ormo.report.runs import read_run
+
+TINY = ["model.name=mlp", "data.batch_size=16", "train.num_workers=4", "train.epochs=0.5", "train.eval_every=0.25",
+        "train.checkpoint_every=0.25", "method.lr=0.02", "method.momentum=0.9", "data.subset=160"]
+
+
+def _run(tmp_path, name="run", extra=()):
+    """A finished tiny run (5 messages, 10 an epoch), returned with its directory."""
+    d = tmp_path / name
+    return train(load_config(None, [*TINY, *extra]), d, progress=False), d
+
+
+def _unfinish(d: Path) -> None:
+    """Make a finished run look interrupted, so that `--resume` loads its checkpoint."""
+    info = read_run_info(d)
+    info["status"] = "interrupted"
+    write_json(d / "run.json", info)
+
+
+def _cfg_file(tmp_path) -> str:
+    f = tmp_path / "empty.toml"
+    f.write_text("")
+    return str(f)
+
+
+def _sets(overrides):
+    return sum((["--set", o] for o in overrides), [])
+
+
+# -- one writer per run directory -------------------------------------------------------------------------------------
+def test_the_run_lock_names_its_holder_and_is_free_after_release(tmp_path):
+    assert not is_locked(tmp_path)  # no lock file yet
+    with RunLock(tmp_path):
+        assert is_locked(tmp_path)
+        with pytest.raises(RunDirError, match=rf"in use by another ormo process \(pid {os.getpid()}"):
+            RunLock(tmp_path).acquire()
+    assert not is_locked(tmp_path)
+    RunLock(tmp_path).acquire().release()  # free again
+
+
+def test_a_second_train_on_a_held_directory_is_a_one_line_error(tmp_path, capsys):
+    _, d = _run(tmp_path)
+    _unfinish(d)
+    with RunLock(d):  # stands for another process running this directory (flock conflicts across open files)
+        assert main(["train", "--resume", str(d), "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"(pid {os.getpid()}" in err and err.startswith("ormo train: error: run dir")
+        assert main(["train", _cfg_file(tmp_path), "--run-dir", str(d), "--quiet", *_sets(TINY)]) == 1
+        assert f"in use by another ormo process (pid {os.getpid()}" in capsys.readouterr().err
+    assert read_run_info(d)["status"] == "interrupted"  # untouched by the refused commands
+
+
+def test_a_running_run_whose_lock_is_free_is_reported_stopped(tmp_path):
+    _, d = _run(tmp_path)
+    info = read_run_info(d)
+    info["status"] = "running"
+    write_json(d / "run.json", info)
+    assert read_run(d).status == "stopped"  # killed: nobody holds the lock
+    with RunLock(d):
+        assert read_run(d).status == "running"
+
+
+def test_sigterm_exits_143_with_a_checkpoint_and_a_second_writer_is_refused_while_it_runs(tmp_path, capsys):
+    d = tmp_path / "run"
+    overrides = [*TINY, "data.subset=1400", "train.epochs=200", "train.checkpoint_every=0.5"]
+    cmd = [sys.executable, "-m", "ormo", "train", _cfg_file(tmp_path), "--run-dir", str(d), "--quiet",
+           *_sets(overrides)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (d / CHECKPOINT).exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    assert is_locked(d) and read_run(d).status == "running"
+    assert main(["train", "--resume", str(d), "--quiet"]) == 1
+    assert f"(pid {proc.pid}: " in capsys.readouterr().err
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err.decode()
+    lines = err.decode().strip().splitlines()
+    assert lines[-1].startswith("ormo train: stopped at iteration ") and "by SIGTERM; checkpoint written; " \
+        f"`ormo train --resume {d}` continues" in lines[-1]
+    t = int(lines[-1].split("iteration ")[1].split()[0])
+    ckpt = torch.load(d / CHECKPOINT, weights_only=True)
+    assert ckpt["t"] == t and read_run_info(d)["status"] == "interrupted" and not is_locked(d)
+    assert out == b""  # no result JSON for a stopped run
+
+
+def test_run_stopped_carries_the_signal_and_the_shell_exit_code():
+    for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        e = RunStopped(signum, t=7, run_dir="runs/x")
+        assert isinstance(e, KeyboardInterrupt) and e.exit_code == code and e.signum == signum
+        assert str(e) == (f"stopped at iteration 7 by {signal.Signals(signum).name}; checkpoint written; "
+                          "`ormo train --resume runs/x` continues")
+
+
+# -- checkpoints say which config and code made them ------------------------------------------------------------------
+def test_resume_with_an_edited_config_names_the_differing_lines(tmp_path):
+    _, d = _run(tmp_path)
+    _unfinish(d)
+    text = (d / "config.toml").read_text()
+    (d / "config.toml").write_text(text.replace("lr = 0.02", "lr = 0.05").replace("seed = 0", "seed = 1"))
+    with pytest.raises(RunDirError) as e:
+        train(None, d, resume=True, progress=False)
+    assert str(e.value) == (f"{d / CHECKPOINT} was made by method.lr = 0.02, train.seed = 0 but config.toml says "
+                            "method.lr = 0.05, train.seed = 1: restore config.toml, or delete checkpoint.pt to restart "
+                            "the run from scratch")
+    (d / "config.toml").write_text(text)  # restored: it continues
+    assert train(None, d, resume=True, progress=False).final["iteration"] == 5
+
+
+@pytest.mark.parametrize(("other", "differs"), [("method.name=asgd", "method.name"),
+                                                ("train.num_workers=2", "train.num_workers")])
+def test_a_checkpoint_copied_from_another_run_is_refused(tmp_path, other, differs):
+    _, d = _run(tmp_path)
+    _, elsewhere = _run(tmp_path, "other", [other])
+    _unfinish(d)
+    (d / CHECKPOINT).write_bytes((elsewhere / CHECKPOINT).read_bytes())
+    with pytest.raises(RunDirError, match=rf"was made by .*{differs} = .* but config.toml says .*{differs} = "):
+        train(None, d, resume=True, progress=False)
+
+
+def test_a_checkpoint_of_other_numerics_is_refused(tmp_path, monkeypatch):
+    _, d = _run(tmp_path)
+    _unfinish(d)
+    monkeypatch.setattr(rundir_mod, "CODE_VERSION", {"rules": 2, "engine": 1})
+    with pytest.raises(RunDirError, match="made by ormo code version rules=1, engine=1, this ormo is rules=2, "
+                                          "engine=1"):
+        train(None, d, resume=True, progress=False)
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_a_one_line_error(tmp_path):
+    _, d = _run(tmp_path)
+    _unfinish(d)
+    ckpt = torch.load(d / CHECKPOINT, weights_only=True)
+    ckpt["sim"]["worker_states"] = ckpt["sim"]["worker_states"][:1]  # edited by hand: the stamp still matches
+    torch.save(ckpt, d / CHECKPOINT)
+    with pytest.raises(RunDirError, match=r"checkpoint.pt does not fit this run \(ValueError: zip\(\).*delete "
+                                          r"checkpoint.pt to restart"):
+        train(None, d, resume=True, progress=False)
+
+
+def test_a_checkpoint_is_plain_data_and_resumes_bit_identically_for_every_rule():
+    problem = Quadratic(seed=3, dtype=torch.float32)
+
+    def build(name):
+        return Simulator(ormo.make_rule(name), problem.w0, problem.grad_fn, num_workers=3, num_iterations=30, seed=1,
+                         timing=SlowFraction(fraction=0.5, slowdown=3.0))
+
+    for name in ormo.rule_names():
+        full = build(name).run(30).result()
+        buf = io.BytesIO()
+        torch.save(plain(build(name).run(11).state_dict()), buf)
+        buf.seek(0)
+        second = build(name)
+        second.load_state_dict(torch.load(buf, weights_only=True))
+        res = second.run(30).result()
+        assert torch.equal(res.params, full.params) and res.events == full.events, name
+
+
+# -- files from disk are data ----------------------------------------------------------------------------------------
+class _Planted:
+    """Unpickling this creates a file: the stand-in for code a crafted checkpoint would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the bare pickle below
+def test_a_crafted_checkpoint_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"version": 2, "payload": _Planted(marker)}, tmp_path / "probe.pt")
+    torch.load(tmp_path / "probe.pt", weights_only=False)  # the probe works: an unsafe load runs it
+    assert marker.exists()
+    marker.unlink()
+
+    _, d = _run(tmp_path)
+    _unfinish(d)
+    (d / CHECKPOINT).write_bytes((tmp_path / "probe.pt").read_bytes())
+    with pytest.raises(RunDirError) as e:
+        train(None, d, resume=True, progress=False)
+    assert not marker.exists()
+    assert str(e.value) == (f"{d / CHECKPOINT} cannot be loaded: it holds objects other than tensors and plain data "
+                            "(refused: loading it could run code); delete checkpoint.pt to restart the run from "
+                            "scratch")
+    with open(d / "final.pt", "wb") as f:  # a bare pickle, not torch's zip format, is refused too
+        pickle.dump({"params": _Planted(marker)}, f)
+    with pytest.raises(RunDirError, match="final.pt cannot be loaded: it holds objects other than tensors"):
+        replay(d)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path, capsys, damage):
+    _, d = _run(tmp_path)
+    _unfinish(d)
+    data = (d / CHECKPOINT).read_bytes()
+    (d / CHECKPOINT).write_bytes({"empty": b"", "truncated": data[: len(data) // 2],
+                                  "garbage": b"\x00not a checkpoint" * 10}[damage])
+    assert main(["train", "--resume", str(d), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"ormo train: error: {d / CHECKPOINT} ")
+    assert err.rstrip().endswith("delete checkpoint.pt to restart the run from scratch")
+    assert ("is empty" in err) == (damage == "empty")
+
+
+# -- file-system failures are one line and lose nothing ---------------------------------------------------------------
+def test_a_full_disk_while_checkpointing_is_one_line_and_resume_then_finishes_cleanly(tmp_path, capsys, monkeypatch):
+    real_replace = os.replace
+
+    def full_disk(src, dst, *a, **kw):
+        if str(dst).endswith("checkpoint.pt") and read_run_info(d).get("status") == "running":
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_replace(src, dst, *a, **kw)
+
+    d = tmp_path / "run"
+    monkeypatch.setattr(os, "replace", full_disk)
+    assert main(["train", _cfg_file(tmp_path), "--run-dir", str(d), "--quiet", *_sets(TINY)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == f"ormo train: error: {d / CHECKPOINT}: No space left on device; free some space on that disk " \
+                      "(or choose another folder)"
+    assert "Traceback" not in "\n".join(err) and not list(d.glob("*.tmp")) and not is_locked(d)
+    info = read_run_info(d)
+    assert info["status"] == "failed" and "No space left on device" in info["error"]
+    monkeypatch.setattr(os, "replace", real_replace)  # space freed
+    assert main(["train", "--resume", str(d), "--quiet"]) == 0
+    info = read_run_info(d)
+    assert info["status"] == "finished" and "error" not in info
+
+
+def test_a_write_cut_short_leaves_no_tmp_file(tmp_path, monkeypatch):
+    real_open = open
+
+    def half_then_full(path, mode="r", *a, **kw):
+        f = real_open(path, mode, *a, **kw)
+
+        class Writer:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                f.close()
+
+            def write(self, data):
+                f.write(data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        return Writer()
+
+    monkeypatch.setattr(rundir_mod, "open", half_then_full, raising=False)
+    with pytest.raises(RunDirError, match=r"x.json: No space left on device; free some space"):
+        write_json(tmp_path / "x.json", {"a": 1})
+    assert list(tmp_path.iterdir()) == []
+
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
+    with pytest.raises(OSError, match="No space left"):
+        EventLog({"rule": "x"}).save(tmp_path / "events.jsonl")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["run-dir is a file", "parent is a file", "permission denied"])
+def test_unusable_run_directories_are_one_line_errors(tmp_path, capsys, monkeypatch, case):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    run_dir = {"run-dir is a file": blocker, "parent is a file": blocker / "run",
+               "permission denied": tmp_path / "ro" / "run"}[case]
+    if case == "permission denied":  # simulated: the tests may run as root, who may write anywhere
+        def denied(self, *a, **kw):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        monkeypatch.setattr(Path, "mkdir", denied)
+    assert main(["train", _cfg_file(tmp_path), "--run-dir", str(run_dir), "--quiet", *_sets(TINY)]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == {
+        "run-dir is a file": f"ormo train: error: run directory {blocker} is a file, not a folder: choose another "
+                             "--run-dir",
+        "parent is a file": f"ormo train: error: cannot create run directory {run_dir}: {run_dir}: Not a directory; "
+                            "a part of that path is a file, not a folder: choose another folder",
+        "permission denied": f"ormo train: error: cannot create run directory {run_dir}: {run_dir}: Permission "
+                             "denied; choose a folder you can write to (or fix its permissions)",
+    }[case]
+    assert blocker.read_text() == "x"
+
+
+# -- replay checks its inputs -----------------------------------------------------------------------------------------
+def _edit_events(d: Path, edit) -> Path:
+    path = d / "events.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(edit(lines)) + "\n")
+    return path
+
+
+def test_replay_refuses_an_out_of_range_worker_a_malformed_field_and_a_truncated_log(tmp_path, capsys):
+    _, d = _run(tmp_path)
+    good = (d / "events.jsonl").read_text()
+
+    def worker_99(lines):
+        rec = json.loads(lines[4])
+        rec["worker"] = 99
+        return [*lines[:4], json.dumps(rec), *lines[5:]]
+
+    path = _edit_events(d, worker_99)
+    with pytest.raises(EventLogError, match=rf"^{path}:5: worker=99 is out of range: the run has train.num_workers = 4 "
+                                            r"\(workers 0 to 3\)$"):
+        replay(d)
+    path.write_text(good.replace('"sim_time": ', '"sim_time": "soon", "x": ', 1))
+    with pytest.raises(EventLogError, match=rf"^{path}:2: bad event record"):
+        replay(d)
+    path.write_text(good)
+    _edit_events(d, lambda lines: lines[:-3])
+    assert main(["replay", str(d)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path} is truncated: it holds 2 events, but the run made 5 iterations (run.json's summary)" in err
+    path.write_text(good)
+    assert replay(d)["bit_identical"]  # the untouched log replays exactly
+
+
+# -- honest divergence ------------------------------------------------------------------------------------------------
+def test_a_diverged_run_prints_valid_json_and_one_stderr_line(tmp_path, capsys):
+    d = tmp_path / "run"
+    args = ["train", _cfg_file(tmp_path), "--run-dir", str(d), "--quiet",
+            *_sets([*TINY, "method.name=naive-asgdm", "method.lr=1e20"])]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+
+    def no_nan(token):
+        raise AssertionError(f"{token} in stdout")
+
+    result = json.loads(out, parse_constant=no_nan)
+    assert result["status"] == "diverged" and result["train_loss"] is None and result["run_dir"] == str(d)
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("ormo train: run diverged at iteration ") and " (worker " in line
+    assert line.endswith("; the run directory records it") and "NaN/Inf" in line
+    assert main(["train", _cfg_file(tmp_path), "--run-dir", str(tmp_path / "ok"), "--quiet", *_sets(TINY)]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "finished"
+
+
+# -- warnings for legal nonsense --------------------------------------------------------------------------------------
+def test_warnings_for_a_batch_larger_than_the_data_and_more_workers_than_messages(tmp_path):
+    with pytest.warns(UserWarning, match=r"data.batch_size = 64 is larger than the training set \(40 examples\): "
+                                         r"one message is 1.6 epochs"):
+        train(load_config(None, [*TINY, "data.subset=40", "data.batch_size=64", "train.num_workers=1"]),
+              tmp_path / "a", progress=False)
+    with pytest.warns(UserWarning, match=r"train.num_workers = 4 is larger than the number of messages in the run "
+                                         r"\(1\): at least 3 workers never report"):
+        train(load_config(None, [*TINY, "train.epochs=0.1"]), tmp_path / "b", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(load_config(None, TINY), tmp_path / "c", progress=False)  # a sensible size: silent
+
+
+# -- the last evaluation is taken once ---------------------------------------------------------------------------------
+def test_no_periodic_mark_within_half_an_interval_of_the_end():
+    # 10.3 messages an epoch, every 0.5 epochs, one epoch: round(10.3) = 10 is one message before the end (11)
+    assert iteration_marks(0.5, 10.3, 11) == {5, 11}
+    assert iteration_marks(0.5, 20.0, 40) == {10, 20, 30, 40}  # marks that divide the run are all kept
+    assert iteration_marks(0.25, 10.0, 10) == {2, 5, 8, 10}  # 8 is 2 messages (>= half of 2.5) before the end
+    assert iteration_marks(1.0, 4.0, 1) == {1}
+
+
+def test_a_curve_ends_with_one_evaluation(tmp_path):
+    # 165 examples / 16 = 10.3125 messages an epoch: the run ends at 11, the 1-epoch mark would be 10
+    res, _ = _run(tmp_path, extra=["data.subset=165", "train.epochs=1", "train.eval_every=0.5"])
+    assert [r["iteration"] for r in res.metrics] == [0, 5, 11]
+
+
+# -- --print-config ---------------------------------------------------------------------------------------------------
+def test_print_config_prints_the_resolved_toml_and_runs_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", _cfg_file(tmp_path), "--set", "method.lr=0.3", "--set", "model.name=mlp",
+                 "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert tomllib.loads(text)["method"]["lr"] == 0.3
+    (tmp_path / "printed.toml").write_text(text)
+    assert load_config(tmp_path / "printed.toml") == load_config(None, ["method.lr=0.3", "model.name=mlp"])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_numpy_state_is_saved_as_tensors_and_read_back_exactly():
+    state = {"a": np.array([1.5, np.nan]), "b": [np.int64(3), (np.float64(0.25), None)], "c": torch.ones(2)}
+    out = plain(state)
+    assert isinstance(out["a"], torch.Tensor) and out["b"] == [3, (0.25, None)] and type(out["b"][0]) is int
+    np.testing.assert_array_equal(np.asarray(out["a"]), state["a"])
+    state["a"][0] = 9.0  # a copy: later writes to the array do not reach the checkpoint
+    assert out["a"][0] == 1.5
