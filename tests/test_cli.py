@@ -19,7 +19,12 @@ def test_version_prints_the_package_version(capsys):
 def test_demo_runs_the_packaged_quickstart_into_out(tmp_path, monkeypatch):
     # the sweep itself is stubbed (the full quickstart takes ~30 s): what is checked is what it was asked to run
     planned, reported = [], []
-    monkeypatch.setattr(sweep, "run_sweep", lambda runs, **kw: planned.extend(runs))
+    def fake_sweep(runs, **kw):  # "runs" the first run only: the report then covers what is there
+        planned.extend(runs)
+        runs[0].run_dir.mkdir(parents=True)
+        (runs[0].run_dir / "run.json").write_text("{}")
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
     monkeypatch.setattr("ormo.cli._report", lambda paths, out, **kw: reported.append(out))
     monkeypatch.chdir(tmp_path)  # no configs/ folder here: the preset comes from the package
     out = tmp_path / "my-demo"
