@@ -52,7 +52,7 @@ def _unfinish(d: Path) -> None:
 
 def _cfg_file(tmp_path) -> str:
     f = tmp_path / "empty.toml"
-    f.write_text("")
+    f.write_text('name = "t"\n')
     return str(f)
 
 
@@ -407,7 +407,7 @@ def test_print_config_prints_the_resolved_toml_and_runs_nothing(tmp_path, capsys
     text = capsys.readouterr().out
     assert tomllib.loads(text)["method"]["lr"] == 0.3
     (tmp_path / "printed.toml").write_text(text)
-    assert load_config(tmp_path / "printed.toml") == load_config(None, ["method.lr=0.3", "model.name=mlp"])
+    assert load_config(tmp_path / "printed.toml") == load_config(None, ["name=t", "method.lr=0.3", "model.name=mlp"])
     assert not (tmp_path / "runs").exists()
 
 
