@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ormo import ConfigError
 from ormo.experiment import load_config, train
 from ormo.experiment.metrics import read_metrics
 from ormo.experiment.problem import TrainProblem
@@ -121,3 +122,32 @@ def test_the_schedule_reaches_the_local_rate_of_local_methods(tmp_path):
     train(cfg, tmp_path / "run", progress=False)
     scales = [r["lr_scale"] for r in read_metrics(tmp_path / "run")]
     assert scales[:3] == [1.0, 1.0, 1.0] and scales[-1] == pytest.approx(0.1)
+
+
+def test_a_validation_split_is_held_out_of_training_and_evaluated_like_the_test_set(tmp_path):
+    """data.validation removes a class-balanced, seed-independent hold-out from the training set; every metrics row
+    reports its loss and accuracy, computed exactly as the test set's."""
+    base = ["model.name=mlp", "data.batch_size=16", "train.num_workers=2", "train.epochs=0.5"]
+    plain = TrainProblem(load_config(None, base))
+    held = TrainProblem(load_config(None, [*base, "data.validation=200"]))
+    other_seed = TrainProblem(load_config(None, [*base, "data.validation=200", "train.seed=3"]))
+    assert held.train_size == plain.train_size - 200 and held.val_x.shape[0] == 200
+    assert torch.equal(held.val_x, other_seed.val_x)  # the same hold-out for every seed
+    assert torch.bincount(held.val_y, minlength=10).tolist() == [20] * 10
+    # no example is in both: every held-out image is absent from the training set
+    flat_train = {tuple(x.flatten().tolist()) for x in held.train_x}
+    assert not any(tuple(x.flatten().tolist()) in flat_train for x in held.val_x)
+    # the validation metrics are the test metrics' computation on the held-out split
+    params = held.params0
+    loss, acc = held.evaluate_validation(params)
+    held.test_x, held.test_y = held.val_x, held.val_y
+    assert (loss, acc) == held.evaluate(params)
+    assert plain.evaluate_validation(params) == (None, None)
+
+    res = train(load_config(None, [*base, "data.validation=200"]), tmp_path / "run", progress=False)
+    rows = read_metrics(tmp_path / "run")
+    assert all(0 <= r["val_acc"] <= 100 and r["val_loss"] > 0 for r in rows) and res.final["val_acc"] >= 0
+    with pytest.raises(ConfigError, match=r"invalid data.validation: 5000 \(must be < the 1438 training examples"):
+        TrainProblem(load_config(None, [*base, "data.validation=5000"]))
+    with pytest.raises(ConfigError, match="data.validation"):
+        load_config(None, [*base, "data.validation=0"])

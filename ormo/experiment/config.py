@@ -92,6 +92,9 @@ class DataConfig:
     download: bool = False
     #: keep only this many training examples (seeded, class-balanced); unset = all
     subset: int | None = None
+    #: hold out this many training examples (class-balanced, the same ones for every seed and method) as a
+    #: validation split, evaluated like the test set (val_loss, val_acc); unset = none. Tune on it, not on the test set
+    validation: int | None = None
     #: minibatch size per gradient (per local step for local methods)
     batch_size: int = 64
     #: random crop (padding 4) and horizontal flip on training batches
@@ -103,6 +106,8 @@ class DataConfig:
         check_int_at_least("data.batch_size", self.batch_size, 1)
         if self.subset is not None:
             check_int_at_least("data.subset", self.subset, 1)
+        if self.validation is not None:
+            check_int_at_least("data.validation", self.validation, 1)
 
 
 @dataclass(frozen=True)

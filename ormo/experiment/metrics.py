@@ -19,6 +19,8 @@ METRIC_FIELDS: tuple[str, ...] = (
     "train_loss",
     "test_loss",
     "test_acc",
+    "val_loss",
+    "val_acc",
     "delay_mean",
     "delay_max",
     "lr_scale",
@@ -37,6 +39,8 @@ def metrics_row(
     delay_mean: float,
     delay_max: int | None,
     lr_scale: float,
+    val_loss: float | None = None,
+    val_acc: float | None = None,
 ) -> dict[str, Any]:
     """One evaluation row (the fields of :data:`METRIC_FIELDS`) after ``t`` server iterations."""
     return {
@@ -47,6 +51,8 @@ def metrics_row(
         "train_loss": train_loss,
         "test_loss": test_loss,
         "test_acc": test_acc,
+        "val_loss": val_loss,
+        "val_acc": val_acc,
         "delay_mean": delay_mean,
         "delay_max": delay_max,
         "lr_scale": lr_scale,
@@ -86,7 +92,8 @@ class MetricsWriter:
         self.rows.append(dict(row))
         self._flush()
         if self._tb is not None:
-            for key in ("train_loss", "test_loss", "test_acc", "delay_mean", "delay_max", "lr_scale"):
+            for key in ("train_loss", "test_loss", "test_acc", "val_loss", "val_acc", "delay_mean", "delay_max",
+                        "lr_scale"):
                 if row.get(key) is not None:
                     self._tb.add_scalar(key, row[key], row["iteration"])
             self._tb.flush()

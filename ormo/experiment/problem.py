@@ -23,12 +23,16 @@ from torch import Tensor
 
 from ..data import Dataset, load_dataset
 from ..data.augment import Augment, normalize
+from ..data.base import balanced_subset, seeded_generator
 from ..data.sampler import minibatch_generator, minibatch_indices
 from ..flat import FlatModel
 from ..models import build_model
+from ..rules.base import ConfigError
 from .config import ExperimentConfig
 
 EVAL_BATCH = 1000
+#: the validation hold-out's generator: seed 0 of its own stream, so every seed and method holds out the same examples
+_STREAM_VALIDATION = 0x7A11D
 
 
 class TrainProblem:
@@ -50,7 +54,19 @@ class TrainProblem:
         self.model = model.to(self.device)
         self.flat = FlatModel(self.model)
         # Data lives on the device once; a minibatch is one gather.
-        self.train_x, self.train_y = ds.train_x.to(self.device), ds.train_y.to(self.device)
+        train_x, train_y = ds.train_x, ds.train_y
+        self.val_x = self.val_y = None
+        if d.validation is not None:
+            n = int(train_y.shape[0])
+            if d.validation >= n:
+                raise ConfigError(f"invalid data.validation: {d.validation} (must be < the {n} training examples; "
+                                  f"a validation split is held out of the training set)")
+            held = torch.zeros(n, dtype=torch.bool)
+            held[balanced_subset(train_y, d.validation, num_classes=ds.num_classes,
+                                 generator=seeded_generator(0, _STREAM_VALIDATION))] = True
+            self.val_x, self.val_y = train_x[held].to(self.device), train_y[held].to(self.device)
+            train_x, train_y = train_x[~held], train_y[~held]
+        self.train_x, self.train_y = train_x.to(self.device), train_y.to(self.device)
         self.test_x, self.test_y = ds.test_x.to(self.device), ds.test_y.to(self.device)
         self.mean, self.std = ds.mean, ds.std
         self.augment = Augment(crop_padding=4, flip=True, mean=ds.mean, std=ds.std) if d.augment else None
@@ -136,18 +152,27 @@ class TrainProblem:
         self._staged, self._loss_sum, self._loss_count = None, 0.0, 0
 
     # -- evaluation -------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, params: Tensor) -> tuple[float, float]:
         """(test loss, test accuracy in %) of the server parameters with the server's BN statistics."""
+        return self._evaluate(params, self.test_x, self.test_y)
+
+    def evaluate_validation(self, params: Tensor) -> tuple[float | None, float | None]:
+        """(validation loss, accuracy in %) like :meth:`evaluate`, on the held-out split; (None, None) without one."""
+        if self.val_x is None or self.val_y is None:
+            return None, None
+        return self._evaluate(params, self.val_x, self.val_y)
+
+    @torch.no_grad()
+    def _evaluate(self, params: Tensor, xs: Tensor, ys: Tensor) -> tuple[float, float]:
         self.flat.load_params(params)
         self.flat.buffers.copy_(self.server_buffers)
         self.flat.int_buffers.copy_(self.server_int_buffers)
         self._staged = None  # the model's statistics are now the server's
         self.model.eval()
-        total_loss, correct, n = 0.0, 0, int(self.test_x.shape[0])
+        total_loss, correct, n = 0.0, 0, int(xs.shape[0])
         for start in range(0, n, EVAL_BATCH):
-            x = normalize(self.test_x[start : start + EVAL_BATCH], self.mean, self.std)
-            y = self.test_y[start : start + EVAL_BATCH]
+            x = normalize(xs[start : start + EVAL_BATCH], self.mean, self.std)
+            y = ys[start : start + EVAL_BATCH]
             out = self.model(x)
             total_loss += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())

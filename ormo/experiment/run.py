@@ -225,6 +225,7 @@ def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any],
     def evaluate() -> dict[str, Any]:
         t = sim.t
         test_loss, test_acc = problem.evaluate(sim.state.params)
+        val_loss, val_acc = problem.evaluate_validation(sim.state.params)
         delays = sim.events.column("delay")[last_eval:t]
         filled = losses[~np.isnan(losses)]
         return metrics_row(
@@ -232,7 +233,7 @@ def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any],
             train_loss=float(filled.mean()) if filled.size else math.nan, test_loss=test_loss, test_acc=test_acc,
             delay_mean=float(delays.mean()) if delays.size else math.nan,
             delay_max=int(delays.max()) if delays.size else None,
-            lr_scale=cfg.schedule.factor(max(t - 1, 0) / messages_per_epoch),
+            lr_scale=cfg.schedule.factor(max(t - 1, 0) / messages_per_epoch), val_loss=val_loss, val_acc=val_acc,
         )
 
     def save() -> None:

@@ -74,19 +74,22 @@ def train_on_ray(
     else:
         metrics.reset([])
         test_loss, test_acc = problem.evaluate(problem.params0)
+        val_loss, val_acc = problem.evaluate_validation(problem.params0)
         metrics.add(metrics_row(0, messages_per_epoch=messages_per_epoch, local_steps=rule.local_steps,
                                 sim_time_s=0.0, train_loss=math.nan, test_loss=test_loss, test_acc=test_acc,
-                                delay_mean=math.nan, delay_max=None, lr_scale=cfg.schedule.factor(0.0)))
+                                delay_mean=math.nan, delay_max=None, lr_scale=cfg.schedule.factor(0.0),
+                                val_loss=val_loss, val_acc=val_acc))
     bar = progress_bar(total, resume_state["t"] if resume_state else 0, cfg.name, progress)
 
     def on_snapshot(snap: dict[str, Any]) -> None:
         problem.server_buffers.copy_(snap["buffers"])
         test_loss, test_acc = problem.evaluate(snap["params"])
+        val_loss, val_acc = problem.evaluate_validation(snap["params"])
         t = snap["t"]
         row = metrics_row(t, messages_per_epoch=messages_per_epoch, local_steps=rule.local_steps,
                           sim_time_s=snap["sim_time_s"], train_loss=snap["train_loss"], test_loss=test_loss,
                           test_acc=test_acc, delay_mean=snap["delay_mean"], delay_max=snap["delay_max"],
-                          lr_scale=snap["lr_scale"])
+                          lr_scale=snap["lr_scale"], val_loss=val_loss, val_acc=val_acc)
         metrics.add(row)
         if bar is not None:
             bar.set_postfix(epoch=f"{row['epoch']:.2f}", wall_s=f"{row['sim_time_s']:.0f}",

@@ -41,6 +41,8 @@ METRIC_NAMES: dict[str, str] = {
     "train_loss": "train loss",
     "test_loss": "test loss",
     "test_acc": "test acc. (%)",
+    "val_loss": "val. loss",
+    "val_acc": "val. acc. (%)",
     "delay_mean": "mean delay",
     "delay_max": "max delay",
     "delay_p50": "median delay",
@@ -97,6 +99,9 @@ def final_value(record: RunRecord, metric: str) -> float:
         if not record.metrics:
             raise ValueError(f"run {str(record.path)!r} has no metrics rows (metrics.jsonl missing or empty)")
         last = record.metrics[-1]
+        if metric in ("val_loss", "val_acc") and not (record.config.get("data") or {}).get("validation"):
+            raise ValueError(f"run {str(record.path)!r} has no validation split for metric {metric!r}: set "
+                             f"data.validation (e.g. 5000) to hold one out of the training set")
         if metric not in last:
             raise ValueError(f"metric {metric!r} is not in the metrics rows of run {str(record.path)!r} "
                              f"(it has: {', '.join(sorted(last))})")
