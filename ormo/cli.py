@@ -100,8 +100,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from .experiment.config import apply_overrides, from_dict, read_config_file
     from .experiment.sweep import SweepFailed, SweepStopped, describe_plan, plan_sweep, run_sweep, sweep_root
 
+    if args.jobs < 1:
+        raise ConfigError(f"invalid --jobs: {args.jobs} (must be an integer >= 1)")
+    for flag, text in (("--methods", args.methods), ("--seeds", args.seeds), ("--settings", args.settings)):
+        if text is not None and not _csv(text):
+            raise ConfigError(f"{flag} {text!r} lists nothing; leave it out to use the config's own list")
     runs = plan_sweep(args.config, out=args.out, overrides=args.set, methods=_csv(args.methods),
-                      seeds=_csv(args.seeds, int, flag="--seeds"), settings=_csv(args.settings), grid=args.grid)
+                      seeds=_csv(args.seeds, int, flag="--seeds"), settings=_settings(args.config, args.settings),
+                      grid=args.grid)
     if getattr(args, "dry_run", False) or getattr(args, "print_config", False):
         data = read_config_file(args.config)
         data.pop("sweep", None)
@@ -117,6 +123,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     except SweepStopped as e:
         print(f"ormo sweep: {e}", file=sys.stderr)
         return 128 + e.signum  # 130 for Ctrl-C, 143 for SIGTERM
+    except KeyboardInterrupt:  # before the runner took over the signals: nothing ran yet
+        print("ormo sweep: stopped by SIGINT before any run started; run the same command again", file=sys.stderr)
+        return 130
     if not args.no_report:
         root = sweep_root(runs)
         finished = [r for r in runs if (r.run_dir / "run.json").is_file()]
@@ -126,6 +135,20 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print(f"ormo sweep: error: {failed}", file=sys.stderr)
         return 1
     return 0
+
+
+def _settings(config: str, text: str | None) -> list[str] | None:
+    """--settings: comma-separated labels; a label that itself holds a comma is taken whole."""
+    if text is None:
+        return None
+    from .experiment.config import read_config_file
+
+    try:
+        labels = [s.get("label") for s in read_config_file(config).get("sweep", {}).get("settings", [])
+                  if isinstance(s, dict)]
+    except (ConfigError, AttributeError, TypeError):
+        labels = []  # plan_sweep reports what is wrong with the config
+    return [text] if text in labels else _csv(text)
 
 
 def _sweep_order(paths: list[str]) -> tuple[list[str] | None, list[str] | None]:

@@ -140,8 +140,26 @@ def test_load_runs_without_runs_says_where_it_looked(tmp_path: Path) -> None:
         load_runs([empty])
     only_running = tmp_path / "running"
     write_run(only_running, method="asgd", label="x", seed=0, final_loss=1.0, final_acc=1.0, status="running")
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match="include_unfinished=True"):
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"1 unfinished skipped: finish them with "
+                                                                      r"`ormo train --resume RUN_DIR`"):
         load_runs(only_running)
+    assert len(load_runs(only_running, include_unfinished=True)) == 1
+
+
+def test_an_unreadable_run_is_skipped_with_a_warning_not_an_error(sweep: Path) -> None:
+    broken = next(sweep.rglob("run.json"))
+    broken.write_text("{not json")
+    with pytest.warns(UserWarning, match=r"skipping 1 unreadable run\(s\): .*is not valid JSON"):
+        records = load_runs(sweep)
+    assert broken.parent not in [r.path for r in records] and len(records) == len(list(sweep.rglob("run.json"))) - 1
+
+
+def test_a_cell_over_fewer_seeds_says_so(sweep: Path) -> None:
+    records = load_runs(sweep)
+    one_less = [r for r in records if not (r.method == records[0].method and r.label == records[0].label
+                                            and r.seed == records[0].seed)]
+    text = format_table(summarize(one_less))
+    assert text.count("(n=") == 2  # the two metrics of the one short cell, nothing else
 
 
 def test_label_falls_back_to_workers_and_timing_model(tmp_path: Path) -> None:
@@ -215,7 +233,7 @@ def test_unknown_methods_come_last_and_missing_cells_show_a_dash(sweep: Path, tm
     lines = format_table(summarize(load_runs([extra, sweep]))).splitlines()
     assert lines[0].startswith("| Method | K=16 het. train loss")  # settings in first-seen order
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| ASGD", "| OrMo", "| SSGD", "| my-rule"]
-    assert lines[-1] == "| my-rule | 0.30±0.00 | 70.00±0.00 | — | — |"
+    assert lines[-1] == "| my-rule | 0.30±0.00 (n=1) | 70.00±0.00 (n=1) | — | — |"  # one seed, the others have more
 
 
 def test_write_table_writes_markdown_and_csv(sweep: Path, tmp_path: Path) -> None:

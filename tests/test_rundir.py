@@ -221,23 +221,25 @@ def test_a_crafted_checkpoint_is_refused_without_running_it(tmp_path):
                             "scratch")
     with open(d / "final.pt", "wb") as f:  # a bare pickle, not torch's zip format, is refused too
         pickle.dump({"params": _Planted(marker)}, f)
-    with pytest.raises(RunDirError, match="final.pt cannot be loaded: it holds objects other than tensors"):
+    with pytest.raises(RunDirError, match="final.pt cannot be loaded: corrupt, truncated, or not a checkpoint"):
         replay(d)
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "text"])
 def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path, capsys, damage):
     _, d = _run(tmp_path)
     _unfinish(d)
     data = (d / CHECKPOINT).read_bytes()
     (d / CHECKPOINT).write_bytes({"empty": b"", "truncated": data[: len(data) // 2],
-                                  "garbage": b"\x00not a checkpoint" * 10}[damage])
+                                  "garbage": b"\x00not a checkpoint" * 10, "text": b"garbage\n"}[damage])
     assert main(["train", "--resume", str(d), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"ormo train: error: {d / CHECKPOINT} ")
     assert err.rstrip().endswith("delete checkpoint.pt to restart the run from scratch")
     assert ("is empty" in err) == (damage == "empty")
+    assert ("corrupt, truncated, or not a checkpoint" in err) == (damage != "empty") and "run code" not in err
+    assert read_run_info(d)["status"] == "interrupted"  # a refused resume changes nothing in the run
 
 
 # -- file-system failures are one line and lose nothing ---------------------------------------------------------------

@@ -21,7 +21,7 @@ from ormo import ConfigError
 from ormo.cli import main
 from ormo.experiment.config import _toml_value, apply_overrides, from_dict, load_config, parse_value
 from ormo.experiment.rundir import RunLock
-from ormo.experiment.sweep import plan_sweep, run_sweep
+from ormo.experiment.sweep import plan_sweep, record_plan, run_sweep
 from ormo.report import load_runs, summarize
 
 TINY = ('name = "tiny"\n[method]\nlr = 0.02\nmomentum = 0.9\n[model]\nname = "mlp"\n'
@@ -404,3 +404,85 @@ def test_a_killed_sweep_leaves_no_child_behind(tmp_path, reap):
         time.sleep(0.1)
     statuses = [json.loads(p.read_text())["status"] for p in out.rglob("run.json")]
     assert statuses and set(statuses) == {"interrupted"}  # each checkpointed on its way out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# an audit's findings: keys the sweep owns, tables where values belong, damaged sweep.json, commas in labels
+
+
+@pytest.mark.parametrize(("extra", "kwargs", "pattern"), [
+    ("", {"overrides": ["method.name=asgd"]}, "--set sets method.name"),
+    ("", {"overrides": ["train.seed=7"]}, "--set sets train.seed"),
+    ("", {"overrides": ["method.label=x"]}, "--set sets method.label"),
+    ("[[sweep.settings]]\nlabel = \"a\"\nset = {}\n", {"overrides": ["train.label=mine"]},
+     "--set sets train.label"),
+    ("", {"grid": ["method.name=asgd,ormo"]}, "grid axis method.name sets method.name"),
+    ("", {"grid": ["train.seed=3,4"]}, "grid axis train.seed sets train.seed"),
+    ("grid = {\"method.label\" = [\"x\", \"y\"]}\n", {}, "grid axis method.label sets method.label"),
+    ("[[sweep.settings]]\nlabel = \"a\"\nset = {\"method.name\" = \"asgd\"}\n", {},
+     "sweep.settings entry 'a' sets method.name"),
+], ids=["set-name", "set-seed", "set-method-label", "set-label", "grid-name", "grid-seed", "toml-grid", "setting"])
+def test_keys_the_sweep_sets_for_each_run_are_refused_not_ignored(tmp_path, extra, kwargs, pattern):
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["ormo", "ssgdm"]\nseeds = [0]\n' + extra)
+    with pytest.raises(ConfigError, match=pattern + ", which the sweep sets for each run"):
+        plan_sweep(cfg, out=tmp_path / "out", **kwargs)
+
+
+def test_a_variant_cannot_set_its_seed_or_label_but_a_sweep_without_lists_takes_them_from_set(tmp_path):
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = [{name = "ormo", label = "v", set = {"train.seed" = 5}}]\n')
+    with pytest.raises(ConfigError, match="sweep.methods entry 'v' sets train.seed"):
+        plan_sweep(cfg, out=tmp_path / "out")
+    cfg = _write(tmp_path, TINY)  # no [sweep]: --set chooses the one method and the one seed
+    runs = plan_sweep(cfg, out=tmp_path / "out", overrides=["method.name=asgd", "train.seed=7"])
+    assert [(r.method, r.seed, r.config.method.name, r.config.train.seed) for r in runs] == [("asgd", 7, "asgd", 7)]
+
+
+def test_an_unquoted_dotted_key_is_a_clear_error(tmp_path):
+    for text in ('[[sweep.settings]]\nlabel = "x"\nset = {train.num_workers = 2}\n',
+                 'grid = {"method.options" = [{a = 1}]}\n'):
+        cfg = _write(tmp_path, TINY + "[sweep]\n" + text)
+        with pytest.raises(ConfigError, match=r"is a table, not a value; quote dotted keys"):
+            plan_sweep(cfg, out=tmp_path / "out")
+
+
+def test_duplicate_grid_values_are_compared_as_values(tmp_path):
+    with pytest.raises(ConfigError, match="lists a value twice: 0.1, 1e-1"):
+        plan_sweep(_write(tmp_path, TINY), out=tmp_path / "out", grid=["method.lr=0.1,1e-1"])
+
+
+def test_a_damaged_sweep_json_is_rebuilt(tmp_path):
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["asgd"]\n')
+    runs = plan_sweep(cfg, out=tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    for text in ('{"labels": "ab", "methods": 5}', "[1, 2]", "{not json"):
+        (tmp_path / "out" / "sweep.json").write_text(text)
+        record_plan(tmp_path / "out", runs)
+        assert json.loads((tmp_path / "out" / "sweep.json").read_text()) == {"labels": ["default"],
+                                                                               "methods": ["asgd"]}
+
+
+def test_settings_flag_takes_a_label_with_a_comma_whole_and_refuses_an_empty_list(tmp_path, capsys):
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["asgd"]\n[[sweep.settings]]\nlabel = "K=2, hom"\nset = {}\n'
+                 '[[sweep.settings]]\nlabel = "het"\nset = {}\n')
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "o"), "--settings", "K=2, hom", "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith("# 1 runs = 1 settings")
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "o"), "--settings", ",", "--dry-run"]) == 2
+    assert "--settings ',' lists nothing" in capsys.readouterr().err
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "o"), "--jobs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid --jobs: 0" in err and "at a time" not in err
+
+
+def test_a_sweep_run_replays_bit_identically_and_leaves_no_plan_behind(variant_sweep, capsys):
+    """Sweep runs use fewer torch threads than a lone run: replay must use the run's own count (run.json)."""
+    _, out = variant_sweep
+    assert main(["replay", str(out / "het" / "ormo-da-drop" / "seed0")]) == 0
+    assert json.loads(capsys.readouterr().out)["bit_identical"] is True
+    assert not (out / ".plan").exists()
+
+
+def test_a_mismatched_folder_names_the_differing_keys_with_their_section(variant_sweep):
+    cfg, out = variant_sweep
+    runs = plan_sweep(cfg, out=out, overrides=["method.lr=0.05"], settings=["het"])
+    with pytest.raises(ConfigError, match=r"this sweep has: method.lr = 0.05   \(there: 0.02\)"):
+        run_sweep(runs, jobs=1, progress=False)

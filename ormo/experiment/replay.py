@@ -57,7 +57,14 @@ def replay(run_dir: str | Path, *, write: bool = True) -> dict[str, Any]:
     if not isinstance(recorded.get("params"), torch.Tensor):
         raise RunDirError(f"{run_dir / FINAL} holds no 'params' tensor; it is not an ormo final.pt")
     recorded = recorded["params"]
+    # the thread count the arithmetic ran with: the Ray workers' (in the log), or the simulated run's (run.json; a
+    # sweep runs with fewer threads than a lone `ormo train`, and matrix products round differently)
     threads = log.meta.get("worker_threads")
+    if not threads:
+        try:
+            threads = read_run_info(run_dir).get("threads")
+        except (OSError, ValueError, RuntimeError):
+            threads = None
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))

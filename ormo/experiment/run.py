@@ -44,6 +44,7 @@ from .rundir import (
     CHECKPOINT,
     CHECKPOINT_VERSION,
     FINAL,
+    CheckpointRefused,
     RunDirError,
     RunLock,
     load_checkpoint,
@@ -181,6 +182,8 @@ def _train_locked(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, 
     except KeyboardInterrupt:  # RunStopped included: the loop checkpointed before raising
         _record(run_dir, info, status="interrupted")
         raise
+    except CheckpointRefused:  # nothing ran: the run stays as it was (interrupted, stopped), to be fixed and resumed
+        raise
     except Exception as e:
         if info.get("status") != "finished":
             _record(run_dir, info, status="failed",
@@ -251,8 +254,8 @@ def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any],
             last_eval = int(ckpt["last_eval"])
             metrics.reset(ckpt["metrics"])
         except Exception as e:  # noqa: BLE001 - whatever a bad state raises, the fix is the same
-            raise RunDirError(f"{run_dir / CHECKPOINT} does not fit this run ({type(e).__name__}: {e}); delete "
-                              f"{CHECKPOINT} to restart the run from scratch") from None
+            raise CheckpointRefused(f"{run_dir / CHECKPOINT} does not fit this run ({type(e).__name__}: {e}); delete "
+                                    f"{CHECKPOINT} to restart the run from scratch") from None
     else:
         metrics.reset([])
         metrics.add(evaluate())  # w_0

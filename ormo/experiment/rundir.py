@@ -38,6 +38,11 @@ class RunDirError(RuntimeError):
     """A run directory or one of its files cannot be used. The message names the file, what is wrong and the fix."""
 
 
+class CheckpointRefused(RunDirError):
+    """A checkpoint that cannot continue this run (damaged, of another config, code or engine). Nothing was run, so
+    the run's recorded status stays as it was."""
+
+
 # -- file-system errors ---------------------------------------------------------------------------------------------
 _FIXES = {
     errno.ENOSPC: "free some space on that disk (or choose another folder)",
@@ -242,9 +247,10 @@ def safe_load(path: str | Path, *, fix: str) -> dict[str, Any]:
     except OSError as e:
         raise RunDirError(f"{explain_os_error(e, path)}; {fix}") from e
     except Exception as e:  # noqa: BLE001 - the unpickler raises many types; all mean "not a usable file"
+        # torch names the refused class ("Unsupported global: GLOBAL posix.system") only for a well-formed file
+        # holding objects; garbage, a truncated file or a bare pickle fail earlier, on the format itself
         reason = "it holds objects other than tensors and plain data (refused: loading it could run code)" \
-            if "weights only" in str(e).lower() else f"corrupt or truncated ({type(e).__name__}: " \
-            f"{str(e).splitlines()[0][:120] if str(e) else ''})"
+            if "global" in str(e).lower() else "corrupt, truncated, or not a checkpoint written by ormo"
         raise RunDirError(f"{path} cannot be loaded: {reason}; {fix}") from None
     if not isinstance(obj, dict):
         raise RunDirError(f"{path} holds a {type(obj).__name__}, not an ormo checkpoint dict; {fix}")
@@ -253,6 +259,15 @@ def safe_load(path: str | Path, *, fix: str) -> dict[str, Any]:
 
 def load_checkpoint(run_dir: str | Path, *, config_toml: str, engine: str) -> dict[str, Any]:
     """The checkpoint of ``run_dir``, after checking that it was made by this config, this code and ``engine``."""
+    try:
+        return _load_checkpoint(run_dir, config_toml=config_toml, engine=engine)
+    except CheckpointRefused:
+        raise
+    except RunDirError as e:
+        raise CheckpointRefused(str(e)) from None
+
+
+def _load_checkpoint(run_dir: str | Path, *, config_toml: str, engine: str) -> dict[str, Any]:
     path = Path(run_dir) / CHECKPOINT
     fix = f"delete {CHECKPOINT} to restart the run from scratch"
     ckpt = safe_load(path, fix=fix)

@@ -34,6 +34,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,8 +45,16 @@ from pathlib import Path
 from typing import Any
 
 from ..rules.base import ConfigError
-from .config import ExperimentConfig, _toml_value, apply_overrides, from_dict, read_config_file, to_toml
-from .rundir import RunDirError, RunLock, make_run_dir, write_text
+from .config import (
+    ExperimentConfig,
+    _toml_value,
+    apply_overrides,
+    from_dict,
+    parse_value,
+    read_config_file,
+    to_toml,
+)
+from .rundir import CHECKPOINT, RunDirError, RunLock, is_locked, make_run_dir, write_text
 
 
 @dataclass(frozen=True)
@@ -67,8 +76,35 @@ def slug(text: str) -> str:
     return s or "default"
 
 
-def _as_override(key: str, value: Any) -> str:
-    return f"{key}={_toml_value(value)}"
+#: keys a sweep sets itself: the method (``[sweep] methods``/``--methods``), its label, the seed and the setting label
+OWNED_KEYS: dict[str, str] = {
+    "method.name": "list methods in [sweep] methods (or --methods)",
+    "method.label": "give a method entry a label: {name = ..., label = ..., set = {...}}",
+    "train.seed": "list seeds in [sweep] seeds (or --seeds)",
+    "train.label": "the setting's label is its [[sweep.settings]] label (and grid values)",
+}
+
+
+def _check_not_owned(where: str, overrides: list[str], owned: tuple[str, ...] = tuple(OWNED_KEYS)) -> None:
+    """A key the sweep sets for each run would be silently replaced: refuse it where it cannot take effect."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in owned:
+            raise ConfigError(f"{where} sets {key}, which the sweep sets for each run (so it would be ignored or "
+                              f"would mislabel runs); {OWNED_KEYS[key]}")
+
+
+def _as_override(where: str, key: Any, value: Any) -> str:
+    if not isinstance(key, str):
+        raise ConfigError(f"{where}: key {key!r} must be a string like \"method.lr\"")
+    if isinstance(value, dict):
+        inner = next(iter(value), "key")
+        raise ConfigError(f"{where}: {key} = {value!r} is a table, not a value; quote dotted keys, e.g. "
+                          f"{{\"{key}.{inner}\" = ...}} (TOML reads {{{key}.{inner} = ...}} as a nested table)")
+    try:
+        return f"{key}={_toml_value(value)}"
+    except TypeError:
+        raise ConfigError(f"{where}: {key} = {value!r} is not a value ormo can set") from None
 
 
 def _table_overrides(where: str, table: Any) -> list[str]:
@@ -76,7 +112,7 @@ def _table_overrides(where: str, table: Any) -> list[str]:
         return []
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: set must be a table of overrides like {{\"method.lr\" = 0.05}}, got {table!r}")
-    return [_as_override(k, v) for k, v in table.items()]
+    return [_as_override(where, k, v) for k, v in table.items()]
 
 
 def _check_slugs(kind: str, labels: list[str]) -> None:
@@ -102,7 +138,7 @@ def _grid_axes(spec_grid: Any, cli_grid: list[str] | None) -> dict[str, list[str
         for key, values in spec_grid.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"sweep.grid.{key}: expected a non-empty list of values, got {values!r}")
-            axes[key] = [_toml_value(v) for v in values]
+            axes[key] = [_as_override(f"sweep.grid.{key}", key, v).split("=", 1)[1] for v in values]
     for item in cli_grid or []:
         key, sep, values = item.partition("=")
         texts = [v.strip() for v in values.split(",") if v.strip()]
@@ -110,7 +146,9 @@ def _grid_axes(spec_grid: Any, cli_grid: list[str] | None) -> dict[str, list[str
             raise ConfigError(f"--grid {item!r} must look like section.key=v1,v2 (e.g. method.lr=0.01,0.03)")
         axes[key.strip()] = texts
     for key, texts in axes.items():
-        if len(set(texts)) != len(texts):
+        _check_not_owned(f"grid axis {key}", [f"{key}=x"])
+        values = [repr(parse_value(t)) for t in texts]  # 0.1 and 1e-1 are one value
+        if len(set(values)) != len(values):
             raise ConfigError(f"grid axis {key} lists a value twice: {', '.join(texts)}")
     return axes
 
@@ -167,6 +205,7 @@ def plan_sweep(
             if not isinstance(label, str) or not label.strip():
                 raise ConfigError(f"sweep.methods entry {m!r}: label must be a non-empty string")
             extra = _table_overrides(f"sweep.methods entry {label!r}", m.get("set"))
+            _check_not_owned(f"sweep.methods entry {label!r}", extra)
         else:
             raise ConfigError(f"sweep.methods entries must be names or {{name = ..., label = ..., set = {{...}}}}, "
                               f"got {m!r}")
@@ -191,7 +230,9 @@ def plan_sweep(
         if extra_keys:
             raise ConfigError(f"sweep.settings entry {s['label']!r}: unknown key {extra_keys[0]!r} "
                               f"(accepted: label, set)")
-        setting_specs.append((s["label"], _table_overrides(f"sweep.settings entry {s['label']!r}", s.get("set"))))
+        own = _table_overrides(f"sweep.settings entry {s['label']!r}", s.get("set"))
+        _check_not_owned(f"sweep.settings entry {s['label']!r}", own)
+        setting_specs.append((s["label"], own))
     _check_slugs("setting", [label for label, _ in setting_specs])
     if settings:
         known = [label for label, _ in setting_specs]
@@ -203,7 +244,13 @@ def plan_sweep(
     if implicit:
         setting_specs = [(base_cfg.train.label or "default", [])]
 
-    points = _grid_points(_grid_axes(spec.get("grid"), grid))
+    axes = _grid_axes(spec.get("grid"), grid)
+    owned = ["method.label"]  # keys of the command line the sweep would overwrite: refused, never ignored
+    owned += ["method.name"] if methods is not None or "methods" in spec else []
+    owned += ["train.seed"] if seeds is not None or "seeds" in spec else []
+    owned += ["train.label"] if raw_settings or axes else []
+    _check_not_owned("--set", cli, tuple(owned))
+    points = _grid_points(axes)
     cells: list[tuple[str, list[str], list[str]]] = []  # (label, setting overrides, grid overrides)
     for label, set_over in setting_specs:
         for part, grid_over in points:
@@ -272,6 +319,8 @@ def describe_plan(runs: list[SweepRun], base: ExperimentConfig, *, full: bool = 
     for r in runs:
         try:
             state = check_existing(r) or "new"
+            if state != "new" and is_locked(r.run_dir):
+                state = "in use by another process now"
         except ConfigError:
             state = "ANOTHER CONFIGURATION IS THERE (the sweep will refuse it)"
         lines.append(f"{r.run_dir}   [{state}]")
@@ -300,13 +349,13 @@ def check_existing(run: SweepRun) -> str | None:
         raise ConfigError(f"{run.run_dir} holds a run whose config.toml cannot be read ({e}); delete that "
                           f"directory to redo it") from None
     if stored != run.config:
-        theirs, ours = to_toml(stored).splitlines(), to_toml(run.config).splitlines()
-        diff = [line for line in ours if line not in theirs][:3]
-        raise ConfigError(f"{run.run_dir} holds a run of another configuration (this sweep has: {'; '.join(diff)}); "
-                          f"use another --out, or delete that directory to redo it")
+        diff = config_diff(stored, run.config)[:3]
+        raise ConfigError(f"{run.run_dir} holds a run of another configuration (this sweep has: "
+                          f"{'; '.join(d.replace('(base:', '(there:') for d in diff)}); use another --out, or delete "
+                          f"that directory to redo it")
     try:
         status = read_run_info(run.run_dir).get("status")
-    except (OSError, ValueError):
+    except (OSError, ValueError, RuntimeError):  # an unreadable run.json: its checkpoint decides
         status = None
     if status == "finished":
         return "finished"
@@ -326,8 +375,9 @@ def record_plan(out: Path, runs: list[SweepRun]) -> None:
     if path.is_file():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
-            order = {k: [x for x in old.get(k, []) if isinstance(x, str)] for k in order}
-        except (ValueError, AttributeError):
+            if isinstance(old, dict) and all(isinstance(old.get(k, []), list) for k in order):
+                order = {k: [x for x in old.get(k, []) if isinstance(x, str)] for k in order}
+        except (OSError, ValueError):
             pass  # unreadable: rebuilt from this plan (ormo table also shows every run it finds)
     order["labels"] = list(dict.fromkeys([*order["labels"], *(r.label for r in runs)]))
     order["methods"] = list(dict.fromkeys([*order["methods"], *(r.method for r in runs)]))
@@ -345,8 +395,8 @@ class SweepStopped(KeyboardInterrupt):
         counts = collections.Counter(o.split(" ")[0].rstrip(":") for _, o in self.results)
         done = counts["done"] + counts["resumed"] + counts["skipped"]
         return (f"stopped by {signal.Signals(self.signum).name}: {done} runs finished, {counts['stopped']} stopped at "
-                f"a checkpoint, {counts['failed']} failed, {self.not_started} not started; run the same command again "
-                f"to continue")
+                f"a checkpoint, {counts['failed']} failed, {self.not_started + counts['not']} not started; run the "
+                f"same command again to continue")
 
 
 class SweepFailed(RuntimeError):
@@ -482,6 +532,8 @@ def _run_all(runs: list[SweepRun], *, jobs: int, progress: bool) -> list[tuple[s
                 w.proc.send_signal(signum)
 
     def done(run: SweepRun, outcome: str) -> None:
+        if outcome.startswith("stopped") and not (run.run_dir / CHECKPOINT).is_file():
+            outcome = "not started (stopped before its first checkpoint; a rerun starts it)"
         results.append((str(run.run_dir), outcome))
         if outcome.startswith("failed"):
             failures.append(f"{run.run_dir}: {outcome[len('failed: '):]}")
@@ -492,7 +544,10 @@ def _run_all(runs: list[SweepRun], *, jobs: int, progress: bool) -> list[tuple[s
     main_thread = threading.current_thread() is threading.main_thread()
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
-        with tempfile.TemporaryDirectory(prefix="ormo-sweep-") as plan_dir:
+        plan_dir = sweep_root(runs) / ".plan"  # the configs handed to the workers; this sweep holds the lock
+        shutil.rmtree(plan_dir, ignore_errors=True)  # left by a sweep that was killed
+        make_run_dir(plan_dir)
+        try:
             while True:
                 while pending and not stop:
                     idle = next((w for w in workers if w.run is None and w.proc.poll() is None), None)
@@ -524,6 +579,8 @@ def _run_all(runs: list[SweepRun], *, jobs: int, progress: bool) -> list[tuple[s
                         warned.add(text)
                         say(f"ormo: warning: {text} ({run.run_dir})")
                 done(run, outcome)
+        finally:
+            shutil.rmtree(plan_dir, ignore_errors=True)
     except BaseException:
         for w in workers:  # an unexpected error in the sweep itself: no child may outlive it
             w.proc.kill()
@@ -542,7 +599,7 @@ def _run_all(runs: list[SweepRun], *, jobs: int, progress: bool) -> list[tuple[s
             signal.signal(s, handler)
         if bar is not None:
             bar.close()
-    if stop:
+    if stop and (pending or any(o.startswith(("stopped", "not started")) for _, o in results)):
         raise SweepStopped(stop[0], results, len(pending))
     if failures:
         raise SweepFailed(failures, len(runs), results)

@@ -184,18 +184,26 @@ def load_runs(paths: PathLike | Iterable[PathLike], *, include_unfinished: bool 
     nothing is left, naming the paths searched.
     """
     path_list = _as_path_list(paths)
-    records = [read_run(p) for p in find_runs(path_list)]
+    records, unreadable = [], []
+    for run_dir in find_runs(path_list):
+        try:
+            records.append(read_run(run_dir))
+        except (ValueError, OSError) as e:  # one damaged run must not hide every other run under the folder
+            unreadable.append(str(e))
+    if unreadable:
+        warnings.warn(f"skipping {len(unreadable)} unreadable run(s): {'; '.join(unreadable)}", stacklevel=2)
     searched = ", ".join(repr(str(p)) for p in path_list) or "(no paths given)"
     if not include_unfinished:
         skipped = [r for r in records if not r.finished]
         if skipped:
             listing = "; ".join(f"{str(r.path)!r} ({r.status})" for r in skipped)
-            warnings.warn(f"skipping {len(skipped)} unfinished run(s): {listing}; pass include_unfinished=True "
-                          f"to keep them", stacklevel=2)
+            warnings.warn(f"skipping {len(skipped)} unfinished run(s): {listing}; tables and plots use finished runs "
+                          f"(from Python: load_runs(..., include_unfinished=True) keeps them)", stacklevel=2)
         records = [r for r in records if r.finished]
         if not records and skipped:
-            raise ValueError(f"no finished runs under {searched} ({len(skipped)} unfinished skipped; pass "
-                             f"include_unfinished=True to use them)")
+            raise ValueError(f"no finished runs under {searched} ({len(skipped)} unfinished skipped: finish them "
+                             f"with `ormo train --resume RUN_DIR` or rerun their sweep)")
     if not records:
-        raise ValueError(f"no runs found under {searched} (a run directory holds run.json)")
+        raise ValueError(f"no runs found under {searched} (a run directory holds run.json)"
+                         + (f"; {len(unreadable)} unreadable" if unreadable else ""))
     return records

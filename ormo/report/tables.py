@@ -212,14 +212,20 @@ def _decimals_for(decimals: int | Mapping[str, int], metric: str) -> int:
 
 def format_table(summary: Summary, *, decimals: int | Mapping[str, int] = 2) -> str:
     """A Markdown table in the papers' layout: one row per method, and for each setting (in first-seen order) one
-    column per metric. ``decimals`` is one count for all metrics or a per-metric mapping (default 2)."""
+    column per metric. A cell over fewer seeds than the fullest cell says ``(n=k)``. ``decimals`` is one count for all
+    metrics or a per-metric mapping (default 2)."""
+    full = max((st.n for cell in summary.cells.values() for st in cell.values()), default=0)
     header = ["Method"] + [f"{label} {METRIC_NAMES.get(m, m)}" for label in summary.labels for m in summary.metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
     for method in summary.methods:
         row = [display_name(method)]
         for label in summary.labels:
             stats = summary.cells.get((method, label), {})
-            row += [format_cell(stats.get(m), decimals=_decimals_for(decimals, m)) for m in summary.metrics]
+            for m in summary.metrics:
+                cell = format_cell(stats.get(m), decimals=_decimals_for(decimals, m))
+                if m in stats and stats[m].n < full:  # fewer seeds than the other cells: say so in the cell
+                    cell += f" (n={stats[m].n})"
+                row.append(cell)
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
