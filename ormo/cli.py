@@ -25,8 +25,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .rules import make_rule, rule_names
-from .rules.base import ConfigError
+from .errors import ConfigError  # light: torch is imported inside the commands, where a Ctrl-C is handled
 
 
 def _csv(text: str | None, cast=str, *, flag: str = "") -> list | None:
@@ -200,6 +199,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return _cmd_sweep(ns)
 
 
+def _cmd_rules(args: argparse.Namespace) -> int:
+    from .rules import make_rule, rule_names
+
+    for name in rule_names():
+        print(json.dumps(make_rule(name).describe(), ensure_ascii=False, default=str))
+    return 0
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
     """Warnings as one line for people (no source line, no module path): ``ormo: warning: ...``."""
     print(f"ormo: warning: {message}", file=sys.stderr if file is None else file)
@@ -269,8 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                        or 0)
 
     p = sub.add_parser("rules", help="list every rule with its scheduler, messages and default hyperparameters")
-    p.set_defaults(func=lambda a: [print(json.dumps(make_rule(n).describe(), ensure_ascii=False, default=str))
-                                   for n in rule_names()] and 0)
+    p.set_defaults(func=_cmd_rules)
 
     p = sub.add_parser("presets", help="list the packaged configs, usable as CONFIG = preset:NAME")
     p.set_defaults(func=_cmd_presets)
@@ -282,29 +288,34 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     warnings.showwarning = _show_warning
-    from .experiment.rundir import RunDirError, explain_os_error
-    from .experiment.runloop import RunStopped
-
     try:
         return args.func(args)
     except ConfigError as e:  # bad input: the message names the field and the constraint
         print(f"ormo {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except RunDirError as e:  # a run directory or file that cannot be used: the message names the file and the fix
-        print(f"ormo {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"ormo {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # a file-system failure outside the run-directory writers: still one line
-        print(f"ormo {args.command}: error: {explain_os_error(e)}", file=sys.stderr)
-        return 1
-    except RunStopped as e:  # SIGINT 130, SIGTERM 143: the shell's codes for death by that signal
-        print(f"ormo {args.command}: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"ormo {args.command}: interrupted; --resume continues from the last checkpoint", file=sys.stderr)
+    except KeyboardInterrupt as e:  # RunStopped carries its signal: 130 for SIGINT, 143 for SIGTERM
+        if hasattr(e, "exit_code"):
+            print(f"ormo {args.command}: {e}", file=sys.stderr)
+            return int(e.exit_code)
+        hint = {"train": "; if its run directory was made, `ormo train --resume DIR` continues it",
+                "sweep": "; run the same command again to continue", "demo": "; run it again to continue"}
+        print(f"ormo {args.command}: interrupted{hint.get(args.command, '')}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `ormo rules | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as e:
+        from .experiment.rundir import RunDirError, explain_os_error
+
+        if isinstance(e, RunDirError):  # a run directory or file that cannot be used: names the file and the fix
+            print(f"ormo {args.command}: error: {e}", file=sys.stderr)
+        elif isinstance(e, FileNotFoundError | ValueError | RuntimeError):
+            print(f"ormo {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        elif isinstance(e, OSError):  # a file-system failure outside the run-directory writers: still one line
+            print(f"ormo {args.command}: error: {explain_os_error(e)}", file=sys.stderr)
+        else:
+            raise
+        return 1
 
 
 if __name__ == "__main__":

@@ -486,3 +486,26 @@ def test_a_mismatched_folder_names_the_differing_keys_with_their_section(variant
     runs = plan_sweep(cfg, out=out, overrides=["method.lr=0.05"], settings=["het"])
     with pytest.raises(ConfigError, match=r"this sweep has: method.lr = 0.05   \(there: 0.02\)"):
         run_sweep(runs, jobs=1, progress=False)
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.5])
+def test_ctrl_c_while_the_cli_starts_is_one_line_and_130(tmp_path, delay):
+    """torch is imported inside the commands, where the CLI handles Ctrl-C: no traceback from inside an import."""
+    cmd = [sys.executable, "-m", "ormo", "sweep", str(_write(tmp_path, TINY)), "--out", str(tmp_path / "o"), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1].decode()
+    if proc.returncode == 0:
+        pytest.skip("the sweep finished before the signal arrived")
+    # 130, or death by SIGINT when the signal cut torch's import short (the shell reports that as 130 too)
+    assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("ormo sweep: ")
+    assert "run the same command again" in err
+
+
+def test_importing_ormo_and_its_cli_does_not_import_torch():
+    code = "import sys, ormo, ormo.cli; assert 'torch' not in sys.modules; print(ormo.make_rule('ormo'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "OrMo(lr=0.1, momentum=0.9)", out.stderr

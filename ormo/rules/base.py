@@ -26,15 +26,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
+
 Scheduler = Literal["sync", "async"]
 SCHEDULERS: tuple[str, ...] = ("sync", "async")
 
 #: Worker-bound stochastic gradient: ``grad(x, step) -> Tensor`` (same shape and dtype as ``x``).
 BoundGrad = Callable[[Tensor, int], Tensor]
-
-
-class ConfigError(ValueError):
-    """An invalid hyperparameter, option or input. The message names the field, the value and the constraint."""
 
 
 def invalid(field: str, value: Any, constraint: str, fix: str | None = None) -> ConfigError:
