@@ -127,9 +127,18 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         return 130
     if not args.no_report:
         root = sweep_root(runs)
-        finished = [r for r in runs if (r.run_dir / "run.json").is_file()]
+        from .report.runs import load_runs
+
+        with warnings.catch_warnings():  # the runs that did not finish are listed below (or were listed as they ran)
+            warnings.simplefilter("ignore")
+            try:
+                finished = bool(load_runs([str(root)]))
+            except ValueError:
+                finished = False
         if finished:
             _report([str(root)], root, table=True, plot=True, metrics=_csv(args.metrics))
+        else:
+            print(f"ormo sweep: no finished run under {root} yet: no table or plots", file=sys.stderr)
     if failed is not None:
         print(f"ormo sweep: error: {failed}", file=sys.stderr)
         return 1

@@ -509,3 +509,12 @@ def test_importing_ormo_and_its_cli_does_not_import_torch():
     code = "import sys, ormo, ormo.cli; assert 'torch' not in sys.modules; print(ormo.make_rule('ormo'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "OrMo(lr=0.1, momentum=0.9)", out.stderr
+
+
+def test_a_sweep_whose_runs_all_fail_lists_them_without_a_table_error(tmp_path, capsys):
+    cfg = _write(tmp_path, TINY.replace("subset = 160\n", f'subset = 160\nname = "cifar10"\ndata_dir = "{tmp_path}"\n')
+                 + '[sweep]\nmethods = ["asgd", "ormo"]\n')
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "no finished run under" in err and "ormo sweep: error: 2 of 2 runs failed" in err
+    assert "ValueError" not in err and "DatasetError" not in err and "cifar-10-python.tar.gz" in err

@@ -44,6 +44,7 @@ def main() -> int:
         from ..rules.base import ConfigError
         from .config import load_config
         from .run import read_run_info, train
+        from .rundir import RunDirError
 
         threads = int(os.environ.get("ORMO_SWEEP_THREADS", "0")) or torch.get_num_threads()
         for line in sys.stdin:
@@ -64,7 +65,7 @@ def main() -> int:
                 except KeyboardInterrupt as e:
                     _answer(STOPPED, caught)
                     return 128 + int(getattr(e, "signum", signal.SIGINT))
-                except ConfigError as e:
+                except (ConfigError, RunDirError) as e:  # their messages name the file or field and the fix
                     outcome = f"failed: {e}"
                 except Exception as e:  # one broken run must not stop the sweep: report it and take the next
                     outcome = f"failed: {type(e).__name__}: {e}"
