@@ -22,7 +22,7 @@ def test_demo_runs_the_packaged_quickstart_into_out(tmp_path, monkeypatch):
     def fake_sweep(runs, **kw):  # "runs" the first run only: the report then covers what is there
         planned.extend(runs)
         runs[0].run_dir.mkdir(parents=True)
-        (runs[0].run_dir / "run.json").write_text("{}")
+        (runs[0].run_dir / "run.json").write_text('{"method": "ormo", "seed": 0, "status": "finished"}')
 
     monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
     monkeypatch.setattr("ormo.cli._report", lambda paths, out, **kw: reported.append(out))
