@@ -310,17 +310,18 @@ def _flat_toml(text: str) -> dict[str, Any]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError:
         return {"(config)": "unreadable"}
-    out: dict[str, Any] = {}
+    return flatten(data)
 
-    def walk(prefix: str, d: dict[str, Any]) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(f"{prefix}{k}.", v)
-            else:
-                out[prefix + k] = v
 
-    walk("", data)
-    return out
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"section.key": value}`` (tables recursively, e.g. ``method.options.delay_rule``)."""
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
 
 
 def _show(v: Any) -> str:

@@ -50,11 +50,12 @@ from .config import (
     _toml_value,
     apply_overrides,
     from_dict,
+    load_config,
     parse_value,
     read_config_file,
     to_toml,
 )
-from .rundir import CHECKPOINT, RunDirError, RunLock, is_locked, make_run_dir, write_text
+from .rundir import CHECKPOINT, RunDirError, RunLock, flatten, is_locked, make_run_dir, read_run_info, write_text
 
 
 @dataclass(frozen=True)
@@ -287,19 +288,9 @@ def plan_sweep(
 # showing a plan
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
 def config_diff(base: ExperimentConfig, cfg: ExperimentConfig) -> list[str]:
     """``key = value (base: value)`` for every resolved value of ``cfg`` that differs from ``base``."""
-    a, b = _flatten(base.to_dict()), _flatten(cfg.to_dict())
+    a, b = flatten(base.to_dict()), flatten(cfg.to_dict())
     lines = []
     for key in sorted(a.keys() | b.keys()):
         if a.get(key) != b.get(key):
@@ -338,9 +329,6 @@ def describe_plan(runs: list[SweepRun], base: ExperimentConfig, *, full: bool = 
 def check_existing(run: SweepRun) -> str | None:
     """None for a fresh directory; 'finished', 'resume' or 'restart' for one that holds this configuration's run;
     an error for a directory that holds another configuration."""
-    from .config import load_config
-    from .run import CHECKPOINT, read_run_info
-
     if not (run.run_dir / "run.json").exists():
         return None
     try:
@@ -466,8 +454,8 @@ class _Worker:
         self.stderr.seek(0)
         lines = [x.rstrip() for x in self.stderr.read().splitlines() if x.strip()]
         try:  # it died without answering: the run directory says how far it got
-            status = read_run_status(run.run_dir)
-        except (OSError, ValueError):
+            status = read_run_info(run.run_dir).get("status")
+        except (OSError, ValueError, RuntimeError):  # missing or unreadable run.json
             status = None
         if status == "finished":
             return ("resumed" if self.state == "resume" else "done"), []
@@ -482,12 +470,6 @@ class _Worker:
                 self.proc.stdin.close()
             except OSError:
                 pass
-
-
-def read_run_status(run_dir: Path) -> str | None:
-    from .run import read_run_info
-
-    return read_run_info(run_dir).get("status")
 
 
 def run_sweep(runs: list[SweepRun], *, jobs: int = 1, progress: bool = True) -> list[tuple[str, str]]:
