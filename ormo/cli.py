@@ -70,6 +70,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = {"run_dir": str(result.run_dir), "status": result.status, "epoch": final["epoch"],
            "train_loss": final["train_loss"], "test_acc": final["test_acc"], "sim_time_s": final["sim_time_s"],
            "delay": result.summary.get("delay")}
+    if final.get("val_acc") is not None:
+        out["val_acc"] = final["val_acc"]
     print(json.dumps(_finite_or_null(out), default=str, allow_nan=False))  # valid JSON: NaN/Inf become null
     return 0
 
@@ -106,14 +108,18 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} {text!r} lists nothing; leave it out to use the config's own list")
     runs = plan_sweep(args.config, out=args.out, overrides=args.set, methods=_csv(args.methods),
                       seeds=_csv(args.seeds, int, flag="--seeds"), settings=_settings(args.config, args.settings),
-                      grid=args.grid)
+                      grid=args.grid, tune_scope=getattr(args, "tune_scope", None))
     if getattr(args, "dry_run", False) or getattr(args, "print_config", False):
         data = read_config_file(args.config)
         data.pop("sweep", None)
         base = from_dict(apply_overrides(data, args.set))
         print(describe_plan(runs, base, full=getattr(args, "print_config", False)), end="")
         return 0
-    print(f"{len(runs)} runs into {args.out} ({args.jobs} at a time)", file=sys.stderr)
+    from .experiment.sweep import plan_tuning
+
+    tuning = len(plan_tuning(runs))
+    print(f"{len(runs)} runs into {args.out}" + (f", after {tuning} tuning runs" if tuning else "")
+          + f" ({args.jobs} at a time)", file=sys.stderr)
     failed: SweepFailed | None = None
     try:
         run_sweep(runs, jobs=args.jobs, progress=not args.quiet)
@@ -173,6 +179,23 @@ def _sweep_order(paths: list[str]) -> tuple[list[str] | None, list[str] | None]:
     return None, None
 
 
+def _tuned_values(paths: list[str]) -> dict[tuple[str, str], str]:
+    """(method, setting) -> the values a tuned sweep chose (``"lr=0.03"``), from the folders' sweep.json."""
+    from .experiment.tuning import read_tuning
+
+    out: dict[tuple[str, str], str] = {}
+    for p in paths:
+        tuning = read_tuning(Path(p))
+        for c in (tuning or {}).get("choices", []):
+            if not isinstance(c, dict) or not isinstance(c.get("setting"), str):
+                continue
+            methods = [c["method"]] if isinstance(c.get("method"), str) else (
+                json.loads((Path(p) / "sweep.json").read_text(encoding="utf-8")).get("methods", []))
+            for m in methods:
+                out.setdefault((str(m), c["setting"]), str(c.get("chosen") or "none"))
+    return out
+
+
 def _default_out(paths: list[str]) -> Path:
     """Next to the runs: the folder holding all of them (a single run directory's parent)."""
     dirs = [Path(p).resolve() for p in paths]
@@ -182,7 +205,7 @@ def _default_out(paths: list[str]) -> Path:
 
 
 def _report(paths: list[str], out: Path | None, *, table: bool, plot: bool, labels: list[str] | None = None,
-            metrics: list[str] | None = None) -> None:
+            metrics: list[str] | None = None, relative_to: str | None = None) -> None:
     from .report import load_runs, plot_runs, write_table
 
     records = load_runs(paths)
@@ -194,7 +217,8 @@ def _report(paths: list[str], out: Path | None, *, table: bool, plot: bool, labe
     out = _default_out(paths) if out is None else out
     out.mkdir(parents=True, exist_ok=True)
     if table:
-        print(write_table(records, out, labels=labels, metrics=tuple(metrics or ("train_loss", "test_acc"))))
+        print(write_table(records, out, labels=labels, metrics=tuple(metrics or ("train_loss", "test_acc")),
+                          tuned=_tuned_values(paths), relative_to=relative_to))
         print(f"(written to {out / 'table.md'} and {out / 'table.csv'})", file=sys.stderr)
     if plot:
         for p in plot_runs(records, out, labels=labels):
@@ -204,7 +228,8 @@ def _report(paths: list[str], out: Path | None, *, table: bool, plot: bool, labe
 def _cmd_demo(args: argparse.Namespace) -> int:
     # the packaged preset, so an installed wheel runs the same demo as the repository, into --out
     ns = argparse.Namespace(config="preset:quickstart", out=args.out, set=[], methods=None, seeds=None,
-                            settings=None, grid=None, jobs=args.jobs, quiet=False, no_report=False, metrics=None)
+                            settings=None, grid=None, tune_scope=None, jobs=args.jobs, quiet=False, no_report=False,
+                            metrics=None)
     return _cmd_sweep(ns)
 
 
@@ -267,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (each run's folder, state and config difference from the base) and exit")
     p.add_argument("--print-config", action="store_true", help="print every planned run's full config and exit")
+    p.add_argument("--tune-scope", choices=("method", "shared", "off"),
+                   help="with a [sweep.tune] section: choose per method and setting (method), one value per setting "
+                        "for every method (shared), or skip tuning and run the base values (off)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-report", action="store_true", help="do not write the table and plots at the end")
@@ -279,10 +307,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", type=Path, help="where to write the files (default: the folder holding the runs)")
         p.add_argument("--labels", help="comma-separated settings to show, in this order (default: all)")
         if name == "table":
-            p.add_argument("--metrics", help="default train_loss,test_acc; also test_loss, delay_mean, delay_max")
+            p.add_argument("--metrics", help="default train_loss,test_acc; also test_loss, val_acc, val_loss, "
+                                             "delay_mean, delay_max, sim_time_s, time_to_acc:85 (simulated seconds "
+                                             "to 85 %% test accuracy), time_to_val_acc:85")
+            p.add_argument("--relative-to", metavar="METHOD",
+                           help="with a time_to_acc metric: how many times sooner each method gets there than METHOD")
         p.set_defaults(func=lambda a, n=name: _report(a.runs, a.out, table=n == "table", plot=n == "plot",
-                                                      labels=_csv(a.labels), metrics=_csv(getattr(a, "metrics", None)))
-                       or 0)
+                                                      labels=_csv(a.labels), metrics=_csv(getattr(a, "metrics", None)),
+                                                      relative_to=getattr(a, "relative_to", None)) or 0)
 
     p = sub.add_parser("rules", help="list every rule with its scheduler, messages and default hyperparameters")
     p.set_defaults(func=_cmd_rules)

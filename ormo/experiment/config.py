@@ -24,6 +24,7 @@ from ..engine.timing import HeavyTailed, Homogeneous, OneSlow, PerWorker, SlowFr
 from ..rules import Rule, make_rule
 from ..rules.base import (
     ConfigError,
+    check_bool,
     check_choice,
     check_int_at_least,
     check_positive,
@@ -206,6 +207,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     #: evaluate the server model on the test set every this many epochs
     eval_every: float = 1.0
+    #: evaluate on the test split at all (false: its rows hold no test metrics and the split is dropped from memory
+    #: right after loading; a tuned sweep's tuning runs use false, so selection never sees the test split)
+    eval_test: bool = True
     #: write a checkpoint every this many epochs (and at the end)
     checkpoint_every: float = 1.0
     #: seeds the model, the data stream and the timing model
@@ -224,6 +228,7 @@ class TrainConfig:
             raise invalid("train.weight_decay", self.weight_decay, "a finite number >= 0")
         check_positive("train.eval_every", self.eval_every)
         check_positive("train.checkpoint_every", self.checkpoint_every)
+        check_bool("train.eval_test", self.eval_test)
         check_int_at_least("train.seed", self.seed, 0)
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise invalid("train.device", self.device, "'cpu', 'cuda' or 'cuda:N'")

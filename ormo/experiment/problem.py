@@ -47,7 +47,6 @@ class TrainProblem:
         ds = dataset or load_dataset(
             d.name, data_dir=d.data_dir, download=d.download, subset=d.subset, seed=cfg.train.seed, **d.options
         )
-        self.dataset = ds
         c, h, _ = ds.image_shape
         model = build_model(cfg.model.name, num_classes=ds.num_classes, in_channels=c, image_size=h,
                             seed=cfg.train.seed)
@@ -67,7 +66,10 @@ class TrainProblem:
             self.val_x, self.val_y = train_x[held].to(self.device), train_y[held].to(self.device)
             train_x, train_y = train_x[~held], train_y[~held]
         self.train_x, self.train_y = train_x.to(self.device), train_y.to(self.device)
-        self.test_x, self.test_y = ds.test_x.to(self.device), ds.test_y.to(self.device)
+        self.test_x: Tensor | None = None
+        self.test_y: Tensor | None = None
+        if cfg.train.eval_test:  # otherwise the test split is never kept, so nothing can read it
+            self.test_x, self.test_y = ds.test_x.to(self.device), ds.test_y.to(self.device)
         self.mean, self.std = ds.mean, ds.std
         self.augment = Augment(crop_padding=4, flip=True, mean=ds.mean, std=ds.std) if d.augment else None
         self.batch_size, self.seed = d.batch_size, cfg.train.seed
@@ -152,8 +154,11 @@ class TrainProblem:
         self._staged, self._loss_sum, self._loss_count = None, 0.0, 0
 
     # -- evaluation -------------------------------------------------------------------------------------------
-    def evaluate(self, params: Tensor) -> tuple[float, float]:
-        """(test loss, test accuracy in %) of the server parameters with the server's BN statistics."""
+    def evaluate(self, params: Tensor) -> tuple[float | None, float | None]:
+        """(test loss, test accuracy in %) of the server parameters with the server's BN statistics; (None, None)
+        with ``train.eval_test = false``."""
+        if self.test_x is None or self.test_y is None:
+            return None, None
         return self._evaluate(params, self.test_x, self.test_y)
 
     def evaluate_validation(self, params: Tensor) -> tuple[float | None, float | None]:

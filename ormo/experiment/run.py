@@ -56,7 +56,7 @@ from .rundir import (
     write_json,
     write_text,
 )
-from .runloop import DeferredInterrupt, RunStopped, iteration_marks, progress_bar
+from .runloop import DeferredInterrupt, RunStopped, iteration_marks, progress_bar, shown_accuracy
 
 __all__ = ["CHECKPOINT", "CHECKPOINT_VERSION", "DeferredInterrupt", "RunResult", "RunStopped", "read_run_info",
            "train"]
@@ -276,7 +276,7 @@ def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any],
                     metrics.add(row)
                     if bar is not None:
                         bar.set_postfix(epoch=f"{row['epoch']:.2f}", sim_s=f"{row['sim_time_s']:.0f}",
-                                        loss=f"{row['train_loss']:.4f}", acc=f"{row['test_acc']:.2f}", refresh=False)
+                                        loss=f"{row['train_loss']:.4f}", acc=shown_accuracy(row), refresh=False)
                 if sim.t in checkpoints or interrupt.requested:
                     save()
                 if bar is not None:

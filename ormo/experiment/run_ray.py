@@ -26,7 +26,7 @@ from .metrics import MetricsWriter, metrics_row, read_metrics
 from .problem import TrainProblem
 from .run import RunResult
 from .rundir import CHECKPOINT, FINAL, load_checkpoint, write_bytes, write_json, write_text
-from .runloop import StopOnSignal, iteration_marks, progress_bar
+from .runloop import StopOnSignal, iteration_marks, progress_bar, shown_accuracy
 
 
 def _schedule(schedule: ScheduleConfig, messages_per_epoch: float, t: int) -> float:
@@ -93,7 +93,7 @@ def train_on_ray(
         metrics.add(row)
         if bar is not None:
             bar.set_postfix(epoch=f"{row['epoch']:.2f}", wall_s=f"{row['sim_time_s']:.0f}",
-                            loss=f"{row['train_loss']:.4f}", acc=f"{row['test_acc']:.2f}", refresh=False)
+                            loss=f"{row['train_loss']:.4f}", acc=shown_accuracy(row), refresh=False)
 
     def on_progress(t: int) -> None:
         if bar is not None:

@@ -108,3 +108,11 @@ def progress_bar(total: int, initial: int, name: str, enabled: bool):
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return None
     return tqdm(total=total, initial=initial, desc=name, unit="msg", dynamic_ncols=True, leave=True)
+
+
+def shown_accuracy(row: dict) -> str:
+    """The accuracy a progress bar shows: the test split's, else (``train.eval_test = false``) the validation's."""
+    for key, prefix in (("test_acc", ""), ("val_acc", "val ")):
+        if row.get(key) is not None:
+            return f"{prefix}{row[key]:.2f}"
+    return "-"

@@ -56,6 +56,7 @@ from .config import (
     to_toml,
 )
 from .rundir import CHECKPOINT, RunDirError, RunLock, flatten, is_locked, make_run_dir, read_run_info, write_text
+from .tuning import SELECTION_METRICS, TUNING_DIR, TuneSpec, candidates, parse_tune
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,13 @@ class SweepRun:
     seed: int
     run_dir: Path
     config: ExperimentConfig = field(compare=False)
-    #: the overrides that make this run's config from the base file, in the order applied
+    #: the overrides that make this run's config from the base file, in the order applied (the last two are always
+    #: its seed and its setting label)
     overrides: tuple[str, ...] = field(compare=False, default=())
+    #: the sweep's tuning protocol, if it tunes (the config then lacks the tuned values until they are chosen)
+    tune: TuneSpec | None = field(compare=False, default=None)
+    #: the base config's data (the file without [sweep]), from which a tuned config is rebuilt
+    base: Any = field(compare=False, default=None, repr=False)
 
 
 def slug(text: str) -> str:
@@ -174,6 +180,7 @@ def plan_sweep(
     seeds: list[int] | None = None,
     settings: list[str] | None = None,
     grid: list[str] | None = None,
+    tune_scope: str | None = None,
 ) -> list[SweepRun]:
     """Expand a config (its ``[sweep]`` section, or the command-line choices) into the list of planned runs."""
     if path is None:
@@ -183,9 +190,11 @@ def plan_sweep(
     spec = data.pop("sweep", {}) or {}
     if not isinstance(spec, dict):
         raise ConfigError("[sweep] must be a table")
-    unknown = set(spec) - {"methods", "seeds", "settings", "grid"}
+    unknown = set(spec) - {"methods", "seeds", "settings", "grid", "tune"}
     if unknown:
-        raise ConfigError(f"unknown key sweep.{sorted(unknown)[0]}; [sweep] accepts: methods, seeds, settings, grid")
+        raise ConfigError(f"unknown key sweep.{sorted(unknown)[0]}; [sweep] accepts: methods, seeds, settings, grid, "
+                          f"tune")
+    tune = parse_tune(spec.get("tune"), scope=tune_scope, as_override=_as_override, parse_value=parse_value)
     base = data
     cli = list(overrides or [])
     base_cfg = from_dict(apply_overrides(base, cli))  # the base must be valid on its own: errors name it first
@@ -251,6 +260,20 @@ def plan_sweep(
     owned += ["train.seed"] if seeds is not None or "seeds" in spec else []
     owned += ["train.label"] if raw_settings or axes else []
     _check_not_owned("--set", cli, tuple(owned))
+    if tune is not None:  # a tuned key set anywhere else would be silently replaced by the chosen value
+        for key in tune.keys:
+            _check_not_owned(f"sweep.tune.grid.{key}", [f"{key}=x"])
+            setters = [("--set", cli), ("sweep.grid", [f"{k}=x" for k in axes])]
+            setters += [(f"sweep.settings entry {label!r}", over) for label, over in setting_specs]
+            setters += [(f"sweep.methods entry {label!r}", over) for label, over in method_specs]
+            for where, over in setters:
+                if any(item.split("=", 1)[0].strip() == key for item in over):
+                    raise ConfigError(f"{where} sets {key}, which sweep.tune.grid tunes (the chosen value would "
+                                      f"replace it); tune it or set it, not both")
+        if tune.reference is not None and tune.reference not in labels_seen:
+            raise ConfigError(f"sweep.tune.reference {tune.reference!r} is not one of this sweep's methods: "
+                              f"{', '.join(labels_seen)}")
+        _check_slugs("tuning candidate", [label for label, _ in candidates(tune)])
     points = _grid_points(axes)
     cells: list[tuple[str, list[str], list[str]]] = []  # (label, setting overrides, grid overrides)
     for label, set_over in setting_specs:
@@ -280,8 +303,61 @@ def plan_sweep(
                 except ConfigError as e:
                     raise ConfigError(f"setting {label!r}, method {method!r}: {e}") from None
                 runs.append(SweepRun(method, label, seed, out / slug(label) / slug(method) / f"seed{seed}", cfg,
-                                     tuple(own)))
+                                     tuple(own), tune=tune, base=base))
+    if tune is not None:
+        plan_tuning(runs)  # every tuning run's config must be valid before anything starts
     return runs
+
+
+def plan_tuning(runs: list[SweepRun]) -> list[SweepRun]:
+    """The tuning runs of a tuned plan: every candidate × tuning seed of each (setting, method) cell (with scope
+    ``shared`` and a reference: of the reference method's cells alone), into ``OUT/.tuning``."""
+    tuning: list[SweepRun] = []
+    seen: set[tuple[str, str]] = set()
+    for r in runs:
+        spec = r.tune
+        if spec is None or (r.label, r.method) in seen:
+            continue
+        seen.add((r.label, r.method))
+        if spec.scope == "shared" and spec.reference is not None and r.method != spec.reference:
+            continue
+        cell = r.overrides[:-2]  # the cell's own overrides (the last two are its seed and its setting label)
+        for cand, cand_over in candidates(spec):
+            label_over = f"train.label={_toml_value(f'{r.label} {cand}')}"  # `ormo table OUT/.tuning` tells them apart
+            for seed in spec.seeds:
+                own = (*cell, *cand_over, *spec.extra, "train.eval_test=false", f"train.seed={seed}", label_over)
+                try:
+                    cfg = from_dict(apply_overrides(r.base, list(own)))
+                except ConfigError as e:
+                    raise ConfigError(f"tuning run of setting {r.label!r}, method {r.method!r}, {cand}: {e}") from None
+                key = SELECTION_METRICS[spec.metric][0]
+                if key.startswith("val") and cfg.data.validation is None:
+                    raise ConfigError(f"sweep.tune.metric = {spec.metric!r} is measured on the validation split, "
+                                      f"which setting {r.label!r}, method {r.method!r} does not hold out: set "
+                                      f"data.validation (e.g. 5000), or choose metric = \"final_train_loss\"")
+                run_dir = (sweep_root([r]) / TUNING_DIR / slug(r.label) / slug(r.method) / slug(cand) / f"seed{seed}")
+                tuning.append(SweepRun(r.method, r.label, seed, run_dir, cfg, own))
+    return tuning
+
+
+def tuned_runs(runs: list[SweepRun], choices: list) -> tuple[list[SweepRun], list[SweepRun]]:
+    """The planned runs with their cell's chosen values applied, and the runs whose cell has no choice (every
+    candidate diverged)."""
+    from .tuning import choice_for
+
+    ready, orphans = [], []
+    for r in runs:
+        if r.tune is None:
+            ready.append(r)
+            continue
+        choice = choice_for(choices, r.label, r.method)
+        if choice.chosen is None:
+            orphans.append(r)
+            continue
+        own = (*r.overrides[:-2], *choice.overrides, *r.overrides[-2:])
+        cfg = from_dict(apply_overrides(r.base, list(own)))
+        ready.append(SweepRun(r.method, r.label, r.seed, r.run_dir, cfg, own))
+    return ready, orphans
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,7 +383,13 @@ def describe_plan(runs: list[SweepRun], base: ExperimentConfig, *, full: bool = 
     methods = list(dict.fromkeys(r.method for r in runs))
     seeds = list(dict.fromkeys(r.seed for r in runs))
     lines = [f"# {len(runs)} runs = {len(labels)} settings × {len(methods)} methods × {len(seeds)} seeds"]
-    for r in runs:
+    tuning = plan_tuning(runs)
+    if tuning:
+        spec = runs[0].tune
+        assert spec is not None
+        lines[0] += (f", after {len(tuning)} tuning runs choosing {', '.join(spec.keys)} by {spec.metric} on the "
+                     f"validation split (scope {spec.scope}); the real runs below get the chosen values")
+    for r in [*tuning, *runs]:
         try:
             state = check_existing(r) or "new"
             if state != "new" and is_locked(r.run_dir):
@@ -360,16 +442,19 @@ def record_plan(out: Path, runs: list[SweepRun]) -> None:
     a subset of the settings must not hide the others from ``ormo table OUT``)."""
     path = out / "sweep.json"
     order: dict[str, list[str]] = {"labels": [], "methods": []}
+    data: dict[str, Any] = {}
     if path.is_file():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(old, dict) and all(isinstance(old.get(k, []), list) for k in order):
-                order = {k: [x for x in old.get(k, []) if isinstance(x, str)] for k in order}
+            if isinstance(old, dict):
+                data = old
+                order = {k: [x for x in old.get(k, []) if isinstance(x, str)] if isinstance(old.get(k), list)
+                         else [] for k in order}
         except (OSError, ValueError):
             pass  # unreadable: rebuilt from this plan (ormo table also shows every run it finds)
     order["labels"] = list(dict.fromkeys([*order["labels"], *(r.label for r in runs)]))
     order["methods"] = list(dict.fromkeys([*order["methods"], *(r.method for r in runs)]))
-    write_text(path, json.dumps(order, indent=2) + "\n")
+    write_text(path, json.dumps({**data, **order}, indent=2) + "\n")
 
 
 class SweepStopped(KeyboardInterrupt):
@@ -390,9 +475,10 @@ class SweepStopped(KeyboardInterrupt):
 class SweepFailed(RuntimeError):
     """Some runs of a sweep failed (the others ran to the end); ``results`` holds every (run_dir, outcome)."""
 
-    def __init__(self, failures: list[str], total: int, results: list[tuple[str, str]]) -> None:
-        super().__init__(f"{len(failures)} of {total} runs failed:\n" + "\n".join(failures))
-        self.results = results
+    def __init__(self, failures: list[str], total: int, results: list[tuple[str, str]], *, note: str = "") -> None:
+        super().__init__(f"{len(failures)} of {total} runs failed" + (f" ({note})" if note else "") + ":\n"
+                         + "\n".join(failures))
+        self.results, self.failures = results, failures
 
 
 _PR_SET_PDEATHSIG = 1
@@ -478,8 +564,9 @@ def run_sweep(runs: list[SweepRun], *, jobs: int = 1, progress: bool = True) -> 
     SIGINT/SIGTERM stop it as the module docstring says, raising ``SweepStopped``."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"invalid jobs: {jobs!r} (must be an integer >= 1)")
-    for r in runs:  # before anything starts: a directory of another configuration stops the sweep
-        check_existing(r)
+    tuning = plan_tuning(runs)
+    for r in [*tuning, *(r for r in runs if r.tune is None)]:  # before anything starts: a directory of another
+        check_existing(r)                                      # configuration stops the sweep
     if not runs:
         return []
     out = sweep_root(runs)
@@ -488,10 +575,70 @@ def run_sweep(runs: list[SweepRun], *, jobs: int = 1, progress: bool = True) -> 
     make_run_dir(out)
     with RunLock(out):  # one sweep per folder: a second one gets an error naming this one's pid
         record_plan(out, runs)
-        return _run_all(runs, jobs=jobs, progress=progress)
+        if not tuning:
+            return _run_all(runs, jobs=jobs, progress=progress)
+        try:
+            results = _run_all(tuning, jobs=jobs, progress=progress, desc="tuning")
+        except SweepFailed as e:
+            raise SweepFailed([f"{x} (tuning run)" for x in e.failures], len(tuning), e.results,
+                              note="no real run started: rerun to retry the failed tuning runs") from None
+        choices = select_tuned(runs, tuning)
+        finals, orphans = tuned_runs(runs, choices)
+        for r in finals:
+            check_existing(r)
+        try:
+            results += _run_all(finals, jobs=jobs, progress=progress)
+        except SweepFailed as e:
+            results += e.results
+            failures = e.failures
+        else:
+            failures = []
+        failures += [f"{r.run_dir}: not run: every tuning candidate diverged or has no score" for r in orphans]
+        if failures:
+            raise SweepFailed(failures, len(tuning) + len(runs), results)
+        return results
 
 
-def _run_all(runs: list[SweepRun], *, jobs: int, progress: bool) -> list[tuple[str, str]]:
+def select_tuned(runs: list[SweepRun], tuning: list[SweepRun]) -> list:
+    """Score the finished tuning runs, choose, and record the choices in ``OUT/sweep.json`` and ``OUT/tuning.md``."""
+    from .tuning import candidates as cands
+    from .tuning import choose, format_tuning, run_score, tuning_record
+
+    spec = runs[0].tune
+    assert spec is not None
+    cells: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
+    for cand, _ in cands(spec):
+        for r in tuning:
+            if r.run_dir.parent.name == slug(cand):
+                cells.setdefault((r.label, r.method), {}).setdefault(cand, {})[r.seed] = run_score(r.run_dir,
+                                                                                                 spec.metric)
+    methods_of: dict[str, list[str]] = {}
+    for r in runs:
+        ms = methods_of.setdefault(r.label, [])
+        if r.method not in ms:
+            ms.append(r.method)
+    choices = choose(spec, cells, methods_of)
+    out = sweep_root(runs)
+    record = tuning_record(spec, choices)
+    path = out / "sweep.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data = data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        data = {}
+    old = data.get("tuning")
+    if isinstance(old, dict) and {k: v for k, v in old.items() if k != "choices"} == \
+            {k: v for k, v in record.items() if k != "choices"}:  # same protocol: keep the choices of other cells
+        mine = {(c["setting"], c["method"]) for c in record["choices"]}
+        record["choices"] = [c for c in old.get("choices", []) if isinstance(c, dict)
+                             and (c.get("setting"), c.get("method")) not in mine] + record["choices"]
+    data["tuning"] = record
+    write_text(path, json.dumps(data, indent=2) + "\n")
+    write_text(out / "tuning.md", format_tuning(spec, choices))
+    return choices
+
+
+def _run_all(runs: list[SweepRun], *, jobs: int, progress: bool, desc: str = "sweep") -> list[tuple[str, str]]:
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pending = collections.deque(runs)
     replies: queue.Queue = queue.Queue()
@@ -503,7 +650,7 @@ def _run_all(runs: list[SweepRun], *, jobs: int, progress: bool) -> list[tuple[s
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(runs), desc="sweep", unit="run", dynamic_ncols=True)
+        bar = tqdm(total=len(runs), desc=desc, unit="run", dynamic_ncols=True)
     say = bar.write if bar is not None else (lambda text: print(text, file=sys.stderr))
     warned: set[str] = set()
 

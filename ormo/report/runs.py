@@ -71,7 +71,8 @@ def find_runs(paths: PathLike | Iterable[PathLike]) -> list[Path]:
     """The run directories under ``paths``, without duplicates.
 
     Each path is a run directory (it holds ``run.json``), a ``run.json`` file, or a folder searched recursively
-    for ``run.json``; the runs found under one folder come in sorted path order, folders in the order given.
+    for ``run.json`` (skipping hidden folders below it, such as a tuned sweep's ``.tuning``); the runs found under
+    one folder come in sorted path order, folders in the order given.
     A path that does not exist raises ``FileNotFoundError``; a folder without runs contributes nothing.
     """
     found: list[Path] = []
@@ -87,7 +88,10 @@ def find_runs(paths: PathLike | Iterable[PathLike]) -> list[Path]:
         elif (path / "run.json").is_file():
             candidates = [path]
         else:
-            candidates = sorted(p.parent for p in path.rglob("run.json") if p.is_file())
+            # hidden folders below it are skipped: a tuned sweep's OUT/.tuning runs are not its results (pass
+            # OUT/.tuning itself to see them)
+            candidates = sorted(p.parent for p in path.rglob("run.json") if p.is_file()
+                                and not any(part.startswith(".") for part in p.relative_to(path).parts[:-1]))
         for run_dir in candidates:
             key = run_dir.resolve()
             if key not in seen:

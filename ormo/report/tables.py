@@ -56,6 +56,33 @@ _SUMMARY_DELAY_METRICS = {"delay_mean": "mean", "delay_max": "max", "delay_p50":
                           "delay_p99": "p99"}
 
 
+#: ``time_to_acc:85`` -> the simulated time (s) of the first evaluation with test accuracy >= 85 %
+TIME_TO_PREFIXES: dict[str, str] = {"time_to_acc": "test_acc", "time_to_val_acc": "val_acc"}
+
+
+def time_to_target(metric: str) -> tuple[str, float] | None:
+    """(row key, threshold) of a ``time_to_acc:X`` / ``time_to_val_acc:X`` metric; None for other metrics."""
+    prefix, sep, value = metric.partition(":")
+    if prefix not in TIME_TO_PREFIXES:
+        return None
+    try:
+        threshold = float(value) if sep else math.nan
+    except ValueError:
+        threshold = math.nan
+    if not math.isfinite(threshold):
+        raise ValueError(f"metric {metric!r}: expected {prefix}:PERCENT, e.g. {prefix}:85 (the simulated time at which "
+                         f"the accuracy first reaches 85 %)")
+    return TIME_TO_PREFIXES[prefix], threshold
+
+
+def metric_heading(metric: str) -> str:
+    target = time_to_target(metric)
+    if target is not None:
+        split = "test" if target[0] == "test_acc" else "val."
+        return f"time to {target[1]:g} % {split} acc. (sim. s)"
+    return METRIC_NAMES.get(metric, metric)
+
+
 def display_name(method: str) -> str:
     """The papers' name of a rule (``"ormo-da"`` -> ``"OrMo-DA"``); other labels (variants, unknown rules) are
     returned as they are."""
@@ -88,6 +115,12 @@ def final_value(record: RunRecord, metric: str) -> float:
     ``delay_mean``, ``delay_max``, ``delay_p50``, ``delay_p90`` and ``delay_p99`` come from run.json
     ``summary.delay`` (the whole run); every other metric is the last metrics row's value (NaN if it is null).
     """
+    target = time_to_target(metric)
+    if target is not None:  # inf when the run never reaches it
+        key, threshold = target
+        final_value(record, key)  # the same errors as the accuracy itself (no validation split, a tuning run, ...)
+        return next((float(r["sim_time_s"]) for r in record.metrics
+                     if r.get(key) is not None and float(r[key]) >= threshold), math.inf)
     if metric in _SUMMARY_DELAY_METRICS:
         delay = record.summary.get("delay")
         key = _SUMMARY_DELAY_METRICS[metric]
@@ -99,6 +132,9 @@ def final_value(record: RunRecord, metric: str) -> float:
         if not record.metrics:
             raise ValueError(f"run {str(record.path)!r} has no metrics rows (metrics.jsonl missing or empty)")
         last = record.metrics[-1]
+        if metric in ("test_loss", "test_acc") and (record.config.get("train") or {}).get("eval_test") is False:
+            raise ValueError(f"run {str(record.path)!r} ran with train.eval_test = false (a tuning run never reads the "
+                             f"test split): it has no {metric}; ask for val_acc, val_loss or train_loss")
         if metric in ("val_loss", "val_acc") and not (record.config.get("data") or {}).get("validation"):
             raise ValueError(f"run {str(record.path)!r} has no validation split for metric {metric!r}: set "
                              f"data.validation (e.g. 5000) to hold one out of the training set")
@@ -118,6 +154,8 @@ class CellStats:
     std: float
     #: number of seeds
     n: int
+    #: time-to-target metrics: the seeds that reached the target (mean and std are over those); None otherwise
+    reached: int | None = None
 
 
 @dataclass(frozen=True)
@@ -169,10 +207,14 @@ def summarize(
         cells[key] = {}
         for metric in metrics:
             values = np.array([final_value(r, metric) for r in group], dtype=np.float64)
+            reached = None
+            if time_to_target(metric) is not None:
+                reached = int(np.isfinite(values).sum())
+                values = values[np.isfinite(values)] if reached else np.array([math.inf])
             # errstate: a diverged seed (inf) gives a NaN std without a RuntimeWarning; the cell says "diverged".
             with np.errstate(invalid="ignore", over="ignore"):
                 cells[key][metric] = CellStats(mean=float(np.mean(values)), std=float(np.std(values, ddof=0)),
-                                               n=len(group))
+                                               n=len(group), reached=reached)
     return Summary(
         metrics=tuple(metrics),
         methods=tuple(method_order((r.method for r in records), _rules_of(records))),
@@ -201,21 +243,35 @@ def format_cell(stats: CellStats | None, *, decimals: int = 2) -> str:
     """``"90.95±0.27"``; ``"diverged"`` for a NaN or infinite mean; ``"—"`` where the method has no runs."""
     if stats is None:
         return "—"
+    if stats.reached == 0:
+        return "not reached"
     if not math.isfinite(stats.mean):
         return "diverged"
-    return f"{stats.mean:.{decimals}f}±{stats.std:.{decimals}f}"
+    text = f"{stats.mean:.{decimals}f}±{stats.std:.{decimals}f}"
+    if stats.reached is not None and stats.reached < stats.n:
+        text += f" ({stats.reached}/{stats.n} reached)"
+    return text
 
 
 def _decimals_for(decimals: int | Mapping[str, int], metric: str) -> int:
     return decimals if isinstance(decimals, int) else decimals.get(metric, 2)
 
 
-def format_table(summary: Summary, *, decimals: int | Mapping[str, int] = 2) -> str:
+def format_table(summary: Summary, *, decimals: int | Mapping[str, int] = 2,
+                 tuned: Mapping[tuple[str, str], str] | None = None, relative_to: str | None = None) -> str:
     """A Markdown table in the papers' layout: one row per method, and for each setting (in first-seen order) one
     column per metric. A cell over fewer seeds than the fullest cell says ``(n=k)``. ``decimals`` is one count for all
-    metrics or a per-metric mapping (default 2)."""
+    metrics or a per-metric mapping (default 2). ``tuned`` ((method, setting) -> e.g. ``"lr=0.03"``, from a tuned
+    sweep) adds a "tuned" column per setting. ``relative_to`` (a method label) adds to each time-to-target cell how
+    many times sooner than that method's mean time the method's mean time is (``2.10× sooner``)."""
+    if relative_to is not None and relative_to not in summary.methods:
+        raise ValueError(f"relative_to {relative_to!r} is not a method of these runs: {', '.join(summary.methods)}")
     full = max((st.n for cell in summary.cells.values() for st in cell.values()), default=0)
-    header = ["Method"] + [f"{label} {METRIC_NAMES.get(m, m)}" for label in summary.labels for m in summary.metrics]
+    tuned = {k: v for k, v in (tuned or {}).items() if k in summary.cells}
+    header = ["Method"]
+    for label in summary.labels:
+        header += [f"{label} {metric_heading(m)}" for m in summary.metrics]
+        header += [f"{label} tuned"] if tuned else []
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
     for method in summary.methods:
         row = [display_name(method)]
@@ -225,7 +281,14 @@ def format_table(summary: Summary, *, decimals: int | Mapping[str, int] = 2) -> 
                 cell = format_cell(stats.get(m), decimals=_decimals_for(decimals, m))
                 if m in stats and stats[m].n < full:  # fewer seeds than the other cells: say so in the cell
                     cell += f" (n={stats[m].n})"
+                ref = summary.cells.get((relative_to, label), {}).get(m) if relative_to is not None else None
+                if (ref is not None and m in stats and time_to_target(m) is not None and method != relative_to
+                        and stats[m].reached and math.isfinite(stats[m].mean) and stats[m].mean > 0):
+                    cell += (f" ({ref.mean / stats[m].mean:.2f}× sooner)" if ref.reached else
+                             f" ({display_name(relative_to)} never)")
                 row.append(cell)
+            if tuned:
+                row.append(tuned.get((method, label), "—"))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -255,13 +318,15 @@ def write_table(
     metrics: Sequence[str] = ("train_loss", "test_acc"),
     labels: Sequence[str] | None = None,
     decimals: int | Mapping[str, int] = 2,
+    tuned: Mapping[tuple[str, str], str] | None = None,
+    relative_to: str | None = None,
 ) -> str:
     """Summarise ``records`` (see ``summarize``), write ``table.md`` and ``table.csv`` into ``out_dir`` (created if
-    needed), and return the Markdown text."""
+    needed), and return the Markdown text (``tuned``, ``relative_to``: as :func:`format_table`)."""
     summary = summarize(records, metrics, labels=labels)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    text = format_table(summary, decimals=decimals)
+    text = format_table(summary, decimals=decimals, tuned=tuned, relative_to=relative_to)
     (out / "table.md").write_text(text, encoding="utf-8")
     (out / "table.csv").write_text(format_csv(summary), encoding="utf-8")
     return text

@@ -1,0 +1,272 @@
+"""A sweep's tuning protocol: choose values (e.g. ``method.lr``) on the validation split before the real seeds run.
+
+A config's ``[sweep.tune]`` section::
+
+    [sweep.tune]
+    grid = {"method.lr" = [0.01, 0.03, 0.1]}   # candidates: every point of the product of the axes
+    seeds = [1000]                             # tuning seeds (default [1000]); the score is their mean
+    metric = "final_val_acc"                   # or best_val_acc, final_val_loss, final_train_loss
+    scope = "method"                           # per method and setting; "shared": one value per setting for all
+    reference = "asgd"                         # with scope = "shared": choose on this method alone
+    set = {"train.epochs" = 5}                 # overrides for the tuning runs only (e.g. a shorter budget)
+
+Each (setting, method) cell runs every candidate with every tuning seed, ``train.eval_test = false`` (the test split
+is dropped right after loading and no row holds a test metric), into ``OUT/.tuning/<setting>/<method>/<candidate>/
+seed<k>``: ordinary run directories, resumable like any sweep run. Then the best candidate (its score is the mean
+over the tuning seeds; a seed that diverged makes the candidate's score NaN, which never wins; ties go to the
+candidate listed first) is applied to that cell's real runs. With ``scope = "shared"`` one candidate is chosen per
+setting for every method: the best mean score over the methods (NaN if any method diverged), or the reference
+method's score alone. ``scope = "off"`` (``--tune-scope off``) skips tuning: the base values run as they are.
+
+The choices, every candidate's score and the rule go into ``OUT/sweep.json`` (key ``tuning``) and ``OUT/tuning.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..rules.base import ConfigError
+
+#: selection metric -> (metrics row key, how a run's rows reduce to one number, True if higher is better)
+SELECTION_METRICS: dict[str, tuple[str, str, bool]] = {
+    "final_val_acc": ("val_acc", "last", True),
+    "best_val_acc": ("val_acc", "best", True),
+    "final_val_loss": ("val_loss", "last", False),
+    "final_train_loss": ("train_loss", "last", False),
+}
+SCOPES = ("method", "shared", "off")
+DEFAULT_TUNING_SEEDS = (1000,)
+TUNING_DIR = ".tuning"
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """A parsed ``[sweep.tune]`` section (see the module docstring)."""
+
+    #: key -> candidate values as TOML texts, in the order given
+    axes: tuple[tuple[str, tuple[str, ...]], ...]
+    seeds: tuple[int, ...]
+    metric: str
+    scope: str
+    reference: str | None
+    #: overrides for the tuning runs only
+    extra: tuple[str, ...]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(k for k, _ in self.axes)
+
+    def describe(self) -> dict[str, Any]:
+        higher = SELECTION_METRICS[self.metric][2]
+        return {"metric": self.metric, "better": "higher" if higher else "lower", "scope": self.scope,
+                "reference": self.reference, "seeds": list(self.seeds), "grid": {k: list(v) for k, v in self.axes},
+                "tuning_set": list(self.extra),
+                "rule": ("mean over the tuning seeds; a diverged seed makes the score NaN (never chosen); ties go to "
+                         "the candidate listed first" + ("; shared: one value per setting, chosen on "
+                                                         + (f"{self.reference!r} alone" if self.reference else
+                                                            "the mean score over the methods")
+                                                         if self.scope == "shared" else ""))}
+
+
+def parse_tune(raw: Any, *, scope: str | None, as_override, parse_value) -> TuneSpec | None:
+    """``[sweep.tune]`` as a :class:`TuneSpec` (None without one, or with scope ``off``). ``scope`` (the command
+    line's ``--tune-scope``) replaces the section's own."""
+    if scope is not None and scope not in SCOPES:
+        raise ConfigError(f"invalid --tune-scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    if raw is None:
+        if scope not in (None, "off"):
+            raise ConfigError(f"--tune-scope {scope} needs a [sweep.tune] section with a grid of candidates, e.g. "
+                              f"grid = {{\"method.lr\" = [0.01, 0.03]}}")
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"sweep.tune must be a table with a grid of candidates, got {raw!r}")
+    unknown = sorted(set(raw) - {"grid", "seeds", "metric", "scope", "reference", "set"})
+    if unknown:
+        raise ConfigError(f"unknown key sweep.tune.{unknown[0]}; [sweep.tune] accepts: grid, seeds, metric, scope, "
+                          f"reference, set (candidate values go in grid = {{\"method.lr\" = [...]}})")
+    scope = scope if scope is not None else raw.get("scope", "method")
+    if scope not in SCOPES:
+        raise ConfigError(f"invalid sweep.tune.scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    if scope == "off":
+        return None
+    grid = raw.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError(f"sweep.tune.grid must be a non-empty table of candidates like {{\"method.lr\" = [0.01, "
+                          f"0.03]}}, got {grid!r}")
+    axes = []
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep.tune.grid.{key}: expected a non-empty list of candidate values, got {values!r}")
+        texts = tuple(as_override(f"sweep.tune.grid.{key}", key, v).split("=", 1)[1] for v in values)
+        if len({repr(parse_value(t)) for t in texts}) != len(texts):
+            raise ConfigError(f"sweep.tune.grid.{key} lists a value twice: {', '.join(texts)}")
+        axes.append((key, texts))
+    seeds = raw.get("seeds", list(DEFAULT_TUNING_SEEDS))
+    if (not isinstance(seeds, list) or not seeds
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
+        raise ConfigError(f"sweep.tune.seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"sweep.tune.seeds lists a seed twice: {seeds}")
+    metric = raw.get("metric", "final_val_acc")
+    if metric not in SELECTION_METRICS:
+        raise ConfigError(f"invalid sweep.tune.metric {metric!r}; choose one of {', '.join(SELECTION_METRICS)} "
+                          f"(selection never reads the test split)")
+    reference = raw.get("reference")
+    if reference is not None and (not isinstance(reference, str) or not reference):
+        raise ConfigError(f"sweep.tune.reference must be a method label, got {reference!r}")
+    if reference is not None and scope != "shared":
+        raise ConfigError(f"sweep.tune.reference = {reference!r} chooses one value for every method, which is "
+                          f"scope = \"shared\" (the scope is {scope!r}); set scope = \"shared\" or drop reference")
+    extra = raw.get("set") or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"sweep.tune.set must be a table of overrides like {{\"train.epochs\" = 5}}, got {extra!r}")
+    extra_over = tuple(as_override("sweep.tune.set", k, v) for k, v in extra.items())
+    for item in extra_over:
+        key = item.split("=", 1)[0]
+        if key in grid:
+            raise ConfigError(f"sweep.tune.set sets {key}, which sweep.tune.grid tunes; drop one of them")
+        if key in ("train.eval_test", "train.seed", "train.label", "method.name", "method.label"):
+            raise ConfigError(f"sweep.tune.set sets {key}, which the tuning runs set themselves")
+    return TuneSpec(axes=tuple(axes), seeds=tuple(seeds), metric=metric, scope=scope, reference=reference,
+                    extra=extra_over)
+
+
+def candidates(spec: TuneSpec) -> list[tuple[str, tuple[str, ...]]]:
+    """(label, overrides) of every candidate: the product of the axes, in the order given (``lr=0.01``)."""
+    short = {key: key.split(".")[-1] for key in spec.keys}
+    names = {key: short[key] if list(short.values()).count(short[key]) == 1 else key for key in spec.keys}
+    points: list[tuple[str, tuple[str, ...]]] = [("", ())]
+    for key, texts in spec.axes:
+        points = [(f"{label} {names[key]}={text}".strip(), (*over, f"{key}={text}"))
+                  for label, over in points for text in texts]
+    return points
+
+
+def run_score(run_dir: Path, metric: str) -> float:
+    """One tuning run's score: NaN when it diverged or has no value for the metric."""
+    from .metrics import read_metrics
+    from .rundir import read_run_info
+
+    info = read_run_info(run_dir)
+    if info.get("diverged"):
+        return math.nan
+    key, reduce, higher = SELECTION_METRICS[metric]
+    values = [float(r[key]) for r in read_metrics(run_dir) if r.get(key) is not None]
+    values = [v for v in values if math.isfinite(v)] if reduce == "best" else values
+    if not values:
+        return math.nan
+    if reduce == "last":
+        return values[-1]
+    return max(values) if higher else min(values)
+
+
+def mean_score(scores: list[float]) -> float:
+    return math.nan if not scores or any(not math.isfinite(s) for s in scores) else sum(scores) / len(scores)
+
+
+def best_index(scores: list[float], *, higher: bool) -> int | None:
+    """The index of the best finite score (the first one among equals); None if none is finite."""
+    best = None
+    for i, s in enumerate(scores):
+        if math.isfinite(s) and (best is None or (s > scores[best] if higher else s < scores[best])):
+            best = i
+    return best
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The outcome of tuning one cell (scope method) or one setting (scope shared: ``method`` is None)."""
+
+    setting: str
+    method: str | None
+    #: (candidate label, overrides, score per method -> per-seed scores) in the candidates' order
+    scores: tuple[tuple[str, tuple[str, ...], float, dict[str, list[float]]], ...]
+    chosen: int | None
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        return () if self.chosen is None else self.scores[self.chosen][1]
+
+    @property
+    def label(self) -> str | None:
+        return None if self.chosen is None else self.scores[self.chosen][0]
+
+
+def choose(spec: TuneSpec, cells: dict[tuple[str, str], dict[str, dict[int, float]]],
+           methods_of: dict[str, list[str]]) -> list[Choice]:
+    """The choices from ``cells[(setting, method)][candidate label][seed] = score``; ``methods_of[setting]`` lists
+    the methods that run in that setting."""
+    points = candidates(spec)
+    higher = SELECTION_METRICS[spec.metric][2]
+    out = []
+    groups: list[tuple[str, str | None, list[str]]]
+    if spec.scope == "shared":
+        groups = [(s, None, [spec.reference] if spec.reference else ms) for s, ms in methods_of.items()]
+    else:
+        groups = [(s, m, [m]) for s, ms in methods_of.items() for m in ms]
+    for setting, method, judged in groups:
+        rows = []
+        for label, over in points:
+            per_method = {m: [cells[(setting, m)][label][seed] for seed in spec.seeds] for m in judged}
+            means = [mean_score(v) for v in per_method.values()]
+            rows.append((label, over, mean_score(means), per_method))
+        out.append(Choice(setting, method, tuple(rows), best_index([r[2] for r in rows], higher=higher)))
+    return out
+
+
+def choice_for(choices: list[Choice], setting: str, method: str) -> Choice:
+    for c in choices:
+        if c.setting == setting and c.method in (None, method):
+            return c
+    raise KeyError((setting, method))
+
+
+def tuning_record(spec: TuneSpec, choices: list[Choice]) -> dict[str, Any]:
+    """What ``sweep.json`` keeps under ``tuning``."""
+    def num(x: float) -> float | None:
+        return x if math.isfinite(x) else None
+
+    return {**spec.describe(), "choices": [
+        {"setting": c.setting, "method": c.method, "chosen": c.label,
+         "values": dict(o.split("=", 1) for o in c.overrides),
+         "candidates": [{"candidate": label, "score": num(score),
+                         "seeds": {m: [num(v) for v in vs] for m, vs in per.items()}}
+                        for label, _, score, per in c.scores]} for c in choices]}
+
+
+def format_tuning(spec: TuneSpec, choices: list[Choice]) -> str:
+    """``tuning.md``: per setting, one row per method (or one shared row), one column per candidate, the chosen
+    candidate in bold."""
+    points = [label for label, _ in candidates(spec)]
+    better = "higher" if SELECTION_METRICS[spec.metric][2] else "lower"
+    lines = [f"# Tuning: {spec.metric} ({better} is better) on the validation split, mean over tuning seeds "
+             f"{', '.join(map(str, spec.seeds))}; scope {spec.scope}"
+             + (f", reference {spec.reference}" if spec.reference else ""), ""]
+    if spec.extra:
+        lines += [f"Tuning runs also set: {', '.join(spec.extra)}.", ""]
+    for setting in dict.fromkeys(c.setting for c in choices):
+        lines += [f"## {setting}", "", "| method | " + " | ".join(points) + " | chosen |",
+                  "|:---|" + "---:|" * len(points) + ":---|"]
+        for c in (c for c in choices if c.setting == setting):
+            cells = []
+            for i, (_, _, score, _) in enumerate(c.scores):
+                text = "diverged" if not math.isfinite(score) else f"{score:.4g}"
+                cells.append(f"**{text}**" if i == c.chosen else text)
+            name = c.method if c.method is not None else ("all (" + (spec.reference or "mean over methods") + ")")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {c.label or 'none (every candidate diverged)'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def read_tuning(out: Path) -> dict[str, Any] | None:
+    """The ``tuning`` record of a sweep folder's ``sweep.json`` (None without one or when unreadable)."""
+    try:
+        data = json.loads((Path(out) / "sweep.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    tuning = data.get("tuning") if isinstance(data, dict) else None
+    return tuning if isinstance(tuning, dict) else None
