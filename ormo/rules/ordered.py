@@ -192,6 +192,14 @@ class OrMoVanilla(_Ordered):
 DELTA_SCALES: tuple[str, ...] = ("none", "inverse_lr", "inverse_steps")
 
 
+#: readings of a local method's global η (spec A6): as given, or divided by the number of workers K
+LR_SCALINGS: tuple[str, ...] = ("none", "1/K")
+
+
+def _global_lr(lr: float, scaling: str, state: OrderedState) -> float:
+    return lr / state.num_workers if scaling == "1/K" else lr
+
+
 @register
 @dataclass(frozen=True)
 class LocalOrMoDA(DelayAdaptive, _Ordered):
@@ -210,6 +218,8 @@ class LocalOrMoDA(DelayAdaptive, _Ordered):
     delay_rule: DelayRule = "inverse"
     delay_threshold: float = 1.0
     delta_scale: str = "none"
+    #: the global η's reading (spec A6): "none" uses lr as given, "1/K" uses lr / K (PRSGDm's per-round step)
+    lr_scaling: str = "none"
 
     def __post_init__(self) -> None:
         check_positive("lr", self.lr)
@@ -217,10 +227,11 @@ class LocalOrMoDA(DelayAdaptive, _Ordered):
         check_positive("local_lr", self.local_lr)
         check_int_at_least("local_steps", self.local_steps, 1)
         check_choice("delta_scale", self.delta_scale, DELTA_SCALES)
+        check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
         self._check_delay()
 
     def _eta(self, state: OrderedState, message: Message, tau: int) -> float:
-        eta = self.lr_at(self.lr * state.lr_scale, tau, state.num_workers)
+        eta = self.lr_at(_global_lr(self.lr, self.lr_scaling, state) * state.lr_scale, tau, state.num_workers)
         if self.delta_scale == "inverse_lr":  # Δ/γ with the γ this worker used (its factor at dispatch)
             return eta / (self.local_lr * message.local_lr_scale)
         if self.delta_scale == "inverse_steps":
@@ -257,6 +268,8 @@ class OrLoMo(DelayAdaptive, _Ordered):
     delay_threshold: float = 1.0
     group_decay: str = "beta"
     local_momentum_init: str = "zero"
+    #: the global η's reading (spec A6): "none" uses lr as given, "1/K" uses lr / K (PRSGDm's per-round step)
+    lr_scaling: str = "none"
 
     def __post_init__(self) -> None:
         check_positive("lr", self.lr)
@@ -265,13 +278,14 @@ class OrLoMo(DelayAdaptive, _Ordered):
         check_int_at_least("local_steps", self.local_steps, 1)
         check_choice("group_decay", self.group_decay, GROUP_DECAYS)
         check_choice("local_momentum_init", self.local_momentum_init, MOMENTUM_INITS)
+        check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
         self._check_delay()
 
     def _group_steps(self) -> int:
         return self.local_steps if self.group_decay == "beta_pow_H" else 1
 
     def _eta(self, state: OrderedState, message: Message, tau: int) -> float:
-        return self.lr_at(self.lr * state.lr_scale, tau, state.num_workers)
+        return self.lr_at(_global_lr(self.lr, self.lr_scaling, state) * state.lr_scale, tau, state.num_workers)
 
     @property
     def message_has_momentum(self) -> bool:
