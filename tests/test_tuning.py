@@ -67,6 +67,8 @@ def test_a_tuned_plan_has_tuning_runs_that_never_evaluate_the_test_split(tmp_pat
     (TUNE + 'set = {"method.lr" = 0.1}\n', "sweep.tune.set sets method.lr, which sweep.tune.grid tunes"),
     (TUNE + 'set = {"train.eval_test" = true}\n', "which the tuning runs set themselves"),
     (TUNE + 'colour = 1\n', "unknown key sweep.tune.colour"),
+    (TUNE + 'budget = 0\n', "invalid sweep.tune.budget 0"),
+    (TUNE + 'budget = 1.5\n', "a number in \\(0, 1\\]"),
     ('[sweep.tune]\ngrid = {"train.seed" = [1, 2]}\n', "train.seed"),
 ])
 def test_bad_tune_sections_are_one_clear_error(tmp_path, extra, pattern):
@@ -97,6 +99,16 @@ def test_a_validation_metric_without_a_validation_split_is_an_error_naming_the_f
     # the training loss needs none
     plan_sweep(_write(tmp_path, TINY.replace("validation = 60\n", "") + '[sweep]\nmethods = ["asgd"]\n' + TUNE
                       + 'metric = "final_train_loss"\n'), out=tmp_path / "out")
+
+
+def test_a_tuning_budget_shortens_the_tuning_runs_and_scales_their_schedule(tmp_path):
+    cfg = _write(tmp_path, TINY.replace("[train]", "[schedule]\nmilestones = [0.3, 0.4]\nwarmup_epochs = 0.1\n[train]")
+                 + '[sweep]\nmethods = ["asgd"]\n' + TUNE + 'budget = 0.5\n')
+    runs = plan_sweep(cfg, out=tmp_path / "o", overrides=["train.epochs=0.8"])  # --set scales too
+    for r in plan_tuning(runs):
+        assert r.config.train.epochs == 0.4
+        assert r.config.schedule.milestones == [0.15, 0.2] and r.config.schedule.warmup_epochs == 0.05
+    assert runs[0].config.train.epochs == 0.8 and runs[0].config.schedule.milestones == [0.3, 0.4]
 
 
 def test_tune_scope_off_runs_the_base_values_and_a_scope_without_a_section_is_an_error(tmp_path):

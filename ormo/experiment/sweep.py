@@ -56,7 +56,7 @@ from .config import (
     to_toml,
 )
 from .rundir import CHECKPOINT, RunDirError, RunLock, flatten, is_locked, make_run_dir, read_run_info, write_text
-from .tuning import SELECTION_METRICS, TUNING_DIR, TuneSpec, candidates, parse_tune
+from .tuning import SELECTION_METRICS, TUNING_DIR, TuneSpec, budget_overrides, candidates, parse_tune
 
 
 @dataclass(frozen=True)
@@ -325,7 +325,8 @@ def plan_tuning(runs: list[SweepRun]) -> list[SweepRun]:
         for cand, cand_over in candidates(spec):
             label_over = f"train.label={_toml_value(f'{r.label} {cand}')}"  # `ormo table OUT/.tuning` tells them apart
             for seed in spec.seeds:
-                own = (*cell, *cand_over, *spec.extra, "train.eval_test=false", f"train.seed={seed}", label_over)
+                own = (*cell, *cand_over, *budget_overrides(r.config, spec.budget), *spec.extra,
+                       "train.eval_test=false", f"train.seed={seed}", label_over)
                 try:
                     cfg = from_dict(apply_overrides(r.base, list(own)))
                 except ConfigError as e:

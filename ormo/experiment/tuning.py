@@ -8,7 +8,9 @@ A config's ``[sweep.tune]`` section::
     metric = "final_val_acc"                   # or best_val_acc, final_val_loss, final_train_loss
     scope = "method"                           # per method and setting; "shared": one value per setting for all
     reference = "asgd"                         # with scope = "shared": choose on this method alone
-    set = {"train.epochs" = 5}                 # overrides for the tuning runs only (e.g. a shorter budget)
+    budget = 0.5                               # tuning runs train this fraction of the epochs (default 1), the
+                                               # schedule's epochs (warm-up, milestones) scaled alike
+    set = {"data.augment" = false}             # other overrides for the tuning runs only, applied last
 
 Each (setting, method) cell runs every candidate with every tuning seed, ``train.eval_test = false`` (the test split
 is dropped right after loading and no row holds a test metric), into ``OUT/.tuning/<setting>/<method>/<candidate>/
@@ -55,6 +57,8 @@ class TuneSpec:
     reference: str | None
     #: overrides for the tuning runs only
     extra: tuple[str, ...]
+    #: the fraction of the real runs' epochs a tuning run trains (schedule epochs scaled alike)
+    budget: float = 1.0
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -64,7 +68,7 @@ class TuneSpec:
         higher = SELECTION_METRICS[self.metric][2]
         return {"metric": self.metric, "better": "higher" if higher else "lower", "scope": self.scope,
                 "reference": self.reference, "seeds": list(self.seeds), "grid": {k: list(v) for k, v in self.axes},
-                "tuning_set": list(self.extra),
+                "budget": self.budget, "tuning_set": list(self.extra),
                 "rule": ("mean over the tuning seeds; a diverged seed makes the score NaN (never chosen); ties go to "
                          "the candidate listed first" + ("; shared: one value per setting, chosen on "
                                                          + (f"{self.reference!r} alone" if self.reference else
@@ -84,10 +88,14 @@ def parse_tune(raw: Any, *, scope: str | None, as_override, parse_value) -> Tune
         return None
     if not isinstance(raw, dict):
         raise ConfigError(f"sweep.tune must be a table with a grid of candidates, got {raw!r}")
-    unknown = sorted(set(raw) - {"grid", "seeds", "metric", "scope", "reference", "set"})
+    unknown = sorted(set(raw) - {"grid", "seeds", "metric", "scope", "reference", "budget", "set"})
     if unknown:
         raise ConfigError(f"unknown key sweep.tune.{unknown[0]}; [sweep.tune] accepts: grid, seeds, metric, scope, "
-                          f"reference, set (candidate values go in grid = {{\"method.lr\" = [...]}})")
+                          f"reference, budget, set (candidate values go in grid = {{\"method.lr\" = [...]}})")
+    budget = raw.get("budget", 1.0)
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
+        raise ConfigError(f"invalid sweep.tune.budget {budget!r}: the fraction of the real runs' epochs a tuning run "
+                          f"trains, a number in (0, 1] (e.g. 0.5)")
     scope = scope if scope is not None else raw.get("scope", "method")
     if scope not in SCOPES:
         raise ConfigError(f"invalid sweep.tune.scope {scope!r}; choose one of {', '.join(SCOPES)}")
@@ -132,7 +140,19 @@ def parse_tune(raw: Any, *, scope: str | None, as_override, parse_value) -> Tune
         if key in ("train.eval_test", "train.seed", "train.label", "method.name", "method.label"):
             raise ConfigError(f"sweep.tune.set sets {key}, which the tuning runs set themselves")
     return TuneSpec(axes=tuple(axes), seeds=tuple(seeds), metric=metric, scope=scope, reference=reference,
-                    extra=extra_over)
+                    extra=extra_over, budget=float(budget))
+
+
+def budget_overrides(cfg: Any, budget: float) -> tuple[str, ...]:
+    """Overrides that shorten ``cfg`` (a resolved config) to ``budget`` of its epochs, its schedule scaled alike."""
+    if budget == 1.0:
+        return ()
+    over = [f"train.epochs={cfg.train.epochs * budget!r}"]
+    if cfg.schedule.milestones:
+        over.append(f"schedule.milestones=[{', '.join(repr(m * budget) for m in cfg.schedule.milestones)}]")
+    if cfg.schedule.warmup_epochs:
+        over.append(f"schedule.warmup_epochs={cfg.schedule.warmup_epochs * budget!r}")
+    return tuple(over)
 
 
 def candidates(spec: TuneSpec) -> list[tuple[str, tuple[str, ...]]]:
@@ -246,6 +266,8 @@ def format_tuning(spec: TuneSpec, choices: list[Choice]) -> str:
     lines = [f"# Tuning: {spec.metric} ({better} is better) on the validation split, mean over tuning seeds "
              f"{', '.join(map(str, spec.seeds))}; scope {spec.scope}"
              + (f", reference {spec.reference}" if spec.reference else ""), ""]
+    if spec.budget != 1.0:
+        lines += [f"Tuning runs train {spec.budget:g} of the real runs' epochs (schedule scaled alike).", ""]
     if spec.extra:
         lines += [f"Tuning runs also set: {', '.join(spec.extra)}.", ""]
     for setting in dict.fromkeys(c.setting for c in choices):
