@@ -26,6 +26,7 @@ EXPECTED = {
     "orlomo/base", "orlomo/table1_squeezenet_cifar10", "orlomo/table1_squeezenet_cifar100",
     "orlomo/table2_resnet20_cifar10", "orlomo/table2_resnet20_cifar100", "orlomo/table3_extreme_delay",
     "orlomo/table6_tinyimagenet",
+    "fmnist/base", "fmnist/table1", "fmnist/vanilla_step", "fmnist/orlomo", "fmnist/table3",
 }
 
 
@@ -104,3 +105,17 @@ def test_a_built_wheel_holds_the_presets_and_resolves_them_from_anywhere(tmp_pat
     res = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, check=True, capture_output=True,
                          text=True)
     assert res.stdout.split() == [str(site / "ormo" / "configs"), "table1_cifar10", "resnet20"]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_preset_plans_its_sweep_and_tuning_without_error(name, tmp_path):
+    """Every preset's [sweep] and [sweep.tune] resolve to valid configs (no dataset is read to plan)."""
+    from ormo.experiment.sweep import plan_sweep, plan_tuning
+
+    runs = plan_sweep(f"preset:{name}", out=tmp_path / "sw")
+    tuning = plan_tuning(runs)
+    assert runs and all(r.config.train.eval_test for r in runs)
+    assert all(not t.config.train.eval_test and t.config.data.validation for t in tuning)
+    if "orlomo" in name and name != "orlomo/base" or name == "fmnist/table3":
+        readings = {r.config.method.options.get("lr_scaling", "none") for r in runs if r.config.method.name == "orlomo"}
+        assert "1/K" in readings, name
