@@ -128,8 +128,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     except SweepStopped as e:
         print(f"ormo sweep: {e}", file=sys.stderr)
         return 128 + e.signum  # 130 for Ctrl-C, 143 for SIGTERM
-    except KeyboardInterrupt:  # before the runner took over the signals: nothing ran yet
-        print("ormo sweep: stopped by SIGINT before any run started; run the same command again", file=sys.stderr)
+    except KeyboardInterrupt:  # outside the runner's own handling (before it started, or between its phases)
+        print("ormo sweep: stopped by SIGINT; finished runs are kept: run the same command again to continue",
+              file=sys.stderr)
         return 130
     if not args.no_report:
         root = sweep_root(runs)
@@ -186,11 +187,14 @@ def _tuned_values(paths: list[str]) -> dict[tuple[str, str], str]:
     out: dict[tuple[str, str], str] = {}
     for p in paths:
         tuning = read_tuning(Path(p))
-        for c in (tuning or {}).get("choices", []):
+        choices = (tuning or {}).get("choices")
+        if not isinstance(choices, list):
+            continue
+        _, recorded = _sweep_order([p])
+        for c in choices:
             if not isinstance(c, dict) or not isinstance(c.get("setting"), str):
-                continue
-            methods = [c["method"]] if isinstance(c.get("method"), str) else (
-                json.loads((Path(p) / "sweep.json").read_text(encoding="utf-8")).get("methods", []))
+                continue  # a hand-edited file: what is unreadable is skipped
+            methods = [c["method"]] if isinstance(c.get("method"), str) else (recorded or [])
             for m in methods:
                 out.setdefault((str(m), c["setting"]), str(c.get("chosen") or "none"))
     return out

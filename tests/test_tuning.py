@@ -355,3 +355,19 @@ def test_lr_scaling_one_over_k_is_lr_divided_by_k_bit_for_bit():
         assert not torch.equal(a.params, c.params), name
     with pytest.raises(ConfigError, match="lr_scaling"):
         ormo.make_rule("orlomo", lr_scaling="K")
+
+
+@pytest.mark.parametrize("tuning", ['"x"', '{"choices": 3}', '{"choices": [1, {"setting": 2}, {"setting": "default"}]}',
+                                    '{"choices": [{"setting": "default", "method": null, "chosen": "lr=1"}]}'])
+def test_a_hand_edited_tuning_record_never_breaks_the_table(tuned_sweep, tmp_path, tuning, capsys):
+    import shutil
+
+    _, out = tuned_sweep
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*.pt", "events.jsonl", ".tuning"))
+    data = json.loads((copy / "sweep.json").read_text())
+    data["tuning"] = json.loads(tuning)
+    data["methods"] = 7 if "null" in tuning else data["methods"]
+    (copy / "sweep.json").write_text(json.dumps(data))
+    assert main(["table", str(copy)]) == 0
+    assert "| ASGD |" in capsys.readouterr().out
