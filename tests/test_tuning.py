@@ -371,3 +371,16 @@ def test_a_hand_edited_tuning_record_never_breaks_the_table(tuned_sweep, tmp_pat
     (copy / "sweep.json").write_text(json.dumps(data))
     assert main(["table", str(copy)]) == 0
     assert "| ASGD |" in capsys.readouterr().out
+
+
+def test_a_cell_whose_candidates_all_diverge_is_reported_and_its_real_runs_do_not_start(tmp_path, capsys):
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["asgd"]\nseeds = [0]\n'
+                 '[sweep.tune]\ngrid = {"method.lr" = [1e30, 1e35]}\nseeds = [11]\n')
+    out = tmp_path / "out"
+    assert main(["sweep", str(cfg), "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "every tuning candidate diverged" in err and "default/asgd/seed0" in err
+    assert not (out / "default").exists()
+    record = json.loads((out / "sweep.json").read_text())["tuning"]["choices"][0]
+    assert record["chosen"] is None and all(c["score"] is None for c in record["candidates"])
+    assert "none (every candidate diverged)" in (out / "tuning.md").read_text()

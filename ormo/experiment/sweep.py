@@ -640,6 +640,8 @@ def select_tuned(runs: list[SweepRun], tuning: list[SweepRun]) -> list:
 
 
 def _run_all(runs: list[SweepRun], *, jobs: int, progress: bool, desc: str = "sweep") -> list[tuple[str, str]]:
+    if not runs:  # e.g. every cell's tuning candidates diverged
+        return []
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pending = collections.deque(runs)
     replies: queue.Queue = queue.Queue()
