@@ -243,7 +243,7 @@ def test_write_table_writes_markdown_and_csv(sweep: Path, tmp_path: Path) -> Non
     with (out / "table.csv").open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 * 2 * 2  # methods × settings × metrics
-    assert list(rows[0]) == ["method", "name", "label", "metric", "mean", "std", "n", "rule"]
+    assert list(rows[0]) == ["method", "name", "label", "metric", "mean", "std", "n", "rule", "reached"]
     assert [(r["method"], r["label"], r["metric"]) for r in rows[:4]] == [
         ("asgd", "K=16 hom.", "train_loss"), ("asgd", "K=16 hom.", "test_acc"),
         ("asgd", "K=16 het.", "train_loss"), ("asgd", "K=16 het.", "test_acc")]

@@ -67,6 +67,8 @@ def test_a_tuned_plan_has_tuning_runs_that_never_evaluate_the_test_split(tmp_pat
     (TUNE + 'set = {"method.lr" = 0.1}\n', "sweep.tune.set sets method.lr, which sweep.tune.grid tunes"),
     (TUNE + 'set = {"train.eval_test" = true}\n', "which the tuning runs set themselves"),
     (TUNE + 'colour = 1\n', "unknown key sweep.tune.colour"),
+    (TUNE + 'metric = ["final_val_acc"]\n', "invalid sweep.tune.metric"),
+    (TUNE + 'set = {"method.lr " = 0.3}\n', "sweep.tune.set sets method.lr, which sweep.tune.grid tunes"),
     (TUNE + 'budget = 0\n', "invalid sweep.tune.budget 0"),
     (TUNE + 'budget = 1.5\n', "a number in \\(0, 1\\]"),
     ('[sweep.tune]\ngrid = {"train.seed" = [1, 2]}\n', "train.seed"),
@@ -329,8 +331,13 @@ def test_time_to_accuracy_is_the_first_evaluation_at_the_target_and_ratios_compa
     assert "6.00±0.00 (1/2 reached)" in text
     assert "not reached" in text                          # SSGDm never reaches 85 %
     assert "time to 80 % test acc. (sim. s)" in text
-    with pytest.raises(ValueError, match="time_to_acc:PERCENT"):
-        final_value(recs[0], "time_to_acc:eighty")
+    for bad in ("time_to_acc:eighty", "time_to_acc:0", "time_to_acc:-5", "time_to_acc:101", "time_to_acc"):
+        with pytest.raises(ValueError, match="time_to_acc:PERCENT"):
+            final_value(recs[0], bad)
+    with pytest.raises(ValueError, match="add a metric such as time_to_acc"):
+        format_table(summarize(recs, ("test_acc",)), relative_to="ssgdm")
+    slower = format_table(summary, relative_to="ormo")
+    assert "6.00±0.00 (1/2 reached) (4.00× later)" in slower
     with pytest.raises(ValueError, match="relative_to 'sgd'"):
         format_table(summary, relative_to="sgd")
 
@@ -383,4 +390,84 @@ def test_a_cell_whose_candidates_all_diverge_is_reported_and_its_real_runs_do_no
     assert not (out / "default").exists()
     record = json.loads((out / "sweep.json").read_text())["tuning"]["choices"][0]
     assert record["chosen"] is None and all(c["score"] is None for c in record["candidates"])
-    assert "none (every candidate diverged)" in (out / "tuning.md").read_text()
+    assert "none (no candidate has a score)" in (out / "tuning.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what an adversarial review found
+
+
+def test_shared_scope_without_a_reference_refuses_a_method_subset(tmp_path):
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["asgd", "ormo"]\n' + TUNE + 'scope = "shared"\n')
+    with pytest.raises(ConfigError, match="--methods: with sweep.tune scope \"shared\""):
+        plan_sweep(cfg, out=tmp_path / "o", methods=["asgd"])
+    plan_sweep(cfg, out=tmp_path / "o", methods=["asgd", "ormo"])  # all of them: fine
+    plan_sweep(cfg, out=tmp_path / "o", methods=["asgd"], tune_scope="method")
+
+
+def test_a_tuned_key_with_a_stray_space_is_still_the_key(tmp_path):
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["asgd"]\n[sweep.tune]\ngrid = {"method.lr " = [0.1, 0.2]}\n')
+    with pytest.raises(ConfigError, match="sets method.lr, which sweep.tune.grid tunes"):
+        plan_sweep(cfg, out=tmp_path / "o", overrides=["method.lr=0.3"])
+
+
+def test_the_budget_scales_each_candidates_own_epochs(tmp_path):
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["asgd"]\n[sweep.tune]\ngrid = {"train.epochs" = [0.25, 0.5]}\n'
+                 'budget = 0.5\n')
+    assert sorted(r.config.train.epochs for r in plan_tuning(plan_sweep(cfg, out=tmp_path / "o"))) == [0.125, 0.25]
+
+
+def _copy(out: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(out, dest, ignore=shutil.ignore_patterns(".lock"))
+    return dest
+
+
+def test_a_refused_rerun_leaves_the_tuning_record_as_it_was(tuned_sweep, tmp_path, capsys):
+    cfg, out = tuned_sweep
+    copy = _copy(out, tmp_path / "copy")
+    before = ((copy / "sweep.json").read_text(), (copy / "tuning.md").read_text())
+    chosen = next(c for c in json.loads(before[0])["tuning"]["choices"] if c["method"] == "asgd")["chosen"]
+    other = "lr0.05" if chosen == "lr=0.002" else "lr0.002"
+    metrics = copy / ".tuning" / "default" / "asgd" / other / "seed11" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows[-1]["val_acc"] = 100.0  # the other candidate now wins: the real runs of the old choice are in the way
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["sweep", str(cfg), "--out", str(copy), "--quiet"]) == 2
+    assert "holds a run of another configuration" in capsys.readouterr().err
+    assert ((copy / "sweep.json").read_text(), (copy / "tuning.md").read_text()) == before
+
+
+def test_a_dry_run_after_tuning_shows_the_real_runs_with_their_chosen_values(tuned_sweep, capsys):
+    cfg, out = tuned_sweep
+    assert main(["sweep", str(cfg), "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "ANOTHER CONFIGURATION" not in text and "tuning is finished" in text
+    assert text.count("[finished]") == 8  # 4 tuning runs and 4 real runs
+
+
+@pytest.mark.parametrize("choices", ["5", "null", '[{"setting": ["x"], "method": "asgd"}, 7]'])
+def test_a_damaged_tuning_record_is_replaced_on_a_rerun(tuned_sweep, tmp_path, choices, capsys):
+    cfg, out = tuned_sweep
+    copy = _copy(out, tmp_path / "copy")
+    data = json.loads((copy / "sweep.json").read_text())
+    data["tuning"]["choices"] = json.loads(choices)
+    (copy / "sweep.json").write_text(json.dumps(data))
+    assert main(["sweep", str(cfg), "--out", str(copy), "--quiet", "--no-report"]) == 0
+    fixed = json.loads((copy / "sweep.json").read_text())["tuning"]["choices"]
+    assert sorted(c["method"] for c in fixed) == ["asgd", "ormo"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_damaged_tuning_run_is_one_line_naming_it_and_the_fix(tuned_sweep, tmp_path, damage, capsys):
+    cfg, out = tuned_sweep
+    copy = _copy(out, tmp_path / "copy")
+    metrics = copy / ".tuning" / "default" / "asgd" / "lr0.05" / "seed11" / "metrics.jsonl"
+    if damage == "truncate":
+        metrics.write_text(metrics.read_text() + '{"epoch": 0.1, "val_acc": ')
+    else:
+        metrics.unlink()
+    assert main(["sweep", str(cfg), "--out", str(copy), "--quiet", "--no-report"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ormo sweep: error:") and "seed11 cannot be scored" in err and "delete that directory" in err

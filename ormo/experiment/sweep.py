@@ -270,6 +270,12 @@ def plan_sweep(
                 if any(item.split("=", 1)[0].strip() == key for item in over):
                     raise ConfigError(f"{where} sets {key}, which sweep.tune.grid tunes (the chosen value would "
                                       f"replace it); tune it or set it, not both")
+        if tune.scope == "shared" and tune.reference is None and methods is not None and \
+                set(labels_seen) != {m if isinstance(m, str) else m.get("label", m.get("name"))
+                                     for m in spec.get("methods", []) if isinstance(m, str | dict)}:
+            raise ConfigError("--methods: with sweep.tune scope \"shared\" and no reference, one value per setting is "
+                              "chosen over all of the sweep's methods, so they run together: list them in [sweep] "
+                              "methods and leave --methods out (or set sweep.tune.reference, or use scope \"method\")")
         if tune.reference is not None and tune.reference not in labels_seen:
             raise ConfigError(f"sweep.tune.reference {tune.reference!r} is not one of this sweep's methods: "
                               f"{', '.join(labels_seen)}")
@@ -324,9 +330,12 @@ def plan_tuning(runs: list[SweepRun]) -> list[SweepRun]:
         cell = r.overrides[:-2]  # the cell's own overrides (the last two are its seed and its setting label)
         for cand, cand_over in candidates(spec):
             label_over = f"train.label={_toml_value(f'{r.label} {cand}')}"  # `ormo table OUT/.tuning` tells them apart
+            # the budget scales the candidate's own epochs and schedule (a candidate may tune them)
+            shortened = budget_overrides(from_dict(apply_overrides(r.base, [*cell, *cand_over])), spec.budget) \
+                if spec.budget != 1.0 else ()
             for seed in spec.seeds:
-                own = (*cell, *cand_over, *budget_overrides(r.config, spec.budget), *spec.extra,
-                       "train.eval_test=false", f"train.seed={seed}", label_over)
+                own = (*cell, *cand_over, *shortened, *spec.extra, "train.eval_test=false", f"train.seed={seed}",
+                       label_over)
                 try:
                     cfg = from_dict(apply_overrides(r.base, list(own)))
                 except ConfigError as e:
@@ -385,12 +394,34 @@ def describe_plan(runs: list[SweepRun], base: ExperimentConfig, *, full: bool = 
     seeds = list(dict.fromkeys(r.seed for r in runs))
     lines = [f"# {len(runs)} runs = {len(labels)} settings × {len(methods)} methods × {len(seeds)} seeds"]
     tuning = plan_tuning(runs)
+    pending = False
     if tuning:
         spec = runs[0].tune
         assert spec is not None
         lines[0] += (f", after {len(tuning)} tuning runs choosing {', '.join(spec.keys)} by {spec.metric} on the "
-                     f"validation split (scope {spec.scope}); the real runs below get the chosen values")
+                     f"validation split (scope {spec.scope})")
+        try:
+            done = all(check_existing(t) == "finished" for t in tuning)
+        except ConfigError:
+            done = False
+        if done:  # the choice is known: show the real runs as they will run
+            try:
+                runs, orphans = tuned_runs(runs, choose_tuned(runs, tuning))
+            except ConfigError as e:  # a damaged tuning run: the sweep itself will say so
+                done, orphans = False, []
+                lines[0] += f" (cannot score: {e})"
+        if done:
+            lines[0] += "; tuning is finished, the real runs below carry the chosen values"
+            lines += [f"{r.run_dir}   [not run: no tuning candidate has a score]" for r in orphans]
+        else:
+            pending = True
+            lines[0] += "; the real runs below get the chosen values once tuning has finished"
     for r in [*tuning, *runs]:
+        if pending and r.tune is not None:
+            lines.append(f"{r.run_dir}   [waits for tuning; shown with the base values]")
+            lines += ["    " + x for x in (to_toml(r.config).splitlines() if full else config_diff(base, r.config))
+                      if x]
+            continue
         try:
             state = check_existing(r) or "new"
             if state != "new" and is_locked(r.run_dir):
@@ -582,11 +613,13 @@ def run_sweep(runs: list[SweepRun], *, jobs: int = 1, progress: bool = True) -> 
             results = _run_all(tuning, jobs=jobs, progress=progress, desc="tuning")
         except SweepFailed as e:
             raise SweepFailed([f"{x} (tuning run)" for x in e.failures], len(tuning), e.results,
-                              note="no real run started: rerun to retry the failed tuning runs") from None
-        choices = select_tuned(runs, tuning)
+                              note="no real run started: fix the cause and rerun; finished tuning runs are kept"
+                              ) from None
+        choices = choose_tuned(runs, tuning)
         finals, orphans = tuned_runs(runs, choices)
-        for r in finals:
+        for r in finals:  # a folder holding another configuration is refused before anything is recorded
             check_existing(r)
+        record_tuning(runs, choices)
         try:
             results += _run_all(finals, jobs=jobs, progress=progress)
         except SweepFailed as e:
@@ -600,10 +633,10 @@ def run_sweep(runs: list[SweepRun], *, jobs: int = 1, progress: bool = True) -> 
         return results
 
 
-def select_tuned(runs: list[SweepRun], tuning: list[SweepRun]) -> list:
-    """Score the finished tuning runs, choose, and record the choices in ``OUT/sweep.json`` and ``OUT/tuning.md``."""
+def choose_tuned(runs: list[SweepRun], tuning: list[SweepRun]) -> list:
+    """Score the finished tuning runs and choose (nothing is written)."""
     from .tuning import candidates as cands
-    from .tuning import choose, format_tuning, run_score, tuning_record
+    from .tuning import choose, run_score
 
     spec = runs[0].tune
     assert spec is not None
@@ -618,7 +651,16 @@ def select_tuned(runs: list[SweepRun], tuning: list[SweepRun]) -> list:
         ms = methods_of.setdefault(r.label, [])
         if r.method not in ms:
             ms.append(r.method)
-    choices = choose(spec, cells, methods_of)
+    return choose(spec, cells, methods_of)
+
+
+def record_tuning(runs: list[SweepRun], choices: list) -> None:
+    """Add ``choices`` to ``OUT/sweep.json`` (``tuning``; the choices of other cells made under the same protocol are
+    kept, any others dropped) and write ``OUT/tuning.md`` from the whole record."""
+    from .tuning import format_tuning_record, tuning_record
+
+    spec = runs[0].tune
+    assert spec is not None
     out = sweep_root(runs)
     record = tuning_record(spec, choices)
     path = out / "sweep.json"
@@ -628,15 +670,16 @@ def select_tuned(runs: list[SweepRun], tuning: list[SweepRun]) -> list:
     except (OSError, ValueError):
         data = {}
     old = data.get("tuning")
-    if isinstance(old, dict) and {k: v for k, v in old.items() if k != "choices"} == \
-            {k: v for k, v in record.items() if k != "choices"}:  # same protocol: keep the choices of other cells
+    if isinstance(old, dict) and isinstance(old.get("choices"), list) and \
+            {k: v for k, v in old.items() if k != "choices"} == {k: v for k, v in record.items() if k != "choices"}:
         mine = {(c["setting"], c["method"]) for c in record["choices"]}
-        record["choices"] = [c for c in old.get("choices", []) if isinstance(c, dict)
-                             and (c.get("setting"), c.get("method")) not in mine] + record["choices"]
+        kept = [c for c in old["choices"] if isinstance(c, dict) and isinstance(c.get("setting"), str)
+                and (c.get("method") is None or isinstance(c.get("method"), str))
+                and (c["setting"], c.get("method")) not in mine]  # a hand-edited entry that is unreadable goes
+        record["choices"] = kept + record["choices"]
     data["tuning"] = record
     write_text(path, json.dumps(data, indent=2) + "\n")
-    write_text(out / "tuning.md", format_tuning(spec, choices))
-    return choices
+    write_text(out / "tuning.md", format_tuning_record(record))
 
 
 def _run_all(runs: list[SweepRun], *, jobs: int, progress: bool, desc: str = "sweep") -> list[tuple[str, str]]:

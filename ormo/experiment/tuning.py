@@ -107,6 +107,7 @@ def parse_tune(raw: Any, *, scope: str | None, as_override, parse_value) -> Tune
                           f"0.03]}}, got {grid!r}")
     axes = []
     for key, values in grid.items():
+        key = key.strip() if isinstance(key, str) else key  # "method.lr " is method.lr (as --set reads it)
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep.tune.grid.{key}: expected a non-empty list of candidate values, got {values!r}")
         texts = tuple(as_override(f"sweep.tune.grid.{key}", key, v).split("=", 1)[1] for v in values)
@@ -120,7 +121,7 @@ def parse_tune(raw: Any, *, scope: str | None, as_override, parse_value) -> Tune
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"sweep.tune.seeds lists a seed twice: {seeds}")
     metric = raw.get("metric", "final_val_acc")
-    if metric not in SELECTION_METRICS:
+    if not isinstance(metric, str) or metric not in SELECTION_METRICS:
         raise ConfigError(f"invalid sweep.tune.metric {metric!r}; choose one of {', '.join(SELECTION_METRICS)} "
                           f"(selection never reads the test split)")
     reference = raw.get("reference")
@@ -132,10 +133,12 @@ def parse_tune(raw: Any, *, scope: str | None, as_override, parse_value) -> Tune
     extra = raw.get("set") or {}
     if not isinstance(extra, dict):
         raise ConfigError(f"sweep.tune.set must be a table of overrides like {{\"train.epochs\" = 5}}, got {extra!r}")
-    extra_over = tuple(as_override("sweep.tune.set", k, v) for k, v in extra.items())
+    extra_over = tuple(as_override("sweep.tune.set", k.strip() if isinstance(k, str) else k, v)
+                       for k, v in extra.items())
+    tuned = {k for k, _ in axes}
     for item in extra_over:
         key = item.split("=", 1)[0]
-        if key in grid:
+        if key in tuned:
             raise ConfigError(f"sweep.tune.set sets {key}, which sweep.tune.grid tunes; drop one of them")
         if key in ("train.eval_test", "train.seed", "train.label", "method.name", "method.label"):
             raise ConfigError(f"sweep.tune.set sets {key}, which the tuning runs set themselves")
@@ -171,11 +174,17 @@ def run_score(run_dir: Path, metric: str) -> float:
     from .metrics import read_metrics
     from .rundir import read_run_info
 
-    info = read_run_info(run_dir)
+    try:
+        info = read_run_info(run_dir)
+        rows = read_metrics(run_dir)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"tuning run {run_dir} cannot be scored: its run.json or metrics.jsonl is missing or "
+                          f"damaged ({type(e).__name__}: {e}); delete that directory and rerun the sweep to redo it"
+                          ) from None
     if info.get("diverged"):
         return math.nan
     key, reduce, higher = SELECTION_METRICS[metric]
-    values = [float(r[key]) for r in read_metrics(run_dir) if r.get(key) is not None]
+    values = [float(r[key]) for r in rows if isinstance(r, dict) and r.get(key) is not None]
     values = [v for v in values if math.isfinite(v)] if reduce == "best" else values
     if not values:
         return math.nan
@@ -258,28 +267,35 @@ def tuning_record(spec: TuneSpec, choices: list[Choice]) -> dict[str, Any]:
                         for label, _, score, per in c.scores]} for c in choices]}
 
 
-def format_tuning(spec: TuneSpec, choices: list[Choice]) -> str:
-    """``tuning.md``: per setting, one row per method (or one shared row), one column per candidate, the chosen
-    candidate in bold."""
-    points = [label for label, _ in candidates(spec)]
-    better = "higher" if SELECTION_METRICS[spec.metric][2] else "lower"
-    lines = [f"# Tuning: {spec.metric} ({better} is better) on the validation split, mean over tuning seeds "
-             f"{', '.join(map(str, spec.seeds))}; scope {spec.scope}"
-             + (f", reference {spec.reference}" if spec.reference else ""), ""]
-    if spec.budget != 1.0:
-        lines += [f"Tuning runs train {spec.budget:g} of the real runs' epochs (schedule scaled alike).", ""]
-    if spec.extra:
-        lines += [f"Tuning runs also set: {', '.join(spec.extra)}.", ""]
-    for setting in dict.fromkeys(c.setting for c in choices):
+def format_tuning_record(record: dict[str, Any]) -> str:
+    """``tuning.md`` from a ``sweep.json`` tuning record: per setting, one row per method (or one shared row), one
+    column per candidate, the chosen candidate in bold."""
+    choices = [c for c in record.get("choices", []) if isinstance(c, dict) and isinstance(c.get("setting"), str)]
+    points = list(dict.fromkeys(str(x.get("candidate")) for c in choices for x in c.get("candidates", [])
+                                if isinstance(x, dict)))
+    seeds = ", ".join(map(str, record.get("seeds", [])))
+    lines = [f"# Tuning: {record.get('metric')} ({record.get('better')} is better) on the validation split, mean over "
+             f"tuning seeds {seeds}; scope {record.get('scope')}"
+             + (f", reference {record['reference']}" if record.get("reference") else ""), "",
+             f"Rule: {record.get('rule')}.", ""]
+    if record.get("budget", 1.0) != 1.0:
+        lines += [f"Tuning runs train {record['budget']:g} of the real runs' epochs (schedule scaled alike).", ""]
+    if record.get("tuning_set"):
+        lines += [f"Tuning runs also set: {', '.join(map(str, record['tuning_set']))}.", ""]
+    lines += ["A score is missing (—) where a tuning seed diverged or the run has no value for the metric.", ""]
+    for setting in dict.fromkeys(c["setting"] for c in choices):
         lines += [f"## {setting}", "", "| method | " + " | ".join(points) + " | chosen |",
                   "|:---|" + "---:|" * len(points) + ":---|"]
-        for c in (c for c in choices if c.setting == setting):
+        for c in (c for c in choices if c["setting"] == setting):
+            by_label = {str(x.get("candidate")): x.get("score") for x in c.get("candidates", []) if isinstance(x, dict)}
             cells = []
-            for i, (_, _, score, _) in enumerate(c.scores):
-                text = "diverged" if not math.isfinite(score) else f"{score:.4g}"
-                cells.append(f"**{text}**" if i == c.chosen else text)
-            name = c.method if c.method is not None else ("all (" + (spec.reference or "mean over methods") + ")")
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {c.label or 'none (every candidate diverged)'} |")
+            for label in points:
+                score = by_label.get(label)
+                text = f"{score:.4g}" if isinstance(score, int | float) and math.isfinite(score) else "—"
+                cells.append(f"**{text}**" if label == c.get("chosen") else text)
+            name = c.get("method") or ("all (" + (record.get("reference") or "mean over methods") + ")")
+            chosen = c.get("chosen") or "none (no candidate has a score)"
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {chosen} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -69,9 +69,9 @@ def time_to_target(metric: str) -> tuple[str, float] | None:
         threshold = float(value) if sep else math.nan
     except ValueError:
         threshold = math.nan
-    if not math.isfinite(threshold):
-        raise ValueError(f"metric {metric!r}: expected {prefix}:PERCENT, e.g. {prefix}:85 (the simulated time at which "
-                         f"the accuracy first reaches 85 %)")
+    if not (math.isfinite(threshold) and 0 < threshold <= 100):
+        raise ValueError(f"metric {metric!r}: expected {prefix}:PERCENT with 0 < PERCENT <= 100, e.g. {prefix}:85 (the "
+                         f"simulated time at which the accuracy first reaches 85 %)")
     return TIME_TO_PREFIXES[prefix], threshold
 
 
@@ -266,6 +266,9 @@ def format_table(summary: Summary, *, decimals: int | Mapping[str, int] = 2,
     many times sooner than that method's mean time the method's mean time is (``2.10× sooner``)."""
     if relative_to is not None and relative_to not in summary.methods:
         raise ValueError(f"relative_to {relative_to!r} is not a method of these runs: {', '.join(summary.methods)}")
+    if relative_to is not None and not any(time_to_target(m) for m in summary.metrics):
+        raise ValueError(f"relative_to {relative_to!r} compares times to a target: add a metric such as "
+                         f"time_to_acc:85")
     full = max((st.n for cell in summary.cells.values() for st in cell.values()), default=0)
     tuned = {k: v for k, v in (tuned or {}).items() if k in summary.cells}
     header = ["Method"]
@@ -284,8 +287,9 @@ def format_table(summary: Summary, *, decimals: int | Mapping[str, int] = 2,
                 ref = summary.cells.get((relative_to, label), {}).get(m) if relative_to is not None else None
                 if (ref is not None and m in stats and time_to_target(m) is not None and method != relative_to
                         and stats[m].reached and math.isfinite(stats[m].mean) and stats[m].mean > 0):
-                    cell += (f" ({ref.mean / stats[m].mean:.2f}× sooner)" if ref.reached else
-                             f" ({display_name(relative_to)} never)")
+                    ratio = ref.mean / stats[m].mean
+                    cell += ((f" ({ratio:.2f}× sooner)" if ratio >= 1 else f" ({1 / ratio:.2f}× later)")
+                             if ref.reached else f" ({display_name(relative_to)} never)")
                 row.append(cell)
             if tuned:
                 row.append(tuned.get((method, label), "—"))
@@ -295,10 +299,10 @@ def format_table(summary: Summary, *, decimals: int | Mapping[str, int] = 2,
 
 def format_csv(summary: Summary) -> str:
     """One line per method × setting × metric: method (label), name, label (setting), metric, mean, std, n (full
-    precision), rule."""
+    precision), rule, and for a time-to-target metric the seeds that reached it (mean and std are over those)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["method", "name", "label", "metric", "mean", "std", "n", "rule"])
+    writer.writerow(["method", "name", "label", "metric", "mean", "std", "n", "rule", "reached"])
     for method in summary.methods:
         for label in summary.labels:
             stats = summary.cells.get((method, label))
@@ -307,7 +311,7 @@ def format_csv(summary: Summary) -> str:
             for metric in summary.metrics:
                 s = stats[metric]
                 writer.writerow([method, display_name(method), label, metric, repr(s.mean), repr(s.std), s.n,
-                                 summary.rules.get(method, method)])
+                                 summary.rules.get(method, method), "" if s.reached is None else s.reached])
     return buf.getvalue()
 
 
