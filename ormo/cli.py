@@ -234,8 +234,9 @@ def _default_out(paths: list[str]) -> Path:
 
 
 def _report(paths: list[str], out: Path | None, *, table: bool, plot: bool, labels: list[str] | None = None,
-            metrics: list[str] | None = None, relative_to: str | None = None) -> None:
+            metrics: list[str] | None = None, relative_to: str | None = None, metric: str | None = None) -> None:
     from .report import load_runs, plot_runs, write_table
+    from .report.tables import default_metrics
 
     records = load_runs(paths)
     if labels is None:  # a sweep folder records the order of its settings; runs it does not list come after
@@ -246,11 +247,11 @@ def _report(paths: list[str], out: Path | None, *, table: bool, plot: bool, labe
     out = _default_out(paths) if out is None else out
     out.mkdir(parents=True, exist_ok=True)
     if table:
-        print(write_table(records, out, labels=labels, metrics=tuple(metrics or ("train_loss", "test_acc")),
+        print(write_table(records, out, labels=labels, metrics=tuple(metrics or default_metrics(records)),
                           tuned=_tuned_values(paths), relative_to=relative_to))
         print(f"(written to {out / 'table.md'} and {out / 'table.csv'})", file=sys.stderr)
     if plot:
-        for p in plot_runs(records, out, labels=labels):
+        for p in plot_runs(records, out, labels=labels, metric=metric):
             print(f"plot: {p}", file=sys.stderr)
 
 
@@ -346,14 +347,22 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", type=Path, help="where to write the files (default: the folder holding the runs)")
         p.add_argument("--labels", help="comma-separated settings to show, in this order (default: all)")
         if name == "table":
-            p.add_argument("--metrics", help="default train_loss,test_acc; also test_loss, val_acc, val_loss, "
-                                             "delay_mean, delay_max, sim_time_s, time_to_acc:85 (simulated seconds "
-                                             "to 85 %% test accuracy), time_to_val_acc:85")
+            p.add_argument("--metrics", help="default train_loss and the task's primary test metric (test_acc for "
+                                             "image classification); also test_loss, val_acc, val_loss, any "
+                                             "test_/val_ column of the task (val_ppl, ...), delay_mean, delay_max, "
+                                             "sim_time_s, time_to_acc:85 (simulated seconds to 85 %% test "
+                                             "accuracy), time_to_val_acc:85, time_to:val_loss:1.5 (any column, on "
+                                             "its better side)")
             p.add_argument("--relative-to", metavar="METHOD",
                            help="with a time_to_acc metric: how many times sooner each method gets there than METHOD")
+        else:
+            p.add_argument("--metric", metavar="COLUMN",
+                           help="the left panels' metric (default: the task's primary one on the test split, e.g. "
+                                "test_acc; val_ppl, ...)")
         p.set_defaults(func=lambda a, n=name: _report(a.runs, a.out, table=n == "table", plot=n == "plot",
                                                       labels=_csv(a.labels), metrics=_csv(getattr(a, "metrics", None)),
-                                                      relative_to=getattr(a, "relative_to", None)) or 0)
+                                                      relative_to=getattr(a, "relative_to", None),
+                                                      metric=getattr(a, "metric", None)) or 0)
 
     p = sub.add_parser("rules", help="list every rule with its scheduler, messages and default hyperparameters")
     p.add_argument("--import", dest="imports", action="append", metavar="MODULE",

@@ -110,14 +110,6 @@ def progress_bar(total: int, initial: int, name: str, enabled: bool):
     return tqdm(total=total, initial=initial, desc=name, unit="msg", dynamic_ncols=True, leave=True)
 
 
-def shown_accuracy(row: dict) -> str:
-    """The accuracy a progress bar shows: the test split's, else (``train.eval_test = false``) the validation's."""
-    for key, prefix in (("test_acc", ""), ("val_acc", "val ")):
-        if row.get(key) is not None:
-            return f"{prefix}{row[key]:.2f}"
-    return "-"
-
-
 def shown_metric(row: dict, task: Any) -> dict[str, str]:
     """The progress bar's entry for the task's primary metric (``acc=90.12`` for image classification): the test
     split's value, else (``train.eval_test = false``) the validation's."""

@@ -56,7 +56,7 @@ from .config import (
     to_toml,
 )
 from .rundir import CHECKPOINT, RunDirError, RunLock, flatten, is_locked, make_run_dir, read_run_info, write_text
-from .tuning import SELECTION_METRICS, TUNING_DIR, TuneSpec, budget_overrides, candidates, parse_tune
+from .tuning import TUNING_DIR, TuneSpec, budget_overrides, candidates, parse_tune, selection
 
 
 @dataclass(frozen=True)
@@ -331,8 +331,8 @@ def plan_tuning(runs: list[SweepRun]) -> list[SweepRun]:
                     cfg = from_dict(apply_overrides(r.base, list(own)))
                 except ConfigError as e:
                     raise ConfigError(f"tuning run of setting {r.label!r}, method {r.method!r}, {cand}: {e}") from None
-                key = SELECTION_METRICS[spec.metric][0]
-                if key.startswith("val") and cfg.data.validation is None:
+                key = selection(spec.metric)[0]
+                if key.startswith("val") and cfg.task.entry is None and cfg.data.validation is None:
                     raise ConfigError(f"sweep.tune.metric = {spec.metric!r} is measured on the validation split, "
                                       f"which setting {r.label!r}, method {r.method!r} does not hold out: set "
                                       f"data.validation (e.g. 5000), or choose metric = \"final_train_loss\"")
@@ -607,6 +607,19 @@ def select_tuned(runs: list[SweepRun], tuning: list[SweepRun]) -> list:
 
     spec = runs[0].tune
     assert spec is not None
+    if spec.higher is None:  # final:val_<name>: the direction the task declares, from a tuning run's run.json
+        from dataclasses import replace
+
+        from .tuning import declared_direction
+
+        def declares(run_dir: Path) -> bool:
+            try:
+                return bool((read_run_info(run_dir).get("task") or {}).get("metrics"))
+            except (OSError, ValueError, RuntimeError):
+                return False
+
+        recorded = [r.run_dir for r in tuning if declares(r.run_dir)]
+        spec = replace(spec, higher=declared_direction(spec.metric, (recorded or [tuning[0].run_dir])[0]))
     cells: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
     for cand, _ in cands(spec):
         for r in tuning:
