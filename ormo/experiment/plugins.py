@@ -41,7 +41,7 @@ def is_file_ref(ref: str) -> bool:
     return ref.endswith(".py") or "/" in ref or os.sep in ref
 
 
-def _failure(e: BaseException) -> str:
+def describe_failure(e: BaseException) -> str:
     """``TypeName: message (file:line)`` of an exception raised inside user code (its innermost frame)."""
     frames = traceback.extract_tb(e.__traceback__)
     where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
@@ -55,11 +55,11 @@ def _import(name: str, *, field: str, ref: str) -> ModuleType:
         if e.name and (name == e.name or name.startswith(e.name + ".")):
             raise ConfigError(f"{field}: no module named {e.name!r}; install the package, put its folder on "
                               f"PYTHONPATH, or give a file path such as path/to/{name.split('.')[-1]}.py") from None
-        raise ConfigError(f"{field}: importing {ref!r} failed: {_failure(e)}; fix that import") from None
+        raise ConfigError(f"{field}: importing {ref!r} failed: {describe_failure(e)}; fix that import") from None
     except ConfigError as e:  # a registration in the module refused something: its own message says what
         raise ConfigError(f"{field}: importing {ref!r} failed: {e}") from None
     except Exception as e:  # noqa: BLE001 - whatever the user's module raises, the report is the same one line
-        raise ConfigError(f"{field}: importing {ref!r} failed: {_failure(e)}; fix the module") from None
+        raise ConfigError(f"{field}: importing {ref!r} failed: {describe_failure(e)}; fix the module") from None
 
 
 def _import_file(ref: str, *, field: str, base_dir: str | None) -> ModuleType:
@@ -144,8 +144,9 @@ def resolve_entry(entry: str, *, base_dir: str | None = None) -> Callable[..., A
                               f"{', '.join(defined) or 'no public callables'})")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ConfigError(f"{field}: {module.__name__}.{attr} is a {type(obj).__name__}, not a callable; name a "
-                          f"function or class that takes (context, **options) and returns a task")
+        shown = repr(obj) if len(repr(obj)) <= 40 else f"<a {type(obj).__name__}>"
+        raise ConfigError(f"{field}: {module.__name__}.{attr} = {shown} is not a callable; name a function or class "
+                          f"that takes (context, **options) and returns a task")
     return obj
 
 

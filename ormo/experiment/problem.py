@@ -31,7 +31,7 @@ from ..models import build_model
 from ..rules.base import ConfigError
 from ..task import Metric, ModelTask, Task, TaskContext, check_task
 from .config import ExperimentConfig
-from .plugins import import_modules, resolve_entry
+from .plugins import describe_failure, import_modules, resolve_entry
 
 EVAL_BATCH = 1000
 #: the validation hold-out's generator: seed 0 of its own stream, so every seed and method holds out the same examples
@@ -56,7 +56,12 @@ def build_task(cfg: ExperimentConfig, *, base_dir: str | None = None) -> Task:
     if t.entry is None:
         return ImageClassification(cfg)
     factory = resolve_entry(t.entry, base_dir=base_dir)
-    task = factory(task_context(cfg), **t.options)
+    try:
+        task = factory(task_context(cfg), **t.options)
+    except ConfigError:  # the task's own validation: its message names the option
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's constructor: one line with where it failed (chained)
+        raise ConfigError(f"task.entry = {t.entry!r}: building the task failed: {describe_failure(e)}") from e
     check_task(task, where=f"task.entry = {t.entry!r}")
     return task
 
