@@ -162,6 +162,19 @@ def test_bad_entries_are_one_line_naming_the_value_and_the_fix(tmp_path, capsys)
         from_dict({"task": {"options": {"a": 1}}})
 
 
+def test_a_task_config_reads_back_and_image_classification_configs_read_as_before():
+    import tomllib
+
+    from ormo.experiment import to_toml
+
+    cfg = load_config(None, [f"task.entry={ENTRY}", "task.options.hidden=8", f'task.imports=["{EXAMPLE}"]',
+                             'ray.runtime_env={py_modules = ["mypkg"], env_vars = {A = "1"}}'])
+    text = to_toml(cfg)
+    assert from_dict(tomllib.loads(text)) == cfg
+    assert "[task.options]\nhidden = 8" in text and '[ray.runtime_env]\npy_modules = ["mypkg"]' in text
+    assert "[task]" not in to_toml(load_config(None, ["model.name=mlp"]))  # old run directories' config.toml
+
+
 def test_the_protocol_check_names_what_a_task_lacks_or_declares_badly():
     class NoMetrics(ModelTask):
         def __init__(self):
