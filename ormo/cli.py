@@ -1,13 +1,14 @@
 """Command line.
 
     ormo train CONFIG [--set section.key=value]... [--run-dir DIR]     one run on the simulator
+    ormo train --set task.entry=path/to/task.py:make_task [--set ...]   a task of your own (no CONFIG needed)
     ormo train CONFIG --engine ray [--address HOST:PORT]                the same on real worker processes (Ray)
     ormo train --resume RUN_DIR                                         continue a stopped or killed run
     ormo replay RUN_DIR                                                 rerun a (Ray) run's arrival order exactly
     ormo sweep CONFIG [--methods a,b] [--seeds 0,1,2] [--jobs N] --out DIR
     ormo table RUN_DIRS... [--out DIR]                                  mean ± std tables in the papers' layout
     ormo plot RUN_DIRS... [--out DIR]                                   accuracy / loss vs epochs and vs time
-    ormo rules                                                          every rule and its defaults
+    ormo rules [--import MODULE]                                        every rule and its defaults
     ormo presets                                                        the packaged configs (CONFIG = preset:NAME)
     ormo demo [--out DIR]                                               the quickstart sweep, table and plots
     ormo --version
@@ -38,21 +39,36 @@ def _csv(text: str | None, cast=str, *, flag: str = "") -> list | None:
         raise ConfigError(f"{flag} {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
 
 
+def _import_overrides(config: str | None, overrides: list[str], modules: list[str] | None) -> list[str]:
+    """``--import MODULE`` flags as one ``task.imports`` override: the config's own imports, then these (recorded in
+    the run's config, so a resume, a sweep's worker processes and Ray workers import them too)."""
+    if not modules:
+        return list(overrides)
+    from .experiment.config import apply_overrides, read_config_file
+
+    data = apply_overrides(read_config_file(config) if config is not None else {}, overrides)
+    task = data.get("task") if isinstance(data.get("task"), dict) else {}
+    have = task.get("imports", []) if isinstance(task.get("imports", []), list) else []
+    merged = list(dict.fromkeys([*have, *modules]))
+    return [*overrides, f"task.imports={json.dumps(merged)}"]
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .experiment import load_config, to_toml, train
 
     if args.resume:
-        if args.config or args.set:
-            raise ConfigError("--resume continues a run with its own config: give no CONFIG or --set with it")
+        if args.config or args.set or args.imports:
+            raise ConfigError("--resume continues a run with its own config: give no CONFIG, --set or --import "
+                              "with it")
         if args.print_config:
             print(to_toml(load_config(args.resume / "config.toml")), end="")
             return 0
         result = train(None, args.resume, resume=True, progress=not args.quiet)
     else:
-        if args.config is None:
-            raise ConfigError("give a CONFIG file (e.g. preset:quickstart or configs/quickstart.toml) "
-                              "or --resume RUN_DIR")
-        overrides = list(args.set)
+        if args.config is None and not any(o.split("=", 1)[0].strip() == "task.entry" for o in args.set):
+            raise ConfigError("give a CONFIG file (e.g. preset:quickstart or configs/quickstart.toml), a task of "
+                              "your own with --set task.entry=path/to/task.py:make_task, or --resume RUN_DIR")
+        overrides = _import_overrides(args.config, list(args.set), args.imports)
         if args.address and args.engine != "ray":
             raise ConfigError("--address joins a Ray cluster: use it with --engine ray")
         if args.address:
@@ -67,13 +83,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if result.diverged:  # a result, not a failure: exit 0, but say so on stderr and in the JSON
         print(f"ormo train: {result.diverged}; the run directory records it", file=sys.stderr)
     final = result.final
+    primary = _primary_metric(result.run_dir)
     out = {"run_dir": str(result.run_dir), "status": result.status, "epoch": final["epoch"],
-           "train_loss": final["train_loss"], "test_acc": final["test_acc"], "sim_time_s": final["sim_time_s"],
-           "delay": result.summary.get("delay")}
-    if final.get("val_acc") is not None:
-        out["val_acc"] = final["val_acc"]
+           "train_loss": final["train_loss"], f"test_{primary}": final.get(f"test_{primary}"),
+           "sim_time_s": final["sim_time_s"], "delay": result.summary.get("delay")}
+    if final.get(f"val_{primary}") is not None:
+        out[f"val_{primary}"] = final[f"val_{primary}"]
     print(json.dumps(_finite_or_null(out), default=str, allow_nan=False))  # valid JSON: NaN/Inf become null
     return 0
+
+
+def _primary_metric(run_dir: Path) -> str:
+    """The run's primary metric (``acc`` for image classification, and for runs made before tasks)."""
+    from .experiment.rundir import read_run_info
+
+    try:
+        task = read_run_info(run_dir).get("task") or {}
+    except (OSError, ValueError, RuntimeError):
+        task = {}
+    return str(task.get("primary") or "acc")
 
 
 def _finite_or_null(obj):
@@ -106,13 +134,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     for flag, text in (("--methods", args.methods), ("--seeds", args.seeds), ("--settings", args.settings)):
         if text is not None and not _csv(text):
             raise ConfigError(f"{flag} {text!r} lists nothing; leave it out to use the config's own list")
-    runs = plan_sweep(args.config, out=args.out, overrides=args.set, methods=_csv(args.methods),
+    overrides = _import_overrides(args.config, list(args.set), getattr(args, "imports", None))
+    runs = plan_sweep(args.config, out=args.out, overrides=overrides, methods=_csv(args.methods),
                       seeds=_csv(args.seeds, int, flag="--seeds"), settings=_settings(args.config, args.settings),
                       grid=args.grid, tune_scope=getattr(args, "tune_scope", None))
     if getattr(args, "dry_run", False) or getattr(args, "print_config", False):
         data = read_config_file(args.config)
         data.pop("sweep", None)
-        base = from_dict(apply_overrides(data, args.set))
+        base = from_dict(apply_overrides(data, overrides))
         print(describe_plan(runs, base, full=getattr(args, "print_config", False)), end="")
         return 0
     from .experiment.sweep import plan_tuning
@@ -209,8 +238,9 @@ def _default_out(paths: list[str]) -> Path:
 
 
 def _report(paths: list[str], out: Path | None, *, table: bool, plot: bool, labels: list[str] | None = None,
-            metrics: list[str] | None = None, relative_to: str | None = None) -> None:
+            metrics: list[str] | None = None, relative_to: str | None = None, metric: str | None = None) -> None:
     from .report import load_runs, plot_runs, write_table
+    from .report.tables import default_metrics
 
     records = load_runs(paths)
     if labels is None:  # a sweep folder records the order of its settings; runs it does not list come after
@@ -221,11 +251,11 @@ def _report(paths: list[str], out: Path | None, *, table: bool, plot: bool, labe
     out = _default_out(paths) if out is None else out
     out.mkdir(parents=True, exist_ok=True)
     if table:
-        print(write_table(records, out, labels=labels, metrics=tuple(metrics or ("train_loss", "test_acc")),
+        print(write_table(records, out, labels=labels, metrics=tuple(metrics or default_metrics(records)),
                           tuned=_tuned_values(paths), relative_to=relative_to))
         print(f"(written to {out / 'table.md'} and {out / 'table.csv'})", file=sys.stderr)
     if plot:
-        for p in plot_runs(records, out, labels=labels):
+        for p in plot_runs(records, out, labels=labels, metric=metric):
             print(f"plot: {p}", file=sys.stderr)
 
 
@@ -238,8 +268,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_rules(args: argparse.Namespace) -> int:
+    from .experiment.plugins import import_modules
     from .rules import make_rule, rule_names
 
+    import_modules(args.imports or [], field="--import")
     for name in rule_names():
         print(json.dumps(make_rule(name).describe(), ensure_ascii=False, default=str))
     return 0
@@ -267,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="run one experiment on the simulator (or --resume one)")
-    p.add_argument("config", nargs="?", help="a TOML config, e.g. preset:quickstart or configs/quickstart.toml")
+    p.add_argument("config", nargs="?",
+                   help="a TOML config, e.g. preset:quickstart or configs/quickstart.toml (optional with --set "
+                        "task.entry=...)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (TOML syntax), e.g. --set method.lr=0.05; repeatable")
     p.add_argument("--run-dir", type=Path, help="where to write the run (default runs/NAME-METHOD-TIMESTAMP)")
@@ -278,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (after --set) as TOML and exit without running")
+    p.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                   help="import a module (name or .py path) first, for the models, datasets and rules it registers; "
+                        "recorded as task.imports; repeatable")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("replay", help="rerun a recorded run's arrival order in the simulator and compare")
@@ -302,7 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-report", action="store_true", help="do not write the table and plots at the end")
-    p.add_argument("--metrics", help="table metrics (default train_loss,test_acc; also test_loss, delay_max, ...)")
+    p.add_argument("--metrics", help="table metrics (default train_loss and the task's primary test metric, e.g. "
+                                     "test_acc; also test_loss, val_ppl, delay_max, time_to:val_loss:1.5, ...)")
+    p.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                   help="import a module (name or .py path) first, for what it registers; recorded as task.imports")
     p.set_defaults(func=_cmd_sweep)
 
     for name, helptext in (("table", "mean ± std tables of finished runs"), ("plot", "PNG curves of runs")):
@@ -311,16 +351,26 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", type=Path, help="where to write the files (default: the folder holding the runs)")
         p.add_argument("--labels", help="comma-separated settings to show, in this order (default: all)")
         if name == "table":
-            p.add_argument("--metrics", help="default train_loss,test_acc; also test_loss, val_acc, val_loss, "
-                                             "delay_mean, delay_max, sim_time_s, time_to_acc:85 (simulated seconds "
-                                             "to 85 %% test accuracy), time_to_val_acc:85")
+            p.add_argument("--metrics", help="default train_loss and the task's primary test metric (test_acc for "
+                                             "image classification); also test_loss, val_acc, val_loss, any "
+                                             "test_/val_ column of the task (val_ppl, ...), delay_mean, delay_max, "
+                                             "sim_time_s, time_to_acc:85 (simulated seconds to 85 %% test "
+                                             "accuracy), time_to_val_acc:85, time_to:val_loss:1.5 (any column, on "
+                                             "its better side)")
             p.add_argument("--relative-to", metavar="METHOD",
                            help="with a time_to_acc metric: how many times sooner each method gets there than METHOD")
+        else:
+            p.add_argument("--metric", metavar="COLUMN",
+                           help="the left panels' metric (default: the task's primary one on the test split, e.g. "
+                                "test_acc; val_ppl, ...)")
         p.set_defaults(func=lambda a, n=name: _report(a.runs, a.out, table=n == "table", plot=n == "plot",
                                                       labels=_csv(a.labels), metrics=_csv(getattr(a, "metrics", None)),
-                                                      relative_to=getattr(a, "relative_to", None)) or 0)
+                                                      relative_to=getattr(a, "relative_to", None),
+                                                      metric=getattr(a, "metric", None)) or 0)
 
     p = sub.add_parser("rules", help="list every rule with its scheduler, messages and default hyperparameters")
+    p.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                   help="import a module (name or .py path) first: the rules it registers are listed too")
     p.set_defaults(func=_cmd_rules)
 
     p = sub.add_parser("presets", help="list the packaged configs, usable as CONFIG = preset:NAME")

@@ -261,3 +261,45 @@ def test_a_rejected_live_worker_is_told_so_it_can_reset():
     ray.get(server.hello.remote(0, 0))
     reply = ray.get(server.push.remote(0, 0, 0, _msg(loss=math.nan)))
     assert reply["rejected"].startswith("malformed or non-finite loss") and reply["index"] == 0
+
+
+RULE_FILE = """\
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ormo.rules.asgd import ASGD
+from ormo.rules.base import register
+
+
+@register
+@dataclass(frozen=True)
+class HalfStepASGD(ASGD):
+    name: ClassVar[str] = "half-step-asgd"
+
+    def apply(self, state, message, *, t, worker):
+        state.params.add_(message.update, alpha=-0.5 * self.lr * state.lr_scale)
+"""
+
+
+def test_a_task_and_a_rule_from_files_outside_the_package_train_on_ray_and_replay_exactly(tmp_path, monkeypatch):
+    """The README's example task (examples/my_task.py) with a rule defined in another file: the workers rebuild the
+    task from its file; the rule travels to them by value."""
+    import ormo.rules.base as rules_base
+
+    monkeypatch.setattr(rules_base, "_REGISTRY", dict(rules_base._REGISTRY))  # the rule is forgotten afterwards
+    rule_file = tmp_path / f"rule_{os.getpid()}_{time.monotonic_ns()}.py"
+    rule_file.write_text(RULE_FILE)
+    example = Path(__file__).resolve().parent.parent / "examples" / "my_task.py"
+    cfg = load_config(None, [f"task.entry={example}:make_task", f'task.imports=["{rule_file}"]',
+                             "task.options.train_size=512", "method.name=half-step-asgd", "method.lr=0.02",
+                             "train.num_workers=3", "train.epochs=3", "train.eval_every=1", "data.batch_size=32",
+                             "ray.time_scale=0.002"])
+    train(cfg, tmp_path / "run", engine="ray", progress=False)
+    info = read_run_info(tmp_path / "run")
+    assert info["status"] == "finished" and info["engine"] == "ray" and info["method"] == "half-step-asgd"
+    rows = read_metrics(tmp_path / "run")
+    assert list(rows[0])[5:9] == ["test_mse", "test_mae", "val_mse", "val_mae"]
+    assert rows[-1]["val_mse"] < rows[0]["val_mse"]
+    assert sorted(info["summary"]["messages_per_worker"])[0] > 0  # every worker built the task and took part
+    out = replay(tmp_path / "run")
+    assert out["bit_identical"], out

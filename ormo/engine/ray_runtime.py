@@ -428,7 +428,7 @@ class Worker:
                 "momentum": None if message.momentum is None else message.momentum.cpu().numpy(),
                 "local_lr_scale": float(message.local_lr_scale),
                 "loss": float(problem.message_loss()),
-                "buffers": problem.flat.buffers.cpu().numpy(),  # the message's statistics (staged)
+                "buffers": problem.message_state().cpu().numpy(),  # the message's model state (staged)
                 "compute_s": compute_s,
                 "sleep_s": sleep_s,
             }
@@ -442,13 +442,15 @@ class Worker:
         return reply["stop"]
 
 
-def start_ray(address: str | None, num_cpus: int | None) -> bool:
+def start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str, Any] | None = None) -> bool:
     """Connect to ``address``, or start a local instance (its node address set to 127.0.0.1; Ray still listens on
-    all interfaces, so its token authentication, on by default, is what guards it). Returns True if this call started
-    it (then the caller shuts it down)."""
+    all interfaces, so its token authentication, on by default, is what guards it), with ``runtime_env`` for the
+    job's processes. Returns True if this call started it (then the caller shuts it down)."""
     if ray.is_initialized():
         return False
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if runtime_env:
+        kw["runtime_env"] = dict(runtime_env)
     if address:
         ray.init(address=address, **kw)
     else:
@@ -482,7 +484,8 @@ def run_ray(
     kill_hook: Callable[[list[Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run to ``total`` server iterations; returns the server's final state (params, events, re-dispatches, …)."""
-    started = start_ray(options.address, options.num_cpus or max(os.cpu_count() or 1, num_workers + 1))
+    started = start_ray(options.address, options.num_cpus or max(os.cpu_count() or 1, num_workers + 1),
+                        getattr(options, "runtime_env", None))
     actors: list[Any] = []
     runs: dict[Any, int] = {}  # each worker's running loop -> its id
     server = None

@@ -1,7 +1,8 @@
 """Experiment configuration: one frozen, validated dataclass per component, read from TOML.
 
 A file has the sections ``[method]`` (with ``[method.options]``), ``[model]``, ``[data]`` (with ``[data.options]``),
-``[schedule]``, ``[timing]`` and ``[train]``, plus top-level ``name`` and ``extends`` (a path, relative to the file,
+``[schedule]``, ``[timing]``, ``[train]``, ``[ray]`` and ``[task]`` (with ``[task.options]``: a training problem of
+your own, see ``ormo.task``), plus top-level ``name`` and ``extends`` (a path, relative to the file,
 of a base file whose values this one overrides). Overrides from the command line are ``section.key=value`` with a
 TOML value (``method.lr=0.05``, ``method.options.delay_rule="none"``, ``train.epochs=2``); a bare word is taken
 as a string. Unknown sections or keys and wrong types are errors naming the key.
@@ -256,6 +257,10 @@ class RayConfig:
     max_restarts: int = 10
     #: how long the workers may take to start (build their model and data) before the run stops with an error
     startup_timeout_s: float = 600.0
+    #: Ray's runtime environment for the run's processes, e.g. {py_modules = ["examples/my_task.py"]} or
+    #: {working_dir = "."}: how a task's or rule's module reaches the workers of a cluster that does not have it
+    #: installed (a local instance needs nothing: its workers see the driver's files)
+    runtime_env: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_cpus is not None:
@@ -270,6 +275,36 @@ class RayConfig:
         check_positive("ray.startup_timeout_s", self.startup_timeout_s)
 
 
+@dataclass(frozen=True)
+class TaskConfig:
+    """The training problem (``ormo.task``): image classification of ``[model]`` on ``[data]`` (the default), or the
+    task an entry builds. The entry's module and ``imports`` are imported when the config is read, before the other
+    sections are checked, so the models, datasets and rules they register can be named in them."""
+
+    #: "module:callable" or "path/to/file.py:callable", called as callable(context, **options) to build the task
+    #: (``ormo.task.TaskContext``); unset = image classification of [model] on [data]
+    entry: str | None = None
+    #: keyword arguments of the entry (values: numbers, strings, booleans, lists)
+    options: dict[str, Any] = field(default_factory=dict)
+    #: modules (names or .py paths) to import first, for what they register, e.g. ["mypkg.rules"]
+    imports: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from .plugins import check_options, import_modules, resolve_entry
+
+        for k, v in self.options.items():
+            if isinstance(v, dict) or (isinstance(v, list) and any(isinstance(x, dict) for x in v)):
+                raise invalid(f"task.options.{k}", v, "a number, string, boolean or list (not a table)",
+                              fix="flatten it into several options")
+        import_modules(self.imports)
+        if self.entry is None:
+            if self.options:
+                raise ConfigError(f"task.options {sorted(self.options)!r} are set but task.entry is not; set "
+                                  f"task.entry = \"module:callable\" (the options are its keyword arguments)")
+            return
+        check_options(resolve_entry(self.entry), self.options, entry=self.entry)
+
+
 SECTIONS: dict[str, type] = {
     "method": MethodConfig,
     "model": ModelConfig,
@@ -278,7 +313,11 @@ SECTIONS: dict[str, type] = {
     "timing": TimingConfig,
     "train": TrainConfig,
     "ray": RayConfig,
+    "task": TaskConfig,
 }
+
+#: what a task of its own (task.entry) takes from [model] and [data]: only the minibatch size
+_TASK_USES = {"data.batch_size"}
 
 
 @dataclass(frozen=True)
@@ -293,6 +332,19 @@ class ExperimentConfig:
     timing: TimingConfig = field(default_factory=TimingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+    def __post_init__(self) -> None:
+        if self.task.entry is None:
+            return
+        for section, default in (("model", ModelConfig()), ("data", DataConfig())):
+            for f in dataclasses.fields(default):
+                key = f"{section}.{f.name}"
+                value = getattr(getattr(self, section), f.name)
+                if key not in _TASK_USES and value != getattr(default, f.name):
+                    raise ConfigError(f"{key} = {value!r} does not apply with task.entry = {self.task.entry!r} (the "
+                                      f"task builds its own model and data; it takes only data.batch_size); pass "
+                                      f"it to the task in [task.options] instead")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -372,7 +424,13 @@ def from_dict(data: dict[str, Any]) -> ExperimentConfig:
     if unknown:
         raise ConfigError(f"unknown section or key {unknown[0]!r}; expected: name, {', '.join(SECTIONS)}")
     name = _check_type("name", data.get("name", "experiment"), str)
-    return ExperimentConfig(name=name, **{s: _build_section(s, cls, data.get(s, {})) for s, cls in SECTIONS.items()})
+    # [task] first: its modules register models, datasets and rules that the other sections may name
+    task = _build_section("task", TaskConfig, data.get("task", {}))
+    sections = {s: _build_section(s, cls, data.get(s, {})) for s, cls in SECTIONS.items() if s != "task"}
+    try:
+        return ExperimentConfig(name=name, task=task, **sections)
+    except ConfigError as e:
+        raise ConfigError(f"[task] {e}") from None
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -473,6 +531,8 @@ def _toml_value(v: Any) -> str:
         return json.dumps(v, ensure_ascii=False)
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table (e.g. ray.runtime_env's env_vars)
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
@@ -481,6 +541,8 @@ def to_toml(cfg: ExperimentConfig) -> str:
     d = cfg.to_dict()
     lines = [f"name = {_toml_value(d.pop('name'))}", ""]
     for section, table in d.items():
+        if section == "task" and table == dataclasses.asdict(TaskConfig()):
+            continue  # image classification, the default: the file reads as it did before tasks
         subtables = {k: v for k, v in table.items() if isinstance(v, dict)}
         lines.append(f"[{section}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None and k not in subtables]

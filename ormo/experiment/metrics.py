@@ -8,23 +8,21 @@ import csv
 import io
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-METRIC_FIELDS: tuple[str, ...] = (
-    "epoch",
-    "iteration",
-    "gradients",
-    "sim_time_s",
-    "train_loss",
-    "test_loss",
-    "test_acc",
-    "val_loss",
-    "val_acc",
-    "delay_mean",
-    "delay_max",
-    "lr_scale",
-)
+
+def metric_fields(metric_names: Sequence[str]) -> tuple[str, ...]:
+    """The columns of a run's metrics rows for a task whose metrics are ``metric_names``: the progress, the training
+    loss, ``test_<metric>`` then ``val_<metric>`` for each, and the delays and rate factor."""
+    return ("epoch", "iteration", "gradients", "sim_time_s", "train_loss",
+            *(f"{split}_{name}" for split in ("test", "val") for name in metric_names),
+            "delay_mean", "delay_max", "lr_scale")
+
+
+#: image classification's columns (metrics ``loss`` and ``acc``): what every run directory before tasks holds
+METRIC_FIELDS: tuple[str, ...] = metric_fields(("loss", "acc"))
 
 
 def metrics_row(
@@ -34,29 +32,23 @@ def metrics_row(
     local_steps: int,
     sim_time_s: float,
     train_loss: float,
-    test_loss: float,
-    test_acc: float,
+    evaluation: Mapping[str, float | None],
     delay_mean: float,
     delay_max: int | None,
     lr_scale: float,
-    val_loss: float | None = None,
-    val_acc: float | None = None,
 ) -> dict[str, Any]:
-    """One evaluation row (the fields of :data:`METRIC_FIELDS`) after ``t`` server iterations."""
-    return {
+    """One evaluation row after ``t`` server iterations: the fixed columns and ``evaluation`` (``test_<metric>``,
+    ``val_<metric>``, from ``ormo.task.evaluate_all``), in :func:`metric_fields` order."""
+    row: dict[str, Any] = {
         "epoch": t / messages_per_epoch,
         "iteration": t,
         "gradients": t * local_steps,
         "sim_time_s": sim_time_s,
         "train_loss": train_loss,
-        "test_loss": test_loss,
-        "test_acc": test_acc,
-        "val_loss": val_loss,
-        "val_acc": val_acc,
-        "delay_mean": delay_mean,
-        "delay_max": delay_max,
-        "lr_scale": lr_scale,
     }
+    row.update(evaluation)
+    row.update(delay_mean=delay_mean, delay_max=delay_max, lr_scale=lr_scale)
+    return row
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -70,10 +62,12 @@ def _jsonable(v: Any) -> Any:
 
 
 class MetricsWriter:
-    """Keeps every row in memory and rewrites both files atomically after each new row (they are small)."""
+    """Keeps every row in memory and rewrites both files atomically after each new row (they are small). ``fields``:
+    the columns (:func:`metric_fields` of the task's metrics)."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool = False) -> None:
+    def __init__(self, run_dir: Path, *, fields: Sequence[str] = METRIC_FIELDS, tensorboard: bool = False) -> None:
         self.run_dir = run_dir
+        self.fields = tuple(fields)
         self.rows: list[dict[str, Any]] = []
         self._tb = None
         if tensorboard:
@@ -92,20 +86,19 @@ class MetricsWriter:
         self.rows.append(dict(row))
         self._flush()
         if self._tb is not None:
-            for key in ("train_loss", "test_loss", "test_acc", "val_loss", "val_acc", "delay_mean", "delay_max",
-                        "lr_scale"):
+            for key in self.fields[4:]:  # everything but the progress columns
                 if row.get(key) is not None:
                     self._tb.add_scalar(key, row[key], row["iteration"])
             self._tb.flush()
 
     def _flush(self) -> None:
         _atomic_write(self.run_dir / "metrics.jsonl",
-                      "".join(json.dumps({k: _jsonable(r.get(k)) for k in METRIC_FIELDS}) + "\n" for r in self.rows))
+                      "".join(json.dumps({k: _jsonable(r.get(k)) for k in self.fields}) + "\n" for r in self.rows))
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(METRIC_FIELDS), lineterminator="\n")
+        w = csv.DictWriter(buf, fieldnames=list(self.fields), lineterminator="\n")
         w.writeheader()
         for r in self.rows:
-            w.writerow({k: r.get(k) for k in METRIC_FIELDS})
+            w.writerow({k: r.get(k) for k in self.fields})
         _atomic_write(self.run_dir / "metrics.csv", buf.getvalue())
 
     def close(self) -> None:
@@ -114,10 +107,10 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's ``metrics.jsonl`` (NaN written as null comes back as NaN)."""
+    """The rows of a run's ``metrics.jsonl`` (NaN written as null comes back as NaN, in every column)."""
     path = Path(run_dir) / "metrics.jsonl"
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
-        rows.append({k: (math.nan if v is None and k in METRIC_FIELDS else v) for k, v in r.items()})
+        rows.append({k: (math.nan if v is None else v) for k, v in r.items()})
     return rows

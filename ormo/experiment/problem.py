@@ -1,13 +1,14 @@
-"""A model on a dataset, seen by the engine as ``grad_fn(params, worker, index, step)``.
+"""The training problem of a config: image classification (the default), or the task its ``[task] entry`` names.
 
-Conventions (spec §9):
+Image classification is one :class:`ormo.task.ModelTask`: a registered model on a registered dataset, cross-entropy
+loss, and the metrics ``loss`` and ``acc`` (in %) on the test split and on an optional validation hold-out (spec §9):
 
 * A13, weight decay: the worker adds ``λ·x`` to its gradient, at the point it evaluates.
 * A14, BatchNorm running statistics: every worker keeps its own (updated by its training-mode forward passes and
   kept across its messages); each message carries them to the server, which keeps the latest it consumed and
   evaluates the server parameters with those. A message's statistics are staged while it is computed and committed
-  (:meth:`TrainProblem.commit_message`) only once the engine accepted it, so a rejected or diverged message never
-  reaches the worker's or the server's statistics.
+  only once the engine accepted it, so a rejected or diverged message never reaches the worker's or the server's
+  statistics.
 * A16, training loss: the mean of the workers' minibatch losses (for a local method, the mean over its H steps is
   the message's loss); the run loop averages it over the last epoch of messages.
 * The minibatch is a pure function of (seed, worker, parameter index, local step), and so is its augmentation.
@@ -15,34 +16,67 @@ Conventions (spec §9):
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..data import Dataset, load_dataset
 from ..data.augment import Augment, normalize
 from ..data.base import balanced_subset, seeded_generator
 from ..data.sampler import minibatch_generator, minibatch_indices
-from ..flat import FlatModel
 from ..models import build_model
 from ..rules.base import ConfigError
+from ..task import Metric, ModelTask, Task, TaskContext, check_task
 from .config import ExperimentConfig
+from .plugins import describe_failure, import_modules, resolve_entry
 
 EVAL_BATCH = 1000
 #: the validation hold-out's generator: seed 0 of its own stream, so every seed and method holds out the same examples
 _STREAM_VALIDATION = 0x7A11D
+#: image classification's metrics: the columns test_loss, test_acc, val_loss, val_acc
+IMAGE_METRICS = (Metric("loss", higher_is_better=False, label="loss"),
+                 Metric("acc", higher_is_better=True, label="acc. (%)"))
 
 
-class TrainProblem:
-    """Builds the dataset and the model of ``cfg`` and serves gradients to an engine."""
+def task_context(cfg: ExperimentConfig) -> TaskContext:
+    """The values of ``cfg`` a task must honour."""
+    return TaskContext(seed=cfg.train.seed, num_workers=cfg.train.num_workers, batch_size=cfg.data.batch_size,
+                       weight_decay=cfg.train.weight_decay, device=cfg.train.device, eval_test=cfg.train.eval_test)
+
+
+def build_task(cfg: ExperimentConfig, *, base_dir: str | None = None) -> Task:
+    """The task of ``cfg``: ``task.entry(context, **task.options)`` after importing ``task.imports``, or image
+    classification of ``[model]`` on ``[data]`` without an entry. ``base_dir``: where a relative file path in the
+    entry or the imports is also looked for (a Ray worker gets the driver's working directory)."""
+    t = cfg.task
+    import_modules(t.imports, field="task.imports", base_dir=base_dir)  # registered models, datasets, rules
+    if t.entry is None:
+        return ImageClassification(cfg)
+    factory = resolve_entry(t.entry, base_dir=base_dir)
+    try:
+        task = factory(task_context(cfg), **t.options)
+    except ConfigError:  # the task's own validation: its message names the option
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's constructor: one line with where it failed (chained)
+        raise ConfigError(f"task.entry = {t.entry!r}: building the task failed: {describe_failure(e)}") from e
+    check_task(task, where=f"task.entry = {t.entry!r}")
+    return task
+
+
+class ImageClassification(ModelTask):
+    """Builds the dataset and the model of ``cfg`` and serves gradients to an engine (cross-entropy, accuracy)."""
+
+    metrics = IMAGE_METRICS
+    primary_metric = "acc"
 
     def __init__(self, cfg: ExperimentConfig, *, dataset: Dataset | None = None) -> None:
         self.cfg = cfg
-        self.device = torch.device(cfg.train.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
+        if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():  # before any data is read
             raise ValueError(f"train.device={cfg.train.device!r} but CUDA is not available on this machine")
+        device = torch.device(cfg.train.device)
         d = cfg.data
         ds = dataset or load_dataset(
             d.name, data_dir=d.data_dir, download=d.download, subset=d.subset, seed=cfg.train.seed, **d.options
@@ -50,11 +84,10 @@ class TrainProblem:
         c, h, _ = ds.image_shape
         model = build_model(cfg.model.name, num_classes=ds.num_classes, in_channels=c, image_size=h,
                             seed=cfg.train.seed)
-        self.model = model.to(self.device)
-        self.flat = FlatModel(self.model)
         # Data lives on the device once; a minibatch is one gather.
         train_x, train_y = ds.train_x, ds.train_y
         self.val_x = self.val_y = None
+        splits = ["test"]
         if d.validation is not None:
             n = int(train_y.shape[0])
             if d.validation >= n:
@@ -63,33 +96,21 @@ class TrainProblem:
             held = torch.zeros(n, dtype=torch.bool)
             held[balanced_subset(train_y, d.validation, num_classes=ds.num_classes,
                                  generator=seeded_generator(0, _STREAM_VALIDATION))] = True
-            self.val_x, self.val_y = train_x[held].to(self.device), train_y[held].to(self.device)
+            self.val_x, self.val_y = train_x[held].to(device), train_y[held].to(device)
             train_x, train_y = train_x[~held], train_y[~held]
-        self.train_x, self.train_y = train_x.to(self.device), train_y.to(self.device)
+            splits.append("val")
+        self.train_x, self.train_y = train_x.to(device), train_y.to(device)
         self.test_x: Tensor | None = None
         self.test_y: Tensor | None = None
         if cfg.train.eval_test:  # otherwise the test split is never kept, so nothing can read it
-            self.test_x, self.test_y = ds.test_x.to(self.device), ds.test_y.to(self.device)
+            self.test_x, self.test_y = ds.test_x.to(device), ds.test_y.to(device)
         self.mean, self.std = ds.mean, ds.std
         self.augment = Augment(crop_padding=4, flip=True, mean=ds.mean, std=ds.std) if d.augment else None
-        self.batch_size, self.seed = d.batch_size, cfg.train.seed
-        self.weight_decay = cfg.train.weight_decay
-        self.params0 = self.flat.params.detach().clone()
-        k = cfg.train.num_workers
-        self.initial_buffers = self.flat.buffers.clone()
-        self.initial_int_buffers = self.flat.int_buffers.clone()
-        self.worker_buffers = [self.flat.buffers.clone() for _ in range(k)]
-        self.worker_int_buffers = [self.flat.int_buffers.clone() for _ in range(k)]
-        self.server_buffers = self.flat.buffers.clone()
-        self.server_int_buffers = self.flat.int_buffers.clone()
-        self._staged: int | None = None  # the worker whose message is being computed (its statistics are in the model)
-        self._loss_sum, self._loss_count = 0.0, 0
+        super().__init__(model, task_context(cfg), train_size=int(self.train_x.shape[0]), splits=splits)
 
-    @property
-    def train_size(self) -> int:
-        return int(self.train_x.shape[0])
+    def describe(self) -> dict[str, Any]:
+        return {"dataset": self.cfg.data.name, "model": self.cfg.model.name, "train_examples": self.train_size}
 
-    # -- the engine's view ----------------------------------------------------------------------------------
     def batch(self, worker: int, index: int, step: int) -> tuple[Tensor, Tensor]:
         """The (augmented, normalized) minibatch of ``worker`` at parameter ``index``, local step ``step``."""
         idx = minibatch_indices(self.train_size, self.batch_size, seed=self.seed, worker=worker, index=index,
@@ -101,112 +122,45 @@ class TrainProblem:
             x = normalize(x, self.mean, self.std)
         return x, y
 
-    def grad_fn(self, params: Tensor, worker: int, index: int, step: int) -> Tensor:
-        """Stochastic gradient at ``params`` (plus ``λ·params``). The worker's BN statistics move on in the model
-        (staged) until :meth:`commit_message`."""
-        x, y = self.batch(worker, index, step)
-        flat = self.flat
-        flat.load_params(params)
-        if self._staged != worker:  # a new message: start from the worker's committed statistics
-            flat.buffers.copy_(self.worker_buffers[worker])
-            flat.int_buffers.copy_(self.worker_int_buffers[worker])
-            self._staged, self._loss_sum, self._loss_count = worker, 0.0, 0
-        self.model.train()
-        flat.zero_grad()
-        loss = F.cross_entropy(self.model(x), y)
-        loss.backward()
-        flat.check_bound()
-        self._loss_sum += float(loss.detach())  # one host sync per gradient (CPU: free)
-        self._loss_count += 1
-        g = flat.grad.clone()  # the engine may hold it past the next gradient (local loops)
-        if self.weight_decay:
-            g.add_(params, alpha=self.weight_decay)
-        if not bool(torch.isfinite(flat.buffers.sum())):  # diverged statistics: make the engine reject the message
-            g.fill_(float("nan"))
-        return g
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y)
 
-    def reset_worker(self, worker: int) -> None:
-        """A restarted worker process starts from the model's initial BatchNorm statistics."""
-        self.worker_buffers[worker].copy_(self.initial_buffers)
-        self.worker_int_buffers[worker].copy_(self.initial_int_buffers)
-        if self._staged == worker:
-            self.discard_message()
-
-    def message_loss(self) -> float:
-        """The loss of the message just computed (mean over its local steps), without committing anything."""
-        return self._loss_sum / self._loss_count if self._loss_count else float("nan")
-
-    def commit_message(self) -> float:
-        """The engine accepted the message just computed: its worker keeps the staged BatchNorm statistics and the
-        server keeps them as the latest (A14). Returns the message's loss (mean over its local steps)."""
-        out = self._loss_sum / self._loss_count if self._loss_count else float("nan")
-        if self._staged is not None:
-            w = self._staged
-            self.worker_buffers[w].copy_(self.flat.buffers)
-            self.worker_int_buffers[w].copy_(self.flat.int_buffers)
-            self.server_buffers.copy_(self.flat.buffers)
-            self.server_int_buffers.copy_(self.flat.int_buffers)
-        self._staged, self._loss_sum, self._loss_count = None, 0.0, 0
-        return out
-
-    def discard_message(self) -> None:
-        """The engine rejected the message just computed: nothing of it is kept."""
-        self._staged, self._loss_sum, self._loss_count = None, 0.0, 0
-
-    # -- evaluation -------------------------------------------------------------------------------------------
-    def evaluate(self, params: Tensor) -> tuple[float | None, float | None]:
-        """(test loss, test accuracy in %) of the server parameters with the server's BN statistics; (None, None)
-        with ``train.eval_test = false``."""
-        if self.test_x is None or self.test_y is None:
-            return None, None
-        return self._evaluate(params, self.test_x, self.test_y)
-
-    def evaluate_validation(self, params: Tensor) -> tuple[float | None, float | None]:
-        """(validation loss, accuracy in %) like :meth:`evaluate`, on the held-out split; (None, None) without one."""
-        if self.val_x is None or self.val_y is None:
-            return None, None
-        return self._evaluate(params, self.val_x, self.val_y)
-
-    @torch.no_grad()
-    def _evaluate(self, params: Tensor, xs: Tensor, ys: Tensor) -> tuple[float, float]:
-        self.flat.load_params(params)
-        self.flat.buffers.copy_(self.server_buffers)
-        self.flat.int_buffers.copy_(self.server_int_buffers)
-        self._staged = None  # the model's statistics are now the server's
-        self.model.eval()
+    def evaluate_model(self, model: nn.Module, split: str) -> dict[str, float]:
+        xs, ys = (self.test_x, self.test_y) if split == "test" else (self.val_x, self.val_y)
+        assert xs is not None and ys is not None
         total_loss, correct, n = 0.0, 0, int(xs.shape[0])
         for start in range(0, n, EVAL_BATCH):
             x = normalize(xs[start : start + EVAL_BATCH], self.mean, self.std)
             y = ys[start : start + EVAL_BATCH]
-            out = self.model(x)
+            out = model(x)
             total_loss += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
-        return total_loss / n, 100.0 * correct / n
+        return {"loss": total_loss / n, "acc": 100.0 * correct / n}
 
-    # -- checkpoints ------------------------------------------------------------------------------------------
-    def model_state(self, params: Tensor) -> dict[str, Tensor]:
-        """A ``state_dict`` of the model with these parameters and the server's BatchNorm statistics (loadable into
-        ``build_model(...)``)."""
-        self.flat.load_params(params)
-        self.flat.buffers.copy_(self.server_buffers)
-        self.flat.int_buffers.copy_(self.server_int_buffers)
-        self._staged = None
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+    # -- the accessors of the image-classification problem before tasks (kept for callers and tests) --------------
+    def evaluate(self, params: Tensor, split: str | None = None) -> Any:
+        """The metrics on ``split`` (see :meth:`ModelTask.evaluate`); without a split, as before tasks: (test loss,
+        test accuracy in %)."""
+        if split is None:
+            return self.evaluate_test(params)
+        return super().evaluate(params, split)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The committed BatchNorm state of every worker and of the server (taken between messages)."""
-        return {
-            "worker_buffers": [b.clone() for b in self.worker_buffers],
-            "worker_int_buffers": [b.clone() for b in self.worker_int_buffers],
-            "server_buffers": self.server_buffers.clone(),
-            "server_int_buffers": self.server_int_buffers.clone(),
-        }
+    def evaluate_test(self, params: Tensor) -> tuple[float | None, float | None]:
+        """(test loss, test accuracy in %); (None, None) with ``train.eval_test = false``."""
+        out = self.evaluate(params, "test")
+        return (None, None) if out is None else (out["loss"], out["acc"])
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        for mine, saved in ((self.worker_buffers, sd["worker_buffers"]),
-                            (self.worker_int_buffers, sd["worker_int_buffers"])):
-            for b, s in zip(mine, saved, strict=True):
-                b.copy_(s)
-        self.server_buffers.copy_(sd["server_buffers"])
-        self.server_int_buffers.copy_(sd["server_int_buffers"])
-        self._staged = None
+    def evaluate_validation(self, params: Tensor) -> tuple[float | None, float | None]:
+        """(validation loss, accuracy in %) on the held-out split; (None, None) without one."""
+        out = self.evaluate(params, "val")
+        return (None, None) if out is None else (out["loss"], out["acc"])
+
+
+#: the name image classification had before tasks
+TrainProblem = ImageClassification
+
+
+def driver_base_dir() -> str:
+    """The directory relative file paths of ``task.entry`` and ``task.imports`` are read from (the driver's)."""
+    return os.getcwd()

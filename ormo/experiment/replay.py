@@ -19,7 +19,7 @@ import torch
 from ..engine import EventLog, Replay, Simulator
 from ..engine.events import EventLogError
 from .config import load_config
-from .problem import TrainProblem
+from .problem import build_task
 from .rundir import CHECKPOINT, FINAL, RunDirError, read_run_info, safe_load, write_text
 
 
@@ -69,7 +69,7 @@ def replay(run_dir: str | Path, *, write: bool = True) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        problem = TrainProblem(cfg)
+        problem = build_task(cfg)
         rule = cfg.method.build()
         messages_per_epoch = problem.train_size / (cfg.data.batch_size * rule.local_steps)
         sim = Simulator(rule, problem.params0, problem.grad_fn, num_workers=cfg.train.num_workers,

@@ -3,9 +3,11 @@
 A run directory holds::
 
     config.toml      the resolved configuration (reading it back gives the same config)
-    run.json         status, seed, label, package versions, git commit, command line, final summary
+    run.json         status, seed, label, package versions, git commit, command line, final summary, and the task
+                     (its entry, metrics with their directions, and what it read)
     metrics.jsonl    one row per evaluation (also metrics.csv): epoch, iteration, gradients, sim_time_s,
-                     train_loss, test_loss, test_acc, delay_mean, delay_max, lr_scale
+                     train_loss, test_<metric> and val_<metric> for each metric of the task (image classification:
+                     test_loss, test_acc, val_loss, val_acc), delay_mean, delay_max, lr_scale
     events.jsonl     the event log (written at every checkpoint and at the end)
     checkpoint.pt    the latest checkpoint (written atomically: a kill never leaves a torn one), stamped with the
                      config and code version that made it
@@ -37,9 +39,10 @@ import torch
 from ..engine import NonFiniteError, Simulator
 from ..rules import Rule
 from ..rules.base import ConfigError
+from ..task import Task, describe_task, evaluate_all
 from .config import ExperimentConfig, load_config, to_toml
-from .metrics import MetricsWriter, metrics_row
-from .problem import TrainProblem
+from .metrics import MetricsWriter, metric_fields, metrics_row
+from .problem import build_task
 from .rundir import (
     CHECKPOINT,
     CHECKPOINT_VERSION,
@@ -56,7 +59,7 @@ from .rundir import (
     write_json,
     write_text,
 )
-from .runloop import DeferredInterrupt, RunStopped, iteration_marks, progress_bar, shown_accuracy
+from .runloop import DeferredInterrupt, RunStopped, iteration_marks, progress_bar, shown_metric
 
 __all__ = ["CHECKPOINT", "CHECKPOINT_VERSION", "DeferredInterrupt", "RunResult", "RunStopped", "read_run_info",
            "train"]
@@ -119,7 +122,7 @@ def train(
     run_dir = Path(run_dir)
     if engine not in ("simulator", "ray"):
         raise ConfigError(f"invalid engine: {engine!r} (must be 'simulator' or 'ray')")
-    built: tuple[TrainProblem, Rule] | None = None
+    built: tuple[Task, Rule] | None = None
     if resume:
         if not (run_dir / "config.toml").is_file():
             raise ConfigError(f"cannot resume {str(run_dir)!r}: no config.toml there (not a run directory)")
@@ -134,7 +137,7 @@ def train(
 
 
 def _train_locked(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, progress: bool, engine: str,
-                  built: tuple[TrainProblem, Rule] | None) -> RunResult:
+                  built: tuple[Task, Rule] | None) -> RunResult:
     if resume:
         cfg = load_config(run_dir / "config.toml")
         info = read_run_info(run_dir)
@@ -164,6 +167,8 @@ def _train_locked(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, 
             "command": sys.argv,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if built is not None:  # reports read the metric directions from here
+            info["task"] = describe_task(built[0], entry=cfg.task.entry)
         write_json(run_dir / "run.json", info)
     assert cfg is not None
     problem, rule = built if built is not None else (_driver_problem(cfg, engine), cfg.method.build())
@@ -212,7 +217,7 @@ def _warn_about_the_size(cfg: ExperimentConfig, *, train_size: int, local_steps:
                       f"or lower train.num_workers", stacklevel=4)
 
 
-def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any], *, problem: TrainProblem, rule: Rule,
+def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any], *, problem: Task, rule: Rule,
                      total: int, messages_per_epoch: float, resume: bool, progress: bool) -> RunResult:
     sim = Simulator(rule, problem.params0, problem.grad_fn, num_workers=cfg.train.num_workers,
                     num_iterations=total, timing=cfg.timing.build(), seed=cfg.train.seed,
@@ -221,22 +226,22 @@ def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any],
     checkpoints = iteration_marks(cfg.train.checkpoint_every, messages_per_epoch, total)
     window = max(1, math.ceil(messages_per_epoch))  # the last epoch of message losses (A16)
     losses = np.full(window, np.nan)
-    metrics = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard)
+    metrics = MetricsWriter(run_dir, fields=metric_fields([m.name for m in problem.metrics]),
+                            tensorboard=cfg.train.tensorboard)
     config_toml = to_toml(cfg)
     last_eval = 0
 
     def evaluate() -> dict[str, Any]:
         t = sim.t
-        test_loss, test_acc = problem.evaluate(sim.state.params)
-        val_loss, val_acc = problem.evaluate_validation(sim.state.params)
+        evaluation = evaluate_all(problem, sim.state.params, eval_test=cfg.train.eval_test)
         delays = sim.events.column("delay")[last_eval:t]
         filled = losses[~np.isnan(losses)]
         return metrics_row(
             t, messages_per_epoch=messages_per_epoch, local_steps=rule.local_steps, sim_time_s=sim.now,
-            train_loss=float(filled.mean()) if filled.size else math.nan, test_loss=test_loss, test_acc=test_acc,
+            train_loss=float(filled.mean()) if filled.size else math.nan, evaluation=evaluation,
             delay_mean=float(delays.mean()) if delays.size else math.nan,
             delay_max=int(delays.max()) if delays.size else None,
-            lr_scale=cfg.schedule.factor(max(t - 1, 0) / messages_per_epoch), val_loss=val_loss, val_acc=val_acc,
+            lr_scale=cfg.schedule.factor(max(t - 1, 0) / messages_per_epoch),
         )
 
     def save() -> None:
@@ -276,7 +281,7 @@ def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any],
                     metrics.add(row)
                     if bar is not None:
                         bar.set_postfix(epoch=f"{row['epoch']:.2f}", sim_s=f"{row['sim_time_s']:.0f}",
-                                        loss=f"{row['train_loss']:.4f}", acc=shown_accuracy(row), refresh=False)
+                                        loss=f"{row['train_loss']:.4f}", **shown_metric(row, problem), refresh=False)
                 if sim.t in checkpoints or interrupt.requested:
                     save()
                 if bar is not None:
@@ -289,7 +294,9 @@ def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any],
         problem.discard_message()
         diverged = f"run diverged at iteration {getattr(e, 't', sim.t)} (worker {getattr(e, 'worker', '?')}): {e}"
         row = evaluate()
-        row.update(train_loss=math.nan, test_loss=math.nan)
+        row["train_loss"] = math.nan
+        if "test_loss" in row:  # a task with a loss metric: its test loss is NaN too, as the papers report it
+            row["test_loss"] = math.nan
         metrics.add(row)
     finally:
         if bar is not None:
@@ -297,8 +304,7 @@ def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any],
         metrics.close()
 
     result = sim.result()
-    _save_final(run_dir, {"params": result.params, "bn_buffers": problem.server_buffers.clone(),
-                          "model_state": problem.model_state(result.params)})
+    _save_final(run_dir, {"params": result.params, **problem.final_state(result.params)})
     sim.events.save(run_dir / "events.jsonl")
     summary = result.summary()
     info.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), summary=summary,
@@ -313,13 +319,13 @@ def _save_final(run_dir: Path, final: dict[str, Any]) -> None:
     write_bytes(run_dir / FINAL, buf.getvalue())
 
 
-def _driver_problem(cfg: ExperimentConfig, engine: str) -> TrainProblem:
+def _driver_problem(cfg: ExperimentConfig, engine: str) -> Task:
     """On Ray the driver only evaluates, on CPU: the head node needs no GPU when the workers use one."""
     if engine == "ray" and cfg.train.device != "cpu":
         import dataclasses
 
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu"))
-    return TrainProblem(cfg)
+    return build_task(cfg)
 
 
 def _finished_result(run_dir: Path, info: dict[str, Any]) -> RunResult:

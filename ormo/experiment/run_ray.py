@@ -21,12 +21,13 @@ import torch
 from ..engine.events import EventLog
 from ..engine.simulator import delay_stats
 from ..rules import Rule
+from ..task import Task, evaluate_all
 from .config import ExperimentConfig, ScheduleConfig, to_toml
-from .metrics import MetricsWriter, metrics_row, read_metrics
-from .problem import TrainProblem
+from .metrics import MetricsWriter, metric_fields, metrics_row, read_metrics
+from .problem import build_task, driver_base_dir
 from .run import RunResult
 from .rundir import CHECKPOINT, FINAL, load_checkpoint, write_bytes, write_json, write_text
-from .runloop import StopOnSignal, iteration_marks, progress_bar, shown_accuracy
+from .runloop import StopOnSignal, iteration_marks, progress_bar, shown_metric
 
 
 def _schedule(schedule: ScheduleConfig, messages_per_epoch: float, t: int) -> float:
@@ -48,7 +49,7 @@ def train_on_ray(
     run_dir: Path,
     info: dict[str, Any],
     *,
-    problem: TrainProblem,
+    problem: Task,
     rule: Rule,
     total: int,
     messages_per_epoch: float,
@@ -57,14 +58,21 @@ def train_on_ray(
     kill_hook: Any = None,
 ) -> RunResult:
     try:
+        from ray import cloudpickle
+
         from ..engine.ray_runtime import run_ray
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise RuntimeError("engine='ray' needs Ray: pip install 'ormo[ray]'") from e
+    from .plugins import file_modules
+
+    for module in file_modules():  # a rule class defined in a task's file travels by value: no worker imports the
+        cloudpickle.register_pickle_by_value(module)  # file before the rule reaches it (the task it rebuilds itself)
 
     evals = sorted(iteration_marks(cfg.train.eval_every, messages_per_epoch, total))
     checkpoints = sorted(iteration_marks(cfg.train.checkpoint_every, messages_per_epoch, total))
     window = max(1, math.ceil(messages_per_epoch))
-    metrics = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard)
+    metrics = MetricsWriter(run_dir, fields=metric_fields([m.name for m in problem.metrics]),
+                            tensorboard=cfg.train.tensorboard)
     config_toml = to_toml(cfg)
     resume_state = None
     if resume and (run_dir / CHECKPOINT).is_file():
@@ -73,27 +81,23 @@ def train_on_ray(
         metrics.reset([r for r in read_metrics(run_dir) if r["iteration"] <= resume_state["t"]])
     else:
         metrics.reset([])
-        test_loss, test_acc = problem.evaluate(problem.params0)
-        val_loss, val_acc = problem.evaluate_validation(problem.params0)
         metrics.add(metrics_row(0, messages_per_epoch=messages_per_epoch, local_steps=rule.local_steps,
-                                sim_time_s=0.0, train_loss=math.nan, test_loss=test_loss, test_acc=test_acc,
-                                delay_mean=math.nan, delay_max=None, lr_scale=cfg.schedule.factor(0.0),
-                                val_loss=val_loss, val_acc=val_acc))
+                                sim_time_s=0.0, train_loss=math.nan,
+                                evaluation=evaluate_all(problem, problem.params0, eval_test=cfg.train.eval_test),
+                                delay_mean=math.nan, delay_max=None, lr_scale=cfg.schedule.factor(0.0)))
     bar = progress_bar(total, resume_state["t"] if resume_state else 0, cfg.name, progress)
 
     def on_snapshot(snap: dict[str, Any]) -> None:
-        problem.server_buffers.copy_(snap["buffers"])
-        test_loss, test_acc = problem.evaluate(snap["params"])
-        val_loss, val_acc = problem.evaluate_validation(snap["params"])
+        problem.set_server_state(snap["buffers"])
         t = snap["t"]
         row = metrics_row(t, messages_per_epoch=messages_per_epoch, local_steps=rule.local_steps,
-                          sim_time_s=snap["sim_time_s"], train_loss=snap["train_loss"], test_loss=test_loss,
-                          test_acc=test_acc, delay_mean=snap["delay_mean"], delay_max=snap["delay_max"],
-                          lr_scale=snap["lr_scale"], val_loss=val_loss, val_acc=val_acc)
+                          sim_time_s=snap["sim_time_s"], train_loss=snap["train_loss"],
+                          evaluation=evaluate_all(problem, snap["params"], eval_test=cfg.train.eval_test),
+                          delay_mean=snap["delay_mean"], delay_max=snap["delay_max"], lr_scale=snap["lr_scale"])
         metrics.add(row)
         if bar is not None:
             bar.set_postfix(epoch=f"{row['epoch']:.2f}", wall_s=f"{row['sim_time_s']:.0f}",
-                            loss=f"{row['train_loss']:.4f}", acc=shown_accuracy(row), refresh=False)
+                            loss=f"{row['train_loss']:.4f}", **shown_metric(row, problem), refresh=False)
 
     def on_progress(t: int) -> None:
         if bar is not None:
@@ -110,12 +114,13 @@ def train_on_ray(
     try:
         with StopOnSignal(run_dir):  # the Ray driver cannot stop at an iteration boundary: the last checkpoint counts
             final = run_ray(
-                rule=rule, problem_factory=functools.partial(TrainProblem, cfg), params0=problem.params0,
+                rule=rule, problem_factory=functools.partial(build_task, cfg, base_dir=driver_base_dir()),
+                params0=problem.params0,
                 num_workers=cfg.train.num_workers, total=total,
                 schedule=functools.partial(_schedule, cfg.schedule, messages_per_epoch),
                 timing=cfg.timing.build(), seed=cfg.train.seed, scheduler=rule.scheduler, meta=meta, options=cfg.ray,
                 eval_marks=evals, checkpoint_marks=checkpoints, checkpoint_path=str(run_dir / CHECKPOINT),
-                checkpoint_config=config_toml, buffers_size=problem.server_buffers.numel(), loss_window=window,
+                checkpoint_config=config_toml, buffers_size=problem.server_state().numel(), loss_window=window,
                 resume=resume_state, on_snapshot=on_snapshot, on_progress=on_progress, kill_hook=kill_hook)
     except Exception as e:  # train() records the failure in run.json
         partial = getattr(e, "partial", None)
@@ -129,8 +134,9 @@ def train_on_ray(
 
     events = _write_logs(run_dir, final)
     params = final["params"]
+    problem.set_server_state(torch.from_numpy(np.array(final["buffers"])))
     buf = io.BytesIO()  # serialized in memory (a copy), so a disk error is an OSError naming the file
-    torch.save({"params": params, "bn_buffers": torch.tensor(np.array(final["buffers"]))}, buf)
+    torch.save({"params": params, **problem.final_state(params)}, buf)
     write_bytes(run_dir / FINAL, buf.getvalue())
     k = cfg.train.num_workers
     workers = events.column("worker")

@@ -110,9 +110,14 @@ def progress_bar(total: int, initial: int, name: str, enabled: bool):
     return tqdm(total=total, initial=initial, desc=name, unit="msg", dynamic_ncols=True, leave=True)
 
 
-def shown_accuracy(row: dict) -> str:
-    """The accuracy a progress bar shows: the test split's, else (``train.eval_test = false``) the validation's."""
-    for key, prefix in (("test_acc", ""), ("val_acc", "val ")):
-        if row.get(key) is not None:
-            return f"{prefix}{row[key]:.2f}"
-    return "-"
+def shown_metric(row: dict, task: Any) -> dict[str, str]:
+    """The progress bar's entry for the task's primary metric (``acc=90.12`` for image classification): the test
+    split's value, else (``train.eval_test = false``) the validation's."""
+    from ..task import primary_metric
+
+    name = primary_metric(task)
+    for key, prefix in ((f"test_{name}", ""), (f"val_{name}", "val ")):
+        value = row.get(key)
+        if value is not None and value == value:  # not None, not NaN
+            return {name: f"{prefix}{value:.4g}" if name != "acc" else f"{prefix}{value:.2f}"}
+    return {name: "-"}

@@ -56,7 +56,7 @@ from .config import (
     to_toml,
 )
 from .rundir import CHECKPOINT, RunDirError, RunLock, flatten, is_locked, make_run_dir, read_run_info, write_text
-from .tuning import SELECTION_METRICS, TUNING_DIR, TuneSpec, budget_overrides, candidates, parse_tune
+from .tuning import TUNING_DIR, TuneSpec, budget_overrides, candidates, parse_tune, selection
 
 
 @dataclass(frozen=True)
@@ -340,8 +340,8 @@ def plan_tuning(runs: list[SweepRun]) -> list[SweepRun]:
                     cfg = from_dict(apply_overrides(r.base, list(own)))
                 except ConfigError as e:
                     raise ConfigError(f"tuning run of setting {r.label!r}, method {r.method!r}, {cand}: {e}") from None
-                key = SELECTION_METRICS[spec.metric][0]
-                if key.startswith("val") and cfg.data.validation is None:
+                key = selection(spec.metric)[0]
+                if key.startswith("val") and cfg.task.entry is None and cfg.data.validation is None:
                     raise ConfigError(f"sweep.tune.metric = {spec.metric!r} is measured on the validation split, "
                                       f"which setting {r.label!r}, method {r.method!r} does not hold out: set "
                                       f"data.validation (e.g. 5000), or choose metric = \"final_train_loss\"")
@@ -406,7 +406,7 @@ def describe_plan(runs: list[SweepRun], base: ExperimentConfig, *, full: bool = 
             done = False
         if done:  # the choice is known: show the real runs as they will run
             try:
-                runs, orphans = tuned_runs(runs, choose_tuned(runs, tuning))
+                runs, orphans = tuned_runs(runs, choose_tuned(runs, tuning)[1])
             except ConfigError as e:  # a damaged tuning run: the sweep itself will say so
                 done, orphans = False, []
                 lines[0] += f" (cannot score: {e})"
@@ -615,11 +615,11 @@ def run_sweep(runs: list[SweepRun], *, jobs: int = 1, progress: bool = True) -> 
             raise SweepFailed([f"{x} (tuning run)" for x in e.failures], len(tuning), e.results,
                               note="no real run started: fix the cause and rerun; finished tuning runs are kept"
                               ) from None
-        choices = choose_tuned(runs, tuning)
+        spec, choices = choose_tuned(runs, tuning)
         finals, orphans = tuned_runs(runs, choices)
         for r in finals:  # a folder holding another configuration is refused before anything is recorded
             check_existing(r)
-        record_tuning(runs, choices)
+        record_tuning(runs, spec, choices)
         try:
             results += _run_all(finals, jobs=jobs, progress=progress)
         except SweepFailed as e:
@@ -633,13 +633,40 @@ def run_sweep(runs: list[SweepRun], *, jobs: int = 1, progress: bool = True) -> 
         return results
 
 
-def choose_tuned(runs: list[SweepRun], tuning: list[SweepRun]) -> list:
-    """Score the finished tuning runs and choose (nothing is written)."""
+def choose_tuned(runs: list[SweepRun], tuning: list[SweepRun]) -> tuple[TuneSpec, list]:
+    """Score the finished tuning runs and choose (nothing is written); returns the spec with its direction resolved
+    and the choices."""
     from .tuning import candidates as cands
     from .tuning import choose, run_score
 
     spec = runs[0].tune
     assert spec is not None
+    if spec.higher is None:  # final:val_<name>: the direction the task declares, from a tuning run's run.json
+        from dataclasses import replace
+
+        from .tuning import declared_direction
+
+        def declares(run_dir: Path) -> bool:
+            try:
+                return bool((read_run_info(run_dir).get("task") or {}).get("metrics"))
+            except (OSError, ValueError, RuntimeError):
+                return False
+
+        recorded = [r.run_dir for r in tuning if declares(r.run_dir)]
+        spec = replace(spec, higher=declared_direction(spec.metric, (recorded or [tuning[0].run_dir])[0]))
+    if spec.higher is None:  # final:val_<name>: the direction the task declares, from a tuning run's run.json
+        from dataclasses import replace
+
+        from .tuning import declared_direction
+
+        def declares(run_dir: Path) -> bool:
+            try:
+                return bool((read_run_info(run_dir).get("task") or {}).get("metrics"))
+            except (OSError, ValueError, RuntimeError):
+                return False
+
+        recorded = [r.run_dir for r in tuning if declares(r.run_dir)]
+        spec = replace(spec, higher=declared_direction(spec.metric, (recorded or [tuning[0].run_dir])[0]))
     cells: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
     for cand, _ in cands(spec):
         for r in tuning:
@@ -651,16 +678,14 @@ def choose_tuned(runs: list[SweepRun], tuning: list[SweepRun]) -> list:
         ms = methods_of.setdefault(r.label, [])
         if r.method not in ms:
             ms.append(r.method)
-    return choose(spec, cells, methods_of)
+    return spec, choose(spec, cells, methods_of)
 
 
-def record_tuning(runs: list[SweepRun], choices: list) -> None:
+def record_tuning(runs: list[SweepRun], spec: TuneSpec, choices: list) -> None:
     """Add ``choices`` to ``OUT/sweep.json`` (``tuning``; the choices of other cells made under the same protocol are
     kept, any others dropped) and write ``OUT/tuning.md`` from the whole record."""
     from .tuning import format_tuning_record, tuning_record
 
-    spec = runs[0].tune
-    assert spec is not None
     out = sweep_root(runs)
     record = tuning_record(spec, choices)
     path = out / "sweep.json"

@@ -5,7 +5,9 @@ A config's ``[sweep.tune]`` section::
     [sweep.tune]
     grid = {"method.lr" = [0.01, 0.03, 0.1]}   # candidates: every point of the product of the axes
     seeds = [1000]                             # tuning seeds (default [1000]); the score is their mean
-    metric = "final_val_acc"                   # or best_val_acc, final_val_loss, final_train_loss
+    metric = "final_val_acc"                   # or best_val_acc, final_val_loss, final_train_loss; for any metric
+                                               # of the task: final:val_<name> or best:val_<name> (e.g.
+                                               # "final:val_ppl"), in the direction the task declares
     scope = "method"                           # per method and setting; "shared": one value per setting for all
     reference = "asgd"                         # with scope = "shared": choose on this method alone
     budget = 0.5                               # tuning runs train this fraction of the epochs (default 1), the
@@ -40,6 +42,40 @@ SELECTION_METRICS: dict[str, tuple[str, str, bool]] = {
     "final_val_loss": ("val_loss", "last", False),
     "final_train_loss": ("train_loss", "last", False),
 }
+#: ``final:<column>`` / ``best:<column>``: any validation column of the task (or train_loss), its direction declared
+#: by the task (run.json), e.g. ``final:val_ppl``
+REDUCTIONS = {"final": "last", "best": "best"}
+
+
+def selection(metric: Any) -> tuple[str, str, bool | None]:
+    """(row key, reduction, higher is better) of a selection metric; the direction is None when the task declares it
+    (read from the tuning runs). Never a test column: selection never reads the test split."""
+    if isinstance(metric, str) and metric in SELECTION_METRICS:
+        return SELECTION_METRICS[metric]
+    reduce, sep, key = metric.partition(":") if isinstance(metric, str) else ("", "", "")
+    if sep and reduce in REDUCTIONS and (key == "train_loss" or (key.startswith("val_") and len(key) > 4)):
+        known = {k: h for k, _, h in SELECTION_METRICS.values()}
+        return key, REDUCTIONS[reduce], known.get(key)
+    raise ConfigError(f"invalid sweep.tune.metric {metric!r}; choose one of {', '.join(SELECTION_METRICS)}, or "
+                      f"final:val_<metric> / best:val_<metric> for a metric of your task (e.g. final:val_ppl); "
+                      f"selection never reads the test split")
+
+
+def declared_direction(metric: str, run_dir: Path) -> bool:
+    """Whether a larger value of ``metric``'s column is better, as the task of the run in ``run_dir`` declares it."""
+    from .rundir import read_run_info
+
+    key, _, known = selection(metric)
+    if known is not None:
+        return known
+    name = key.removeprefix("val_")
+    declared = (read_run_info(run_dir).get("task") or {}).get("metrics") or []
+    for m in declared:
+        if isinstance(m, dict) and m.get("name") == name:
+            return bool(m["higher_is_better"])
+    names = ", ".join(f"val_{m.get('name')}" for m in declared if isinstance(m, dict))
+    raise ConfigError(f"sweep.tune.metric {metric!r}: the task of {run_dir} declares no metric {name!r} (its "
+                      f"validation columns: {names or 'none'}); choose one of those")
 SCOPES = ("method", "shared", "off")
 DEFAULT_TUNING_SEEDS = (1000,)
 TUNING_DIR = ".tuning"
@@ -59,14 +95,22 @@ class TuneSpec:
     extra: tuple[str, ...]
     #: the fraction of the real runs' epochs a tuning run trains (schedule epochs scaled alike)
     budget: float = 1.0
+    #: whether a higher score is better (None until the task's declaration is read, for ``final:val_<name>``)
+    higher: bool | None = None
 
     @property
     def keys(self) -> tuple[str, ...]:
         return tuple(k for k, _ in self.axes)
 
+    @property
+    def higher_is_better(self) -> bool | None:
+        """``higher``, or the direction of a built-in selection metric; None while a task's is unknown."""
+        return self.higher if self.higher is not None else selection(self.metric)[2]
+
     def describe(self) -> dict[str, Any]:
-        higher = SELECTION_METRICS[self.metric][2]
-        return {"metric": self.metric, "better": "higher" if higher else "lower", "scope": self.scope,
+        higher = self.higher_is_better
+        better = "as the task declares" if higher is None else "higher" if higher else "lower"
+        return {"metric": self.metric, "better": better, "scope": self.scope,
                 "reference": self.reference, "seeds": list(self.seeds), "grid": {k: list(v) for k, v in self.axes},
                 "budget": self.budget, "tuning_set": list(self.extra),
                 "rule": ("mean over the tuning seeds; a diverged seed makes the score NaN (never chosen); ties go to "
@@ -121,9 +165,7 @@ def parse_tune(raw: Any, *, scope: str | None, as_override, parse_value) -> Tune
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"sweep.tune.seeds lists a seed twice: {seeds}")
     metric = raw.get("metric", "final_val_acc")
-    if not isinstance(metric, str) or metric not in SELECTION_METRICS:
-        raise ConfigError(f"invalid sweep.tune.metric {metric!r}; choose one of {', '.join(SELECTION_METRICS)} "
-                          f"(selection never reads the test split)")
+    higher = selection(metric)[2]
     reference = raw.get("reference")
     if reference is not None and (not isinstance(reference, str) or not reference):
         raise ConfigError(f"sweep.tune.reference must be a method label, got {reference!r}")
@@ -143,7 +185,7 @@ def parse_tune(raw: Any, *, scope: str | None, as_override, parse_value) -> Tune
         if key in ("train.eval_test", "train.seed", "train.label", "method.name", "method.label"):
             raise ConfigError(f"sweep.tune.set sets {key}, which the tuning runs set themselves")
     return TuneSpec(axes=tuple(axes), seeds=tuple(seeds), metric=metric, scope=scope, reference=reference,
-                    extra=extra_over, budget=float(budget))
+                    extra=extra_over, budget=float(budget), higher=higher)
 
 
 def budget_overrides(cfg: Any, budget: float) -> tuple[str, ...]:
@@ -183,7 +225,9 @@ def run_score(run_dir: Path, metric: str) -> float:
                           ) from None
     if info.get("diverged"):
         return math.nan
-    key, reduce, higher = SELECTION_METRICS[metric]
+    key, reduce, higher = selection(metric)
+    if higher is None and reduce == "best":
+        higher = declared_direction(metric, run_dir)
     values = [float(r[key]) for r in rows if isinstance(r, dict) and r.get(key) is not None]
     values = [v for v in values if math.isfinite(v)] if reduce == "best" else values
     if not values:
@@ -230,7 +274,10 @@ def choose(spec: TuneSpec, cells: dict[tuple[str, str], dict[str, dict[int, floa
     """The choices from ``cells[(setting, method)][candidate label][seed] = score``; ``methods_of[setting]`` lists
     the methods that run in that setting."""
     points = candidates(spec)
-    higher = SELECTION_METRICS[spec.metric][2]
+    higher = spec.higher_is_better
+    if higher is None:
+        raise ValueError(f"the direction of sweep.tune.metric {spec.metric!r} is not known yet (read it from the "
+                         f"tuning runs with declared_direction)")
     out = []
     groups: list[tuple[str, str | None, list[str]]]
     if spec.scope == "shared":

@@ -1,11 +1,12 @@
-"""Learning curves per setting: test accuracy and training loss against epochs and against simulated time.
+"""Learning curves per setting: the task's primary metric (test accuracy for image classification, perplexity for the
+language model) and the training loss, against epochs and against simulated time.
 
 Figures are drawn on matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``) without pyplot, so the
 user's backend and pyplot's figure list are left alone. Each method is one line, the mean over its seeds, with a
 shaded band from the seeds' minimum to their maximum. Seeds are first interpolated onto a common grid that ends where
 the shortest seed ends (a seed that diverged ends at its last finite value), so the mean never mixes in fewer seeds.
-Loss panels use a log axis, as in the papers (a linear one when some value drawn there is not positive); one legend
-below the panels serves all four, since a method has the same colour in each.
+Lower-is-better panels (losses, perplexity, errors) use a log axis, as in the papers (a linear one when some value
+drawn there is not positive); one legend below the panels serves all four, since a method has the same colour in each.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runs import RunRecord
+from .runs import RunRecord, higher_is_better, metric_label, primary_metric
 from .tables import display_name, method_order, select_labels
 
 try:
@@ -25,13 +26,33 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("ormo.report.plots needs matplotlib (pip install matplotlib)") from e
 
-#: (row, column) of each panel: (y metric, y axis title, x key, x axis title)
-_PANELS = {
-    (0, 0): ("test_acc", "test accuracy (%)", "epoch", "epochs"),
-    (0, 1): ("train_loss", "training loss", "epoch", "epochs"),
-    (1, 0): ("test_acc", "test accuracy (%)", "sim_time_s", "simulated wall-clock time (s)"),
-    (1, 1): ("train_loss", "training loss", "sim_time_s", "simulated wall-clock time (s)"),
-}
+#: the x axes: (key, title) of the top and bottom rows
+_X_AXES = (("epoch", "epochs"), ("sim_time_s", "simulated wall-clock time (s)"))
+#: y axis titles of the columns that have their own
+_Y_TITLES = {"test_acc": "test accuracy (%)", "val_acc": "validation accuracy (%)", "train_loss": "training loss"}
+
+
+def plotted_metric(records: Sequence[RunRecord]) -> str:
+    """The left panels' column: the task's primary metric on the test split, or on the validation split when no run
+    has a test value (tuning runs), e.g. ``test_acc``."""
+    primary = primary_metric(records[0])
+    has_test = any(np.isfinite(np.array([r.get(f"test_{primary}", np.nan) for r in rec.metrics], dtype=float)).any()
+                   for rec in records)
+    return f"test_{primary}" if has_test else f"val_{primary}"
+
+
+def _y_title(records: Sequence[RunRecord], key: str) -> str:
+    if key in _Y_TITLES:
+        return _Y_TITLES[key]
+    split, _, name = key.partition("_")
+    return f"{'validation' if split == 'val' else split} {metric_label(records[0], name)}"
+
+
+def _panels(records: Sequence[RunRecord], metric: str | None) -> dict[tuple[int, int], tuple[str, str, str, str]]:
+    """(row, column) of each panel: (y metric, y axis title, x key, x axis title)."""
+    left = metric or plotted_metric(records)
+    return {(row, col): (y, _y_title(records, y), x, x_title)
+            for row, (x, x_title) in enumerate(_X_AXES) for col, y in enumerate((left, "train_loss"))}
 
 #: points of the common simulated-time grid
 _TIME_GRID_POINTS = 200
@@ -88,7 +109,7 @@ def mean_band(
     return grid, stacked.mean(axis=0), stacked.min(axis=0), stacked.max(axis=0)
 
 
-def setting_figure(label: str, records: Sequence[RunRecord]) -> Figure:
+def setting_figure(label: str, records: Sequence[RunRecord], *, metric: str | None = None) -> Figure:
     """The four-panel figure of one setting's runs (see ``plot_runs``), drawn on an Agg canvas, not saved."""
     fig = Figure(figsize=(11.0, 8.0), layout="constrained")
     FigureCanvasAgg(fig)  # attaches itself to fig: savefig renders with Agg whatever the user's backend is
@@ -96,7 +117,7 @@ def setting_figure(label: str, records: Sequence[RunRecord]) -> Figure:
     fig.suptitle(label)
     methods = method_order((r.method for r in records), {r.method: r.rule for r in records})
     legend: dict[str, object] = {}  # label -> line, first seen; a method missing from one panel is in another
-    for (row, col), (y_key, y_title, x_key, x_title) in _PANELS.items():
+    for (row, col), (y_key, y_title, x_key, x_title) in _panels(records, metric).items():
         ax = axes[row][col]
         lowest = np.inf  # the smallest value drawn in this panel (band included) decides the loss axis scale
         for index, method in enumerate(methods):
@@ -112,7 +133,8 @@ def setting_figure(label: str, records: Sequence[RunRecord]) -> Figure:
             lowest = min(lowest, float(low.min()))
             if len(seeds) > 1:
                 ax.fill_between(grid, low, high, color=color, alpha=0.2, linewidth=0)
-        if y_key.endswith("_loss") and 0.0 < lowest < np.inf:  # log of a non-positive value would hide the curve
+        lower_better = not higher_is_better(records[0], y_key)
+        if lower_better and 0.0 < lowest < np.inf:  # log of a non-positive value would hide the curve
             ax.set_yscale("log")
         ax.set_xlabel(x_title)
         ax.set_ylabel(y_title)
@@ -124,19 +146,21 @@ def setting_figure(label: str, records: Sequence[RunRecord]) -> Figure:
     return fig
 
 
-def _draw_setting(label: str, records: Sequence[RunRecord], path: Path, *, dpi: int) -> None:
-    setting_figure(label, records).savefig(path, dpi=dpi)
+def _draw_setting(label: str, records: Sequence[RunRecord], path: Path, *, dpi: int, metric: str | None) -> None:
+    setting_figure(label, records, metric=metric).savefig(path, dpi=dpi)
 
 
 def plot_runs(
-    records: Sequence[RunRecord], out_dir: str | Path, *, labels: Sequence[str] | None = None, dpi: int = 100
+    records: Sequence[RunRecord], out_dir: str | Path, *, labels: Sequence[str] | None = None, dpi: int = 100,
+    metric: str | None = None,
 ) -> list[Path]:
     """One PNG per setting label, ``<out_dir>/<slug>.png``, in first-seen label order (or that of ``labels``, which
     also keeps only those settings); returns their paths.
 
-    Each figure has four panels: test accuracy and training loss against epochs (top) and against simulated
-    wall-clock time ``sim_time_s`` (bottom); the loss on a log axis; one legend below them. Labels whose
-    slugs collide get ``-2``, ``-3``, ... appended.
+    Each figure has four panels: ``metric`` (default: the task's primary metric on the test split, e.g. test
+    accuracy, see :func:`plotted_metric`) and the training loss against epochs (top) and against simulated
+    wall-clock time ``sim_time_s`` (bottom); lower-is-better metrics on a log axis; one legend below them. Labels
+    whose slugs collide get ``-2``, ``-3``, ... appended.
     """
     if not records:
         raise ValueError("plot_runs() needs at least one run record, got none")
@@ -152,6 +176,6 @@ def plot_runs(
         stem = stem if k == 1 else f"{stem}-{k}"
         used.add(stem)
         path = out / f"{stem}.png"
-        _draw_setting(label, [r for r in records if r.label == label], path, dpi=dpi)
+        _draw_setting(label, [r for r in records if r.label == label], path, dpi=dpi, metric=metric)
         paths.append(path)
     return paths

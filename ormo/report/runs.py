@@ -50,6 +50,9 @@ class RunRecord:
     summary: dict[str, Any] = field(repr=False)
     #: the rule's registry name, e.g. ``"ormo-da"`` (default: ``method``)
     rule: str = ""
+    #: ``run.json`` task record: entry, metrics with directions, primary metric (empty for runs made before tasks:
+    #: image classification)
+    task: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.rule:
@@ -170,7 +173,50 @@ def read_run(run_dir: PathLike) -> RunRecord:
         config=config,
         metrics=_read_metrics(run_dir / "metrics.jsonl"),
         summary=dict(info.get("summary") or {}),
+        task=dict(info.get("task") or {}) if isinstance(info.get("task"), dict) else {},
     )
+
+
+#: name -> higher is better, of image classification's metrics: runs made before tasks, or without a task record
+IMAGE_METRICS: dict[str, bool] = {"loss": False, "acc": True}
+#: columns that are not evaluation metrics, all lower-is-better (losses, times, delays)
+_LOWER_COLUMNS = ("train_loss", "sim_time_s", "delay_mean", "delay_max", "delay_p50", "delay_p90", "delay_p99")
+
+
+def metric_directions(record: RunRecord) -> dict[str, bool]:
+    """The run's task metrics: name -> higher is better (image classification's for a run without a task record)."""
+    declared = record.task.get("metrics")
+    if isinstance(declared, list) and declared:
+        return {str(m["name"]): bool(m["higher_is_better"]) for m in declared if isinstance(m, dict) and "name" in m}
+    return dict(IMAGE_METRICS)
+
+
+def metric_label(record: RunRecord, name: str) -> str:
+    """A task metric's heading label (its name when the task gives none)."""
+    for m in record.task.get("metrics") or []:
+        if isinstance(m, dict) and m.get("name") == name:
+            return str(m.get("label") or name)
+    return name
+
+
+def higher_is_better(record: RunRecord, key: str) -> bool:
+    """Whether a larger value of the metrics column ``key`` (``test_acc``, ``val_ppl``, ``train_loss``, ...) is
+    better, from the run's task declaration; a ValueError names the run's metrics for an unknown column."""
+    if key in _LOWER_COLUMNS:
+        return False
+    split, _, name = key.partition("_")
+    directions = metric_directions(record)
+    if split in ("test", "val") and name in directions:
+        return directions[name]
+    raise ValueError(f"metric {key!r} is not a metric of run {str(record.path)!r}; its task reports "
+                     f"{', '.join(f'test_{n}, val_{n}' for n in directions)} (and train_loss)")
+
+
+def primary_metric(record: RunRecord) -> str:
+    """The run's primary metric name (``acc`` for image classification)."""
+    if not record.task:
+        return "acc"
+    return str(record.task.get("primary") or next(iter(metric_directions(record))))
 
 
 def _live_status(run_dir: Path, status: str) -> str:

@@ -1,5 +1,9 @@
 """Mean ± std over seeds in the papers' layout: one row per method, one column per (setting, metric).
 
+A metric is a column of the runs' metrics rows: ``train_loss``, and ``test_<name>``/``val_<name>`` for each metric
+the run's task declares (image classification: ``loss`` and ``acc``; the bundled language model: ``loss`` and ``ppl``),
+or a time to a target, ``time_to:<column>:<value>`` (honouring the metric's declared direction).
+
 A cell summarises each seed's FINAL value of a metric (the last ``metrics.jsonl`` row) by its mean and its
 population standard deviation (``ddof=0``, as the papers' 5-run standard deviations suggest). A NaN or infinite
 mean (some seed diverged: the writer stores NaN as null) is shown as ``diverged``.
@@ -16,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runs import RunRecord
+from .runs import RunRecord, higher_is_better, primary_metric
 
 #: registry name -> display name, in the papers' row order
 METHOD_NAMES: dict[str, str] = {
@@ -58,11 +62,25 @@ _SUMMARY_DELAY_METRICS = {"delay_mean": "mean", "delay_max": "max", "delay_p50":
 
 #: ``time_to_acc:85`` -> the simulated time (s) of the first evaluation with test accuracy >= 85 %
 TIME_TO_PREFIXES: dict[str, str] = {"time_to_acc": "test_acc", "time_to_val_acc": "val_acc"}
+#: ``time_to:val_loss:1.5`` -> the simulated time (s) of the first evaluation with val_loss <= 1.5 (any column; the
+#: comparison follows the metric's declared direction)
+TIME_TO = "time_to"
 
 
 def time_to_target(metric: str) -> tuple[str, float] | None:
-    """(row key, threshold) of a ``time_to_acc:X`` / ``time_to_val_acc:X`` metric; None for other metrics."""
+    """(row key, threshold) of a ``time_to:<column>:X``, ``time_to_acc:X`` or ``time_to_val_acc:X`` metric; None for
+    other metrics."""
     prefix, sep, value = metric.partition(":")
+    if prefix == TIME_TO:
+        key, sep, text = value.rpartition(":")
+        try:
+            threshold = float(text) if sep and key else math.nan
+        except ValueError:
+            threshold = math.nan
+        if not math.isfinite(threshold):
+            raise ValueError(f"metric {metric!r}: expected time_to:METRIC:VALUE, e.g. time_to:val_loss:1.5 (the "
+                             f"simulated time at which METRIC first reaches VALUE, on its better side)")
+        return key, threshold
     if prefix not in TIME_TO_PREFIXES:
         return None
     try:
@@ -76,11 +94,28 @@ def time_to_target(metric: str) -> tuple[str, float] | None:
 
 
 def metric_heading(metric: str) -> str:
+    """A column heading: ``test acc. (%)``, ``val. ppl``, ``time to 85 % test acc. (sim. s)``, ``time to val. loss
+    1.5 (sim. s)``."""
     target = time_to_target(metric)
     if target is not None:
+        if metric.startswith(TIME_TO + ":"):
+            return f"time to {metric_heading(target[0])} {target[1]:g} (sim. s)"
         split = "test" if target[0] == "test_acc" else "val."
         return f"time to {target[1]:g} % {split} acc. (sim. s)"
-    return METRIC_NAMES.get(metric, metric)
+    if metric in METRIC_NAMES:
+        return METRIC_NAMES[metric]
+    split, _, name = metric.partition("_")
+    return f"{'val.' if split == 'val' else split} {name}" if split in ("test", "val") and name else metric
+
+
+def default_metrics(records: Sequence[RunRecord]) -> tuple[str, ...]:
+    """What a table shows unless told: the training loss and the task's primary metric on the test split (on the
+    validation split when the runs never evaluated the test split), e.g. ``("train_loss", "test_acc")``."""
+    primary = primary_metric(records[0]) if records else "acc"
+    on_test = any(r.metrics and isinstance(r.metrics[-1].get(f"test_{primary}"), int | float)
+                  and math.isfinite(r.metrics[-1][f"test_{primary}"]) for r in records)
+    tuning = all((r.config.get("train") or {}).get("eval_test") is False for r in records) if records else False
+    return ("train_loss", f"val_{primary}" if tuning and not on_test else f"test_{primary}")
 
 
 def display_name(method: str) -> str:
@@ -118,9 +153,11 @@ def final_value(record: RunRecord, metric: str) -> float:
     target = time_to_target(metric)
     if target is not None:  # inf when the run never reaches it
         key, threshold = target
-        final_value(record, key)  # the same errors as the accuracy itself (no validation split, a tuning run, ...)
+        final_value(record, key)  # the same errors as the metric itself (no validation split, a tuning run, ...)
+        higher = higher_is_better(record, key)
         return next((float(r["sim_time_s"]) for r in record.metrics
-                     if r.get(key) is not None and float(r[key]) >= threshold), math.inf)
+                     if r.get(key) is not None and math.isfinite(float(r[key]))
+                     and (float(r[key]) >= threshold if higher else float(r[key]) <= threshold)), math.inf)
     if metric in _SUMMARY_DELAY_METRICS:
         delay = record.summary.get("delay")
         key = _SUMMARY_DELAY_METRICS[metric]
@@ -132,10 +169,12 @@ def final_value(record: RunRecord, metric: str) -> float:
         if not record.metrics:
             raise ValueError(f"run {str(record.path)!r} has no metrics rows (metrics.jsonl missing or empty)")
         last = record.metrics[-1]
-        if metric in ("test_loss", "test_acc") and (record.config.get("train") or {}).get("eval_test") is False:
+        if metric.startswith("test_") and (record.config.get("train") or {}).get("eval_test") is False:
             raise ValueError(f"run {str(record.path)!r} ran with train.eval_test = false (a tuning run never reads the "
-                             f"test split): it has no {metric}; ask for val_acc, val_loss or train_loss")
-        if metric in ("val_loss", "val_acc") and not (record.config.get("data") or {}).get("validation"):
+                             f"test split): it has no {metric}; ask for {metric.replace('test_', 'val_', 1)} or "
+                             f"train_loss")
+        image = not (record.config.get("task") or {}).get("entry")  # image classification holds out data.validation
+        if image and metric in ("val_loss", "val_acc") and not (record.config.get("data") or {}).get("validation"):
             raise ValueError(f"run {str(record.path)!r} has no validation split for metric {metric!r}: set "
                              f"data.validation (e.g. 5000) to hold one out of the training set")
         if metric not in last:

@@ -1,0 +1,357 @@
+"""Bring your own task (issue 11): the README's example file end to end (train, exact resume, exact replay, sweep with
+tuning, tables and plots in its own metric names), entries by reference and their one-line errors, modules whose
+rules and models the CLI sees, and the bundled byte-level language model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ormo.cli import main
+from ormo.engine import Simulator
+from ormo.experiment import load_config, train
+from ormo.experiment.config import from_dict
+from ormo.experiment.metrics import metric_fields, read_metrics
+from ormo.experiment.problem import ImageClassification, build_task
+from ormo.report import load_runs
+from ormo.report.plots import plotted_metric
+from ormo.report.tables import final_value, summarize
+from ormo.rules.base import ConfigError
+from ormo.task import Metric, ModelTask, TaskContext, check_task, evaluate_all
+from ormo.tasks.stdlib_lm import ByteMLP, StdlibLM
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "my_task.py"
+ENTRY = f"{EXAMPLE}:make_task"  # absolute: the tests run from any directory
+SMALL = [f"task.entry={ENTRY}", "task.options.train_size=512", "method.lr=0.01", "train.num_workers=4",
+         "train.epochs=8", "train.eval_every=1", "train.checkpoint_every=1", "data.batch_size=32"]
+
+
+def _main(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _module(tmp_path: Path, text: str) -> Path:
+    """A user module under a fresh name (Python caches modules by name)."""
+    path = tmp_path / f"user_{uuid.uuid4().hex[:10]}.py"
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the example file
+
+
+def test_the_readme_shows_the_example_file_word_for_word_and_it_is_short():
+    text = EXAMPLE.read_text()
+    assert len(text.splitlines()) <= 40
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert text in blocks
+
+
+def test_the_example_trains_from_the_cli_resumes_exactly_and_replays_exactly(tmp_path, capsys, monkeypatch):
+    sets = [x for o in SMALL for x in ("--set", o)]
+    code, out, err = _main(["train", *sets, "--run-dir", str(tmp_path / "a"), "--quiet"], capsys)
+    assert code == 0, err
+    printed = json.loads(out)
+    assert printed["status"] == "finished" and printed["test_mse"] is not None and "val_mse" in printed
+    rows = read_metrics(tmp_path / "a")
+    assert list(rows[0]) == list(metric_fields(["mse", "mae"]))  # its own columns, in order
+    assert rows[-1]["val_mse"] < 0.5 * rows[0]["val_mse"]  # it learns
+    info = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert info["task"]["entry"] == ENTRY and info["task"]["primary"] == "mse"
+    assert [(m["name"], m["higher_is_better"]) for m in info["task"]["metrics"]] == [("mse", False), ("mae", False)]
+
+    # the same run, killed in its 41st message (the last checkpoint is at 32), then resumed: the same numbers
+    step, calls = Simulator.step, []
+
+    def dying_step(self):
+        calls.append(1)
+        if len(calls) == 41:
+            raise RuntimeError("killed")
+        return step(self)
+
+    monkeypatch.setattr(Simulator, "step", dying_step)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(load_config(None, SMALL), tmp_path / "b", progress=False)
+    monkeypatch.setattr(Simulator, "step", step)
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["status"] == "failed"
+    resumed = train(None, tmp_path / "b", resume=True, progress=False)
+    assert torch.equal(resumed.params, torch.load(tmp_path / "a" / "final.pt", weights_only=True)["params"])
+    assert (tmp_path / "b" / "metrics.jsonl").read_text() == (tmp_path / "a" / "metrics.jsonl").read_text()
+
+    code, out, err = _main(["replay", str(tmp_path / "a")], capsys)
+    assert code == 0 and json.loads(out)["bit_identical"], (out, err)
+
+
+def test_the_example_sweeps_with_tuning_on_its_own_metric_then_tables_and_plots_in_its_names(tmp_path, capsys,
+                                                                                          monkeypatch):
+    monkeypatch.chdir(ROOT)  # the example config names its file relative to the repository root
+    config = tmp_path / "tuned.toml"
+    config.write_text(f'extends = "{ROOT / "examples" / "my_task.toml"}"\n[sweep.tune]\n'
+                      'grid = {"method.lr" = [0.01, 0.003]}\nmetric = "final:val_mae"\nseeds = [7]\n')
+    out = tmp_path / "sweep"
+    code, _, err = _main(["sweep", str(config), "--out", str(out), "--methods", "asgd,ormo", "--seeds", "0",
+                          "--set", "task.options.train_size=512", "--set", "train.epochs=2", "--quiet"], capsys)
+    assert code == 0, err
+    # the choice: the candidate whose tuning runs' last val_mae is lowest (the task declares lower is better)
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["tuning"]["metric"] == "final:val_mae" and sweep["tuning"]["better"] == "lower"
+    for choice in sweep["tuning"]["choices"]:
+        scores = {lr: read_metrics(next((out / ".tuning").glob(f"*/{choice['method']}/lr{lr}/seed7")))[-1]["val_mae"]
+                  for lr in ("0.01", "0.003")}
+        assert choice["chosen"] == f"lr={min(scores, key=scores.get)}"
+    tuning_rows = read_metrics(next((out / ".tuning").glob("*/asgd/lr0.01/seed7")))
+    assert all(r["test_mse"] != r["test_mse"] for r in tuning_rows)  # NaN: a tuning run never reads the test split
+    table = (out / "table.md").read_text()
+    assert "train loss" in table and "test mse" in table  # the default: the training loss and the primary metric
+
+    code, text, err = _main(["table", str(out), "--metrics", "val_mse,test_mae,time_to:val_mse:0.3",
+                             "--out", str(tmp_path / "t")], capsys)
+    assert code == 0, err
+    assert "val. mse" in text and "test mae" in text and "time to val. mse 0.3 (sim. s)" in text
+    records = load_runs(out)
+    assert plotted_metric(records) == "test_mse" and list(out.glob("*.png"))
+    for r in records:  # time to target on the better (lower) side: the first row at or below it
+        rows = [x for x in r.metrics if x["val_mse"] <= 0.3]
+        assert final_value(r, "time_to:val_mse:0.3") == (rows[0]["sim_time_s"] if rows else math.inf)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# entries by reference: one clear line for every mistake
+
+
+def test_bad_entries_are_one_line_naming_the_value_and_the_fix(tmp_path, capsys):
+    not_callable = _module(tmp_path, "X = 3\n")
+    wrong_type = _module(tmp_path, "def make_task(context):\n    return {'params0': 1}\n")
+    broken = _module(tmp_path, "raise RuntimeError('boom')\n")
+    cases = [
+        ("task.entry=nosuchpkg_xyz.tasks:make_task", "no module named 'nosuchpkg_xyz'; install the package"),
+        ("task.entry=missing/nowhere.py:make_task", "file 'missing/nowhere.py' does not exist"),
+        (f"task.entry={EXAMPLE}:nope", "has no attribute 'nope' (it defines: SineRegression, make_task)"),
+        (f"task.entry={not_callable}:X", ".X = 3 is not a callable"),
+        (f"task.entry={wrong_type}:make_task", "returned dict, not a task (it lacks metrics, params0"),
+        (f"task.entry={broken}:make_task", "failed: RuntimeError: boom ("),
+        ("task.entry=make_task", "expected \"module:callable\""),
+    ]
+    for override, expected in cases:
+        code, _, err = _main(["train", "--set", override, "--run-dir", str(tmp_path / "r"), "--quiet"], capsys)
+        last = err.splitlines()[-1]  # a task that fails to build is reported after the "run directory:" line
+        assert code == 2 and "Traceback" not in err, (override, err)
+        assert last.startswith("ormo train: error:") and expected in last, (override, err)
+    assert not (tmp_path / "r").exists()  # nothing was made
+    for extra, expected in ((["task.options.hiden=3"], "got an unexpected keyword argument 'hiden' ("),
+                            (["model.name=lenet"], "model.name = 'lenet' does not apply with task.entry")):
+        code, _, err = _main(["train", *[x for o in [*SMALL, *extra] for x in ("--set", o)], "--quiet",
+                              "--run-dir", str(tmp_path / "r")], capsys)
+        assert code == 2 and "Traceback" not in err and expected in err.splitlines()[-1], err
+    with pytest.raises(ConfigError, match="task.options .* are set but task.entry is not"):
+        from_dict({"task": {"options": {"a": 1}}})
+
+
+def test_a_task_config_reads_back_and_image_classification_configs_read_as_before():
+    import tomllib
+
+    from ormo.experiment import to_toml
+
+    cfg = load_config(None, [f"task.entry={ENTRY}", "task.options.hidden=8", f'task.imports=["{EXAMPLE}"]',
+                             'ray.runtime_env={py_modules = ["mypkg"], env_vars = {A = "1"}}'])
+    text = to_toml(cfg)
+    assert from_dict(tomllib.loads(text)) == cfg
+    assert "[task.options]\nhidden = 8" in text and '[ray.runtime_env]\npy_modules = ["mypkg"]' in text
+    assert "[task]" not in to_toml(load_config(None, ["model.name=mlp"]))  # old run directories' config.toml
+
+
+def test_the_protocol_check_names_what_a_task_lacks_or_declares_badly():
+    class NoMetrics(ModelTask):
+        def __init__(self):
+            super().__init__(torch.nn.Linear(2, 1), TaskContext(seed=0, num_workers=1, batch_size=1), train_size=4)
+
+    with pytest.raises(ConfigError, match="metrics must be a non-empty tuple"):
+        check_task(NoMetrics(), where="x")
+    with pytest.raises(ConfigError, match="invalid metric name 'Val Loss'"):
+        Metric("Val Loss", higher_is_better=False)
+
+
+USER_MODULE = """\
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from ormo.models import register_model
+from ormo.rules.asgd import ASGD
+from ormo.rules.base import register
+
+
+@register
+@dataclass(frozen=True)
+class HalfASGD(ASGD):
+    name: ClassVar[str] = "half-asgd"
+
+    def apply(self, state, message, *, t, worker):
+        state.params.add_(message.update, alpha=-0.5 * self.lr * state.lr_scale)
+
+
+@register_model("tiny-linear")
+def tiny(*, num_classes, in_channels, image_size):
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, num_classes))
+"""
+
+
+def test_a_user_rule_and_model_are_visible_to_the_cli_through_import(tmp_path):
+    module = _module(tmp_path, USER_MODULE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def ormo(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ormo", *args], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=300)
+
+    listed = ormo("rules", "--import", str(module))
+    assert listed.returncode == 0 and '"name": "half-asgd"' in listed.stdout, listed.stderr
+    run = tmp_path / "run"
+    config = tmp_path / "mine.toml"
+    config.write_text('[method]\nname = "half-asgd"\n[model]\nname = "tiny-linear"\n[data]\nname = "synthetic"\n'
+                      '[data.options]\ntrain_size = 64\ntest_size = 16\nimage_shape = [1, 4, 4]\n'
+                      '[train]\nnum_workers = 2\nepochs = 1\n')
+    done = ormo("train", str(config), "--import", str(module), "--run-dir", str(run), "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert f'imports = ["{module}"]' in (run / "config.toml").read_text()  # a resume, a sweep or Ray imports it too
+    again = ormo("replay", str(run))
+    assert again.returncode == 0 and json.loads(again.stdout)["bit_identical"], again.stderr
+    unknown = ormo("train", "--set", "method.name=half-asgd", "--set", f"task.entry={ENTRY}", "--quiet")
+    assert unknown.returncode == 2 and "unknown rule 'half-asgd'" in unknown.stderr  # without the import
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# image classification is one task: its gradient is the plain loop's, bit for bit
+
+
+def test_image_classification_gradient_is_the_plain_torch_loop_bit_for_bit():
+    cfg = load_config(None, ["data.name=synthetic", "data.options.train_size=64", "data.options.test_size=16",
+                             "data.options.image_shape=[3, 8, 8]", "data.batch_size=8", "model.name=resnet20",
+                             "train.num_workers=2", "train.weight_decay=0.01"])
+    task = build_task(cfg)
+    assert isinstance(task, ImageClassification) and [m.name for m in task.metrics] == ["loss", "acc"]
+    params = task.params0 + 0.01
+    g = task.grad_fn(params, 1, 3, 0)
+    # the plain loop: a fresh model with these parameters, training mode, cross-entropy, autograd
+    from ormo.data.augment import normalize
+    from ormo.data.sampler import minibatch_indices
+    from ormo.models import build_model
+
+    model = build_model("resnet20", num_classes=10, in_channels=3, image_size=8, seed=0)
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(params, model.parameters())
+    idx = minibatch_indices(task.train_size, 8, seed=0, worker=1, index=3, step=0)
+    x = normalize(task.train_x[idx], task.mean, task.std)
+    model.train()
+    F.cross_entropy(model(x), task.train_y[idx]).backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).add_(params, alpha=0.01)
+    assert torch.equal(g, expected)
+    evaluation = evaluate_all(task, params, eval_test=True)
+    assert list(evaluation) == ["test_loss", "test_acc", "val_loss", "val_acc"]
+    assert evaluation["val_acc"] is None and evaluation["test_loss"] == task.evaluate(params)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the bundled language model
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for k in range(11):  # sorted names: f00 .. f10; f08 is validation, f09 test
+        (folder / f"f{k:02d}.py").write_text(f"def f{k}(x):\n    return x * {k} + {k}\n" * (20 + k))
+    (folder / "notes.txt").write_text("not python")
+    return folder
+
+
+def _lm(corpus: Path, **kw) -> StdlibLM:
+    context = TaskContext(seed=kw.pop("seed", 0), num_workers=2, batch_size=4, eval_test=kw.pop("eval_test", True))
+    return StdlibLM(context, source_dir=str(corpus), context_bytes=8, seq_len=8, embed_dim=4, hidden=16,
+                    eval_sequences=4, **kw)
+
+
+def test_lm_corpus_is_split_by_sorted_file_and_recorded_by_hash(corpus):
+    lm = _lm(corpus)
+    files = sorted(corpus.glob("*.py"))
+    digest = hashlib.sha256()
+    for p in files:
+        data = p.read_bytes()
+        digest.update(p.name.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+    d = lm.describe()
+    assert d["sha256"] == digest.hexdigest() and d["files"] == {"train": 9, "val": 1, "test": 1}
+    assert bytes(lm.data["val"].tolist()) == files[8].read_bytes()
+    assert bytes(lm.data["test"].tolist()) == files[9].read_bytes()
+    assert bytes(lm.data["train"].tolist()) == b"".join(p.read_bytes() for i, p in enumerate(files) if i not in (8, 9))
+    assert lm.train_size == lm.data["train"].numel() // 8
+    tuning = _lm(corpus, eval_test=False)
+    assert "test" not in tuning.data and tuning.evaluate(tuning.params0, "test") is None
+    assert tuning.describe()["sha256"] == d["sha256"]
+
+
+def test_lm_windows_match_an_explicit_loop_and_batches_are_keyed(corpus):
+    lm = _lm(corpus)
+    batch = lm.batch(1, 5, 0)
+    assert torch.equal(batch, _lm(corpus).batch(1, 5, 0)) and not torch.equal(batch, lm.batch(1, 5, 1))
+    model: ByteMLP = lm.model
+    logits = model(batch)
+    for b in range(batch.shape[0]):  # position i is predicted from bytes i .. i+7 of the sequence
+        for i in range(8):
+            window = model.embed(batch[b, i:i + 8]).T.reshape(-1)  # (E, context) order, as the model concatenates
+            expected = model.out(F.gelu(model.hidden(window)))
+            assert torch.allclose(logits[b, i], expected, atol=1e-5)
+    loss = lm.loss(model, batch)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits.reshape(-1, 256), batch[:, 8:].reshape(-1)).item())
+    metrics = lm.evaluate(lm.params0, "val")
+    assert metrics["ppl"] == pytest.approx(math.exp(metrics["loss"])) and abs(metrics["loss"] - math.log(256)) < 0.3
+
+
+def test_lm_learns_with_plain_sgd_on_its_gradients(corpus):
+    lm = _lm(corpus)
+    params = lm.params0.clone()
+    before = lm.evaluate(params, "val")["loss"]
+    for t in range(150):
+        params -= 0.5 * lm.grad_fn(params, t % 2, t, 0)
+        lm.commit_message()
+    assert lm.evaluate(params, "val")["loss"] < before - 1.0
+
+
+def test_lm_on_the_interpreters_own_standard_library(tmp_path):
+    lm = StdlibLM(TaskContext(seed=0, num_workers=1, batch_size=2))
+    d = lm.describe()
+    import sysconfig
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    assert sum(d["files"].values()) == len(files) and sum(d["bytes"].values()) == sum(p.stat().st_size for p in files)
+    assert d["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert [m.name for m in lm.metrics] == ["loss", "ppl"] and not any(m.higher_is_better for m in lm.metrics)
+
+
+def test_lm_preset_runs_and_reports_perplexity(tmp_path):
+    cfg = load_config("preset:lm/stdlib", ["train.epochs=0.002", "train.eval_every=0.001", "train.num_workers=2"])
+    result = train(cfg, tmp_path / "lm", progress=False)
+    rows = read_metrics(tmp_path / "lm")
+    assert list(rows[0]) == list(metric_fields(["loss", "ppl"]))
+    assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in rows)
+    info = json.loads((tmp_path / "lm" / "run.json").read_text())
+    assert info["task"]["primary"] == "ppl" and len(info["task"]["details"]["sha256"]) == 64
+    summary = summarize(load_runs(tmp_path / "lm"), ("val_ppl", "time_to:val_loss:9"))
+    cell = next(iter(summary.cells.values()))
+    assert cell["val_ppl"].mean == pytest.approx(rows[-1]["val_ppl"]) and cell["time_to:val_loss:9"].mean == 0.0
+    assert result.status == "finished"
