@@ -1,6 +1,7 @@
 """Bring your own task: fit y = sin(2x) + noise with a small MLP, scored by mean squared and absolute error.
 
-    ormo train --set task.entry=examples/my_task.py:make_task --set method.lr=0.01 --run-dir runs/sine
+    ormo train --set task.entry=examples/my_task.py:make_task --set train.num_workers=4 \
+        --set method.lr=0.01 --run-dir runs/sine
 """
 
 import torch

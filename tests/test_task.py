@@ -355,3 +355,16 @@ def test_lm_preset_runs_and_reports_perplexity(tmp_path):
     cell = next(iter(summary.cells.values()))
     assert cell["val_ppl"].mean == pytest.approx(rows[-1]["val_ppl"]) and cell["time_to:val_loss:9"].mean == 0.0
     assert result.status == "finished"
+
+
+def test_the_examples_own_command_trains_to_a_small_error(tmp_path, capsys, monkeypatch):
+    """The command in the example's docstring (and the README), word for word: a newcomer's run converges."""
+    monkeypatch.chdir(ROOT)
+    command = " ".join(EXAMPLE.read_text().split('"""')[1].split("\n\n", 1)[1].replace("\\\n", " ").split())
+    argv = command.split()[1:]
+    assert argv[0] == "train" and "--run-dir" in argv
+    argv[argv.index("--run-dir") + 1] = str(tmp_path / "sine")
+    code, out, err = _main([*argv, "--quiet"], capsys)
+    assert code == 0, err
+    printed = json.loads(out)
+    assert printed["val_mse"] < 0.05 and "diverging" not in err
