@@ -368,3 +368,36 @@ def test_the_examples_own_command_trains_to_a_small_error(tmp_path, capsys, monk
     assert code == 0, err
     printed = json.loads(out)
     assert printed["val_mse"] < 0.05 and "diverging" not in err
+
+
+def test_a_resume_or_replay_with_other_task_code_is_refused(tmp_path, capsys, monkeypatch):
+    """The entry is a path relative to where ormo runs: from another folder, or after an edit, it is other code."""
+    import shutil
+
+    here = tmp_path / "project"
+    (here / "examples").mkdir(parents=True)
+    shutil.copy(EXAMPLE, here / "examples" / "task_copy.py")
+    monkeypatch.chdir(here)
+    sets = [x for o in [*SMALL[1:], "task.entry=examples/task_copy.py:make_task"] for x in ("--set", o)]
+    assert _main(["train", *sets, "--run-dir", str(tmp_path / "r"), "--quiet"], capsys)[0] == 0
+    sources = json.loads((tmp_path / "r" / "run.json").read_text())["task"]["sources"]
+    assert sources[0]["file"] == str((here / "examples" / "task_copy.py").resolve())
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    info["status"] = "interrupted"  # as after a kill: the resume path runs
+    (tmp_path / "r" / "run.json").write_text(json.dumps(info))
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "examples").mkdir(parents=True)
+    shutil.copy(EXAMPLE, elsewhere / "examples" / "task_copy.py")
+    import subprocess
+    import sys
+
+    for argv in (["train", "--resume", str(tmp_path / "r"), "--quiet"], ["replay", str(tmp_path / "r")]):
+        done = subprocess.run([sys.executable, "-m", "ormo", *argv], cwd=elsewhere, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+        assert done.returncode in (1, 2) and "now resolves to" in done.stderr, done.stderr
+        assert "the folder the run was started in" in done.stderr
+    path = here / "examples" / "task_copy.py"
+    path.write_text(path.read_text().replace("torch.sin(2 * x)", "torch.sin(3 * x)"))
+    code, _, err = _main(["train", "--resume", str(tmp_path / "r"), "--quiet"], capsys)
+    assert code in (1, 2) and "changed since the run was made" in err, err
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "interrupted"  # nothing ran

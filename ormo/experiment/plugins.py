@@ -169,3 +169,45 @@ def file_modules() -> list[ModuleType]:
     """The modules imported from file paths so far (Ray pickles their classes by value: a worker process does not
     have the file's folder on its path before it imports the entry itself)."""
     return list(_FILE_MODULES.values())
+
+
+def task_sources(entry: str | None, imports: Iterable[str], *, base_dir: str | None = None) -> list[dict[str, str]]:
+    """The user code a run's task comes from: for the entry's module and every import, the file it was loaded from
+    and that file's sha256 (run.json keeps them; a resume or a replay whose code differs is refused)."""
+    import hashlib
+
+    refs = [split_entry(entry)[0]] if entry else []
+    refs += [r.strip() for r in imports if isinstance(r, str)]
+    out = []
+    for ref in dict.fromkeys(refs):
+        module = import_module_ref(ref, field=f"task source {ref!r}", base_dir=base_dir)
+        origin = getattr(module, "__file__", None)
+        if origin is None:
+            continue
+        path = Path(origin).resolve()
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            continue
+        out.append({"ref": ref, "file": str(path), "sha256": digest})
+    return out
+
+
+def check_task_sources(recorded: Any, current: list[dict[str, str]], *, what: str) -> None:
+    """A ConfigError when the task's code differs from what ``recorded`` (run.json) says the run was made with."""
+    if not isinstance(recorded, list):
+        return  # a run from before sources were recorded (or image classification)
+    now = {c["ref"]: c for c in current}
+    for old in recorded:
+        if not isinstance(old, dict) or not isinstance(old.get("ref"), str):
+            continue
+        new = now.get(old["ref"])
+        if new is None or new["file"] != old.get("file"):
+            raise ConfigError(f"cannot {what}: task code {old['ref']!r} now resolves to "
+                              f"{new['file'] if new else 'nothing'}, but the run was made with {old.get('file')}; "
+                              f"run ormo from the folder the run was started in (file paths in task.entry and "
+                              f"task.imports are relative to it)")
+        if new["sha256"] != old.get("sha256"):
+            raise ConfigError(f"cannot {what}: {new['file']} changed since the run was made (sha256 "
+                              f"{str(old.get('sha256'))[:12]}… then, {new['sha256'][:12]}… now); restore that file, "
+                              f"or start a new run")

@@ -19,6 +19,7 @@ import torch
 from ..engine import EventLog, Replay, Simulator
 from ..engine.events import EventLogError
 from .config import load_config
+from .plugins import check_task_sources, task_sources
 from .problem import build_task
 from .rundir import CHECKPOINT, FINAL, RunDirError, read_run_info, safe_load, write_text
 
@@ -70,6 +71,12 @@ def replay(run_dir: str | Path, *, write: bool = True) -> dict[str, Any]:
         torch.set_num_threads(int(threads))
     try:
         problem = build_task(cfg)
+        if cfg.task.entry or cfg.task.imports:  # the run's own code, or the comparison means nothing
+            try:
+                recorded = (read_run_info(run_dir).get("task") or {}).get("sources")
+            except (OSError, ValueError, RuntimeError):
+                recorded = None
+            check_task_sources(recorded, task_sources(cfg.task.entry, cfg.task.imports), what=f"replay {run_dir}")
         rule = cfg.method.build()
         messages_per_epoch = problem.train_size / (cfg.data.batch_size * rule.local_steps)
         sim = Simulator(rule, problem.params0, problem.grad_fn, num_workers=cfg.train.num_workers,

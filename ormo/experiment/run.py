@@ -42,6 +42,7 @@ from ..rules.base import ConfigError
 from ..task import Task, describe_task, evaluate_all
 from .config import ExperimentConfig, load_config, to_toml
 from .metrics import MetricsWriter, metric_fields, metrics_row
+from .plugins import check_task_sources, task_sources
 from .problem import build_task
 from .rundir import (
     CHECKPOINT,
@@ -169,9 +170,17 @@ def _train_locked(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, 
         }
         if built is not None:  # reports read the metric directions from here
             info["task"] = describe_task(built[0], entry=cfg.task.entry)
+            if cfg.task.entry or cfg.task.imports:  # the user code, so that a resume or replay can check it
+                info["task"]["sources"] = task_sources(cfg.task.entry, cfg.task.imports)
         write_json(run_dir / "run.json", info)
     assert cfg is not None
     problem, rule = built if built is not None else (_driver_problem(cfg, engine), cfg.method.build())
+    if resume and (cfg.task.entry or cfg.task.imports):  # the same user code as when the run started, or nothing runs
+        try:
+            check_task_sources((info.get("task") or {}).get("sources"),
+                               task_sources(cfg.task.entry, cfg.task.imports), what=f"resume {run_dir}")
+        except ConfigError as e:
+            raise CheckpointRefused(str(e)) from None
     messages_per_epoch = problem.train_size / (cfg.data.batch_size * rule.local_steps)
     total = max(1, math.ceil(cfg.train.epochs * messages_per_epoch))
     try:
