@@ -173,6 +173,9 @@ def evaluate_all(task: Task, params: Tensor, *, eval_test: bool) -> dict[str, fl
     out: dict[str, float | None] = {}
     for split in SPLITS:
         values = task.evaluate(params, split) if (split != "test" or eval_test) else None
+        if values is not None and not isinstance(values, Mapping):
+            raise ValueError(f"the task's evaluate(params, {split!r}) returned {type(values).__name__}, not a mapping "
+                             f"of its metrics (did evaluate_model forget to return them?)")
         for m in task.metrics:
             if values is None:
                 out[f"{split}_{m.name}"] = None
@@ -355,7 +358,11 @@ class ModelTask:
             return None
         self._load_server(params)
         self.model.eval()
-        return self.evaluate_model(self.model, split)
+        values = self.evaluate_model(self.model, split)
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{type(self).__name__}.evaluate_model(model, {split!r}) returned "
+                             f"{type(values).__name__}, not a mapping of its metrics (a forgotten return?)")
+        return values
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
     def model_state(self, params: Tensor) -> dict[str, Tensor]:

@@ -401,3 +401,67 @@ def test_a_resume_or_replay_with_other_task_code_is_refused(tmp_path, capsys, mo
     code, _, err = _main(["train", "--resume", str(tmp_path / "r"), "--quiet"], capsys)
     assert code in (1, 2) and "changed since the run was made" in err, err
     assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "interrupted"  # nothing ran
+
+
+ACC_TASK = '''
+import torch
+from torch import nn
+
+from ormo.task import Metric, ModelTask, seeded
+
+
+class T(ModelTask):
+    metrics = (Metric("acc", higher_is_better=False),)  # an error called "acc": lower is better
+
+    def __init__(self, context, forget=False):
+        g = torch.Generator().manual_seed(context.seed)
+        x = torch.rand(600, 1, generator=g) * 4 - 2
+        self.x, self.y, self.forget = x[:500], torch.sin(2 * x[:500]), forget
+        self.v = (x[500:], torch.sin(2 * x[500:]))
+        super().__init__(seeded(context.seed, lambda: nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1))),
+                         context, train_size=500, splits=("val",))
+
+    def batch(self, worker, index, step):
+        i = self.minibatch_indices(worker, index, step)
+        return self.x[i], self.y[i]
+
+    def loss(self, model, batch):
+        return nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    def evaluate_model(self, model, split):
+        value = {"acc": float((model(self.v[0]) - self.v[1]).pow(2).mean())}
+        return None if self.forget else value
+
+
+def make_task(context, forget=False):
+    return T(context, forget)
+'''
+
+
+def test_tuning_follows_the_direction_the_task_declares_even_for_a_builtin_name(tmp_path, capsys):
+    module = _module(tmp_path, ACC_TASK)
+    config = tmp_path / "acc.toml"
+    config.write_text(f'name = "acc"\n[task]\nentry = "{module}:make_task"\n[method]\nname = "ormo"\nlr = 0.01\n'
+                      '[data]\nbatch_size = 16\n[train]\nepochs = 3\nnum_workers = 2\n[sweep]\nseeds = [0]\n'
+                      '[sweep.tune]\ngrid = {"method.lr" = [0.0001, 0.03]}\nmetric = "final:val_acc"\n')
+    out = tmp_path / "out"
+    assert _main(["sweep", str(config), "--out", str(out), "--quiet", "--no-report"], capsys)[0] == 0
+    record = json.loads((out / "sweep.json").read_text())["tuning"]
+    scores = [c["score"] for c in record["choices"][0]["candidates"]]
+    assert record["better"] == "lower" and record["choices"][0]["chosen"] == ("lr=0.03" if scores[1] < scores[0]
+                                                                               else "lr=0.0001")
+    # the default table falls back to the validation split when the task has no test split
+    code, text, _ = _main(["table", str(out)], capsys)
+    assert code == 0 and "val. acc" in text and "diverged" not in text
+    # a metric the task does not declare: one line before any tuning run
+    config.write_text(config.read_text().replace("final:val_acc", "final:val_mse"))
+    code, _, err = _main(["sweep", str(config), "--out", str(tmp_path / "out2"), "--quiet"], capsys)
+    assert code == 2 and "declares no metric 'mse'" in err and not (tmp_path / "out2" / ".tuning").exists()
+
+
+def test_an_evaluate_model_without_a_return_is_an_error_naming_it(tmp_path, capsys):
+    module = _module(tmp_path, ACC_TASK)
+    code, _, err = _main(["train", "--set", f"task.entry={module}:make_task", "--set", "task.options.forget=true",
+                          "--set", "train.epochs=0.1", "--set", "train.num_workers=2", "--run-dir",
+                          str(tmp_path / "r"), "--quiet"], capsys)
+    assert code != 0 and "evaluate_model(model, 'val') returned NoneType" in err

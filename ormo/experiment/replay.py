@@ -73,10 +73,10 @@ def replay(run_dir: str | Path, *, write: bool = True) -> dict[str, Any]:
         problem = build_task(cfg)
         if cfg.task.entry or cfg.task.imports:  # the run's own code, or the comparison means nothing
             try:
-                recorded = (read_run_info(run_dir).get("task") or {}).get("sources")
+                sources = (read_run_info(run_dir).get("task") or {}).get("sources")
             except (OSError, ValueError, RuntimeError):
-                recorded = None
-            check_task_sources(recorded, task_sources(cfg.task.entry, cfg.task.imports), what=f"replay {run_dir}")
+                sources = None
+            check_task_sources(sources, task_sources(cfg.task.entry, cfg.task.imports), what=f"replay {run_dir}")
         rule = cfg.method.build()
         messages_per_epoch = problem.train_size / (cfg.data.batch_size * rule.local_steps)
         sim = Simulator(rule, problem.params0, problem.grad_fn, num_workers=cfg.train.num_workers,

@@ -609,6 +609,7 @@ def run_sweep(runs: list[SweepRun], *, jobs: int = 1, progress: bool = True) -> 
         record_plan(out, runs)
         if not tuning:
             return _run_all(runs, jobs=jobs, progress=progress)
+        check_tuning_metric(runs, tuning)
         try:
             results = _run_all(tuning, jobs=jobs, progress=progress, desc="tuning")
         except SweepFailed as e:
@@ -635,50 +636,67 @@ def run_sweep(runs: list[SweepRun], *, jobs: int = 1, progress: bool = True) -> 
 
 def choose_tuned(runs: list[SweepRun], tuning: list[SweepRun]) -> tuple[TuneSpec, list]:
     """Score the finished tuning runs and choose (nothing is written); returns the spec with its direction resolved
-    and the choices."""
+    (the direction the task declares for the metric, from a tuning run's run.json, wins over a built-in name's) and
+    the choices."""
+    from dataclasses import replace
+
     from .tuning import candidates as cands
-    from .tuning import choose, run_score
+    from .tuning import choose, declared_direction, run_score, selection
 
     spec = runs[0].tune
     assert spec is not None
-    if spec.higher is None:  # final:val_<name>: the direction the task declares, from a tuning run's run.json
-        from dataclasses import replace
-
-        from .tuning import declared_direction
-
-        def declares(run_dir: Path) -> bool:
-            try:
-                return bool((read_run_info(run_dir).get("task") or {}).get("metrics"))
-            except (OSError, ValueError, RuntimeError):
-                return False
-
-        recorded = [r.run_dir for r in tuning if declares(r.run_dir)]
-        spec = replace(spec, higher=declared_direction(spec.metric, (recorded or [tuning[0].run_dir])[0]))
-    if spec.higher is None:  # final:val_<name>: the direction the task declares, from a tuning run's run.json
-        from dataclasses import replace
-
-        from .tuning import declared_direction
-
-        def declares(run_dir: Path) -> bool:
-            try:
-                return bool((read_run_info(run_dir).get("task") or {}).get("metrics"))
-            except (OSError, ValueError, RuntimeError):
-                return False
-
-        recorded = [r.run_dir for r in tuning if declares(r.run_dir)]
-        spec = replace(spec, higher=declared_direction(spec.metric, (recorded or [tuning[0].run_dir])[0]))
+    key = selection(spec.metric)[0]
+    declared: dict[str, bool] = {}
+    for r in tuning:  # the first tuning run that records its task's metrics
+        try:
+            metrics = (read_run_info(r.run_dir).get("task") or {}).get("metrics") or []
+        except (OSError, ValueError, RuntimeError):
+            continue
+        declared = {m["name"]: bool(m["higher_is_better"]) for m in metrics
+                    if isinstance(m, dict) and isinstance(m.get("name"), str) and "higher_is_better" in m}
+        if declared:
+            break
+    if key != "train_loss" and key.removeprefix("val_") in declared:
+        spec = replace(spec, higher=declared[key.removeprefix("val_")])
+    elif spec.higher is None:  # final:val_<name> the task does not declare: one line naming what it has
+        spec = replace(spec, higher=declared_direction(spec.metric, tuning[0].run_dir))
     cells: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
     for cand, _ in cands(spec):
         for r in tuning:
             if r.run_dir.parent.name == slug(cand):
-                cells.setdefault((r.label, r.method), {}).setdefault(cand, {})[r.seed] = run_score(r.run_dir,
-                                                                                                 spec.metric)
+                cells.setdefault((r.label, r.method), {}).setdefault(cand, {})[r.seed] = run_score(
+                    r.run_dir, spec.metric, higher=spec.higher)
     methods_of: dict[str, list[str]] = {}
     for r in runs:
         ms = methods_of.setdefault(r.label, [])
         if r.method not in ms:
             ms.append(r.method)
     return spec, choose(spec, cells, methods_of)
+
+
+def check_tuning_metric(runs: list[SweepRun], tuning: list[SweepRun]) -> None:
+    """Before any tuning run of a task of one's own: the task must declare the selection metric and evaluate a
+    validation split (it is built once here to ask it)."""
+    from .problem import build_task
+    from .tuning import selection
+
+    spec, cfg = runs[0].tune, tuning[0].config
+    if spec is None or cfg.task.entry is None:
+        return
+    key = selection(spec.metric)[0]
+    if key == "train_loss":
+        return
+    task = build_task(cfg)
+    names = [m.name for m in task.metrics]
+    if key.removeprefix("val_") not in names:
+        raise ConfigError(f"sweep.tune.metric {spec.metric!r} reads {key}, but the task ({cfg.task.entry}) declares no "
+                          f"metric {key.removeprefix('val_')!r} (its validation columns: "
+                          f"{', '.join('val_' + n for n in names)}); choose e.g. final:val_{names[0]}")
+    splits = getattr(task, "splits", None)
+    if splits is not None and "val" not in splits:
+        raise ConfigError(f"sweep.tune.metric {spec.metric!r} is measured on the validation split, which the task "
+                          f"({cfg.task.entry}) does not evaluate (its splits: {', '.join(splits) or 'none'}); give it "
+                          f"one, or choose metric = \"final_train_loss\"")
 
 
 def record_tuning(runs: list[SweepRun], spec: TuneSpec, choices: list) -> None:

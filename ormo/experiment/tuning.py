@@ -211,7 +211,7 @@ def candidates(spec: TuneSpec) -> list[tuple[str, tuple[str, ...]]]:
     return points
 
 
-def run_score(run_dir: Path, metric: str) -> float:
+def run_score(run_dir: Path, metric: str, *, higher: bool | None = None) -> float:
     """One tuning run's score: NaN when it diverged or has no value for the metric."""
     from .metrics import read_metrics
     from .rundir import read_run_info
@@ -225,7 +225,8 @@ def run_score(run_dir: Path, metric: str) -> float:
                           ) from None
     if info.get("diverged"):
         return math.nan
-    key, reduce, higher = selection(metric)
+    key, reduce, known = selection(metric)
+    higher = higher if higher is not None else known
     if higher is None and reduce == "best":
         higher = declared_direction(metric, run_dir)
     values = [float(r[key]) for r in rows if isinstance(r, dict) and r.get(key) is not None]

@@ -110,12 +110,14 @@ def metric_heading(metric: str) -> str:
 
 def default_metrics(records: Sequence[RunRecord]) -> tuple[str, ...]:
     """What a table shows unless told: the training loss and the task's primary metric on the test split (on the
-    validation split when the runs never evaluated the test split), e.g. ``("train_loss", "test_acc")``."""
+    validation split when no run has a test value but some have a validation one: tuning runs, a task without a test
+    split), e.g. ``("train_loss", "test_acc")``."""
     primary = primary_metric(records[0]) if records else "acc"
     on_test = any(r.metrics and isinstance(r.metrics[-1].get(f"test_{primary}"), int | float)
                   and math.isfinite(r.metrics[-1][f"test_{primary}"]) for r in records)
-    tuning = all((r.config.get("train") or {}).get("eval_test") is False for r in records) if records else False
-    return ("train_loss", f"val_{primary}" if tuning and not on_test else f"test_{primary}")
+    on_val = any(r.metrics and isinstance(r.metrics[-1].get(f"val_{primary}"), int | float)
+                 and math.isfinite(r.metrics[-1][f"val_{primary}"]) for r in records)
+    return ("train_loss", f"val_{primary}" if on_val and not on_test else f"test_{primary}")
 
 
 def display_name(method: str) -> str:
