@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import re
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -133,6 +134,17 @@ class Task(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, sd: dict[str, Any]) -> None: ...
+
+
+class TaskError(RuntimeError):
+    """A task's own code (its batch, loss or evaluation) failed during training; the message names the method and
+    the file and line where it failed."""
+
+
+def _failure(e: BaseException) -> str:
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(e).__name__}: {e}{where}"
 
 
 def primary_metric(task: Any) -> str:
@@ -283,7 +295,11 @@ class ModelTask:
     def grad_fn(self, params: Tensor, worker: int, index: int, step: int) -> Tensor:
         """Stochastic gradient at ``params`` (plus ``λ·params``). The worker's buffers move on in the model (staged)
         until :meth:`commit_message`."""
-        batch = self.batch(worker, index, step)
+        try:
+            batch = self.batch(worker, index, step)
+        except Exception as e:  # the task's own code: one line naming the method and where it failed
+            raise TaskError(f"{type(self).__name__}.batch(worker={worker}, index={index}, step={step}) failed: "
+                            f"{_failure(e)}") from e
         flat = self.flat
         flat.load_params(params)
         if self._staged != worker:  # a new message: start from the worker's committed statistics
@@ -292,8 +308,14 @@ class ModelTask:
             self._staged, self._loss_sum, self._loss_count = worker, 0.0, 0
         self.model.train()
         flat.zero_grad()
-        loss = self.loss(self.model, batch)
-        loss.backward()
+        try:
+            loss = self.loss(self.model, batch)
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                raise TypeError(f"loss() must return a scalar tensor (a mean over the batch), got "
+                                f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else tuple(loss.shape)}")
+            loss.backward()
+        except Exception as e:
+            raise TaskError(f"{type(self).__name__}.loss() failed: {_failure(e)}") from e
         flat.check_bound()
         self._loss_sum += float(loss.detach())  # one host sync per gradient (CPU: free)
         self._loss_count += 1
@@ -358,7 +380,10 @@ class ModelTask:
             return None
         self._load_server(params)
         self.model.eval()
-        values = self.evaluate_model(self.model, split)
+        try:
+            values = self.evaluate_model(self.model, split)
+        except Exception as e:
+            raise TaskError(f"{type(self).__name__}.evaluate_model(model, {split!r}) failed: {_failure(e)}") from e
         if not isinstance(values, Mapping):
             raise ValueError(f"{type(self).__name__}.evaluate_model(model, {split!r}) returned "
                              f"{type(values).__name__}, not a mapping of its metrics (a forgotten return?)")

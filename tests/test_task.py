@@ -465,3 +465,18 @@ def test_an_evaluate_model_without_a_return_is_an_error_naming_it(tmp_path, caps
                           "--set", "train.epochs=0.1", "--set", "train.num_workers=2", "--run-dir",
                           str(tmp_path / "r"), "--quiet"], capsys)
     assert code != 0 and "evaluate_model(model, 'val') returned NoneType" in err
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("return 1.5", "T.loss() failed: TypeError: loss() must return a scalar tensor"),
+    ("return nn.functional.mse_loss(model(batch[0]), batch[1], reduction='none')", "scalar tensor (a mean"),
+    ("raise KeyError('oops')", "T.loss() failed: KeyError: 'oops' ("),
+])
+def test_a_failing_task_method_is_one_line_naming_it_and_where(tmp_path, capsys, bad, message):
+    text = ACC_TASK.replace("        return nn.functional.mse_loss(model(batch[0]), batch[1])", f"        {bad}")
+    module = _module(tmp_path, text)
+    code, _, err = _main(["train", "--set", f"task.entry={module}:make_task", "--set", "train.epochs=0.1",
+                          "--set", "train.num_workers=2", "--run-dir", str(tmp_path / "r"), "--quiet"], capsys)
+    lines = [x for x in err.splitlines() if x.startswith("ormo train: error:")]
+    assert code == 1 and len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
