@@ -267,3 +267,21 @@ def test_a_sweep_refuses_a_directory_of_another_configuration_and_retries_failed
                                               "config.toml").read_text())
     (run.run_dir / "run.json").write_text('{"status": "failed", "error": "DatasetError: ..."}')
     assert run_sweep([run], jobs=1, progress=False) == [(str(run.run_dir), "done")]
+
+
+def test_train_threads_sets_the_runs_thread_count_records_it_and_restores_the_callers(tmp_path):
+    import json
+
+    import torch
+
+    from ormo import ConfigError
+    from ormo.experiment import load_config
+    from ormo.experiment.run import train
+
+    before = torch.get_num_threads()
+    cfg = load_config("preset:quickstart", ["train.epochs=0.2", "train.num_workers=2", "train.threads=1"])
+    train(cfg, tmp_path / "r", progress=False)
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["threads"] == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ConfigError, match="train.threads"):
+        load_config("preset:quickstart", ["train.threads=0"])

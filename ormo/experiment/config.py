@@ -215,6 +215,9 @@ class TrainConfig:
     checkpoint_every: float = 1.0
     #: seeds the model, the data stream and the timing model
     seed: int = 0
+    #: torch threads for this run (default: torch's own, usually the CPU count; on a shared or loaded machine 1 is
+    #: often several times faster). Recorded in run.json: a resume and a replay use the same count, for the same bits
+    threads: int | None = None
     #: cpu, cuda, or cuda:N
     device: str = "cpu"
     #: also write TensorBoard event files (needs the tensorboard package)
@@ -230,6 +233,8 @@ class TrainConfig:
         check_positive("train.eval_every", self.eval_every)
         check_positive("train.checkpoint_every", self.checkpoint_every)
         check_bool("train.eval_test", self.eval_test)
+        if self.threads is not None:
+            check_int_at_least("train.threads", self.threads, 1)
         check_int_at_least("train.seed", self.seed, 0)
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise invalid("train.device", self.device, "'cpu', 'cuda' or 'cuda:N'")

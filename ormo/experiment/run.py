@@ -123,6 +123,16 @@ def train(
     run_dir = Path(run_dir)
     if engine not in ("simulator", "ray"):
         raise ConfigError(f"invalid engine: {engine!r} (must be 'simulator' or 'ray')")
+    previous_threads = torch.get_num_threads()
+    try:
+        if not resume and cfg is not None and cfg.train.threads is not None:
+            torch.set_num_threads(cfg.train.threads)  # before the task is built: its arithmetic runs with it too
+        return _train(cfg, run_dir, resume=resume, progress=progress, engine=engine)
+    finally:
+        torch.set_num_threads(previous_threads)  # a caller's own count is untouched
+
+
+def _train(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, progress: bool, engine: str) -> RunResult:
     built: tuple[Task, Rule] | None = None
     if resume:
         if not (run_dir / "config.toml").is_file():
