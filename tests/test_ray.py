@@ -303,3 +303,42 @@ def test_a_task_and_a_rule_from_files_outside_the_package_train_on_ray_and_repla
     assert sorted(info["summary"]["messages_per_worker"])[0] > 0  # every worker built the task and took part
     out = replay(tmp_path / "run")
     assert out["bit_identical"], out
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_the_workers_checkpoints_where_the_server_stopped_and_resumes_exactly(tmp_path, ray_instance,
+                                                                                          sig, code):
+    """Issue 9: Ctrl-C / SIGTERM halt the server, checkpoint at its last applied iteration, and exit 130 / 143 at
+    once; the metrics rows, the event log and the checkpoint agree, and the resumed run replays bit-identically."""
+    run_dir = tmp_path / "run"
+    overrides = [*BASE, "method.name=ormo", "train.num_workers=3", "train.epochs=6", "ray.time_scale=0.01",
+                 "train.checkpoint_every=2"]
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('name = "t"\n')
+    cmd = [sys.executable, "-m", "ormo", "train", str(cfg_file), "--engine", "ray", "--address", ray_instance,
+           "--run-dir", str(run_dir), "--quiet", *sum((["--set", o] for o in overrides), [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 3):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    sent = time.time()
+    assert proc.wait(timeout=60) == code
+    assert time.time() - sent < 15  # no run-on: the workers stop at once
+    err = proc.stderr.read().decode()
+    assert "checkpoint written" in err and "--resume" in err and "Traceback" not in err
+    info = read_run_info(run_dir)
+    assert info["status"] == "interrupted"
+    from ormo.experiment.rundir import CHECKPOINT, safe_load
+
+    t = int(safe_load(run_dir / CHECKPOINT, fix="-")["server"]["t"])
+    events = (run_dir / "events.jsonl").read_text().splitlines()
+    assert len(events) - 1 == t  # the event log ends where the checkpoint is
+    assert read_metrics(run_dir)[-1]["iteration"] <= t
+    res = train(None, run_dir, resume=True, progress=False)
+    assert read_run_info(run_dir)["status"] == "finished" and res.final["epoch"] >= 6 - 1e-9
+    iterations = [r["iteration"] for r in read_metrics(run_dir)]
+    assert iterations == sorted(set(iterations))
+    assert replay(run_dir)["bit_identical"]

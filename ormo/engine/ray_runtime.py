@@ -105,6 +105,7 @@ class ParameterServer:
         self.snapshots: list[dict[str, Any]] = []
         self.last_eval = 0
         self.failed: str | None = None
+        self.halted = False  # a stop was requested: no message is applied any more
         self.checkpoint_due = False
         self.rejection_streak = [0] * num_workers
         self.busy_s = 0.0  # time spent handling messages (validation, update, reply), for benchmarks
@@ -249,6 +250,8 @@ class ParameterServer:
         """Consume one message (server iteration t) and reply with the worker's next payload (or stop)."""
         if self.failed:
             return self._stop(self.failed)
+        if self.halted:
+            return self._stop("halted")
         if self.t >= self.total:
             return self._stop("done")
         busy0 = time.perf_counter()
@@ -359,6 +362,22 @@ class ParameterServer:
                             config_toml=self.checkpoint_config)
         self.checkpoint_due = False
 
+    def halt(self) -> dict[str, Any]:
+        """Stop applying messages (every later push is answered "stop"), write a checkpoint at the last applied
+        iteration when the state is clean there (always for asynchronous rules; for synchronous ones between rounds
+        only, as their state is mid-round otherwise), and return the state as :meth:`final` does, with
+        ``checkpointed``."""
+        self.halted = True
+        written = bool(self.checkpoint_path) and not self.waiting and not self.failed
+        if written:
+            from ..experiment.rundir import save_checkpoint
+
+            save_checkpoint(self.checkpoint_path, {"engine": "ray", "server": self._state_dict()},
+                            config_toml=self.checkpoint_config)
+        out = self.final()
+        out["checkpointed"] = written
+        return out
+
     def _load(self, sd: dict[str, Any]) -> None:
         self.t = int(sd["t"])
         self.time_offset = float(sd["time"])
@@ -442,6 +461,15 @@ class Worker:
         return reply["stop"]
 
 
+class Halted(Exception):  # noqa: N818 - a stop, not an error
+    """The driver was asked to stop (a signal): ``state`` is the server's at the stop (None when it came before the
+    workers had started), with ``checkpointed`` telling whether a checkpoint was written at its iteration."""
+
+    def __init__(self, signum: int, state: dict[str, Any] | None) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum, self.state = signum, state
+
+
 def start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str, Any] | None = None) -> bool:
     """Connect to ``address``, or start a local instance (its node address set to 127.0.0.1; Ray still listens on
     all interfaces, so its token authentication, on by default, is what guards it), with ``runtime_env`` for the
@@ -482,13 +510,18 @@ def run_ray(
     on_snapshot: Callable[[dict[str, Any]], None],
     on_progress: Callable[[int], None] | None = None,
     kill_hook: Callable[[list[Any]], None] | None = None,
+    should_stop: Callable[[], int | None] | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run to ``total`` server iterations; returns the server's final state (params, events, re-dispatches, …)."""
     started = start_ray(options.address, options.num_cpus or max(os.cpu_count() or 1, num_workers + 1),
                         getattr(options, "runtime_env", None))
+    if on_started is not None:  # e.g. take back the signal handlers that ray.init replaced
+        on_started()
     actors: list[Any] = []
     runs: dict[Any, int] = {}  # each worker's running loop -> its id
     server = None
+    halted = False
     try:
         # The server runs on the driver's node: it writes the checkpoint there.
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
@@ -511,20 +544,33 @@ def run_ray(
 
         actors.append(server)
         workers = [new_worker(k) for k in range(num_workers)]
-        try:  # every worker built its problem: start together
-            ray.get([w.pid.remote() for w in workers], timeout=options.startup_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            gpus = f" and {num_workers * options.gpus_per_worker:g} GPUs" if options.gpus_per_worker else ""
-            raise RuntimeError(
-                f"the {num_workers} workers did not start within ray.startup_timeout_s={options.startup_timeout_s} s "
-                f"(does the cluster have {num_workers} free CPUs{gpus}?)"
-            ) from None
+        starting = [w.pid.remote() for w in workers]  # every worker builds its problem; then they start together
+        deadline = time.monotonic() + options.startup_timeout_s
+        while starting:
+            ready, starting = ray.wait(starting, num_returns=len(starting), timeout=0.25)
+            ray.get(ready)
+            if should_stop is not None and (signum := should_stop()):
+                halted = True
+                raise Halted(signum, None)  # nothing was applied: the last checkpoint (if any) is where to resume
+            if starting and time.monotonic() > deadline:
+                gpus = f" and {num_workers * options.gpus_per_worker:g} GPUs" if options.gpus_per_worker else ""
+                raise RuntimeError(
+                    f"the {num_workers} workers did not start within ray.startup_timeout_s="
+                    f"{options.startup_timeout_s} s (does the cluster have {num_workers} free CPUs{gpus}?)"
+                )
         ray.get(server.start.remote())
         incarnation = [0] * num_workers
         runs.update({w.run.remote(0): k for k, w in enumerate(workers)})
         if kill_hook is not None:
             kill_hook(workers)
         while runs:
+            if should_stop is not None and (signum := should_stop()):
+                # stop the server first (nothing more is applied), checkpoint there, hand over its evaluations
+                halted = True
+                state = ray.get(server.halt.remote(), timeout=120)
+                for snap in ray.get(server.status.remote())["snapshots"]:
+                    on_snapshot(snap)
+                raise Halted(signum, state)
             ready, _ = ray.wait(list(runs), num_returns=1, timeout=0.2)
             for ref in ready:
                 k = runs.pop(ref)
@@ -552,6 +598,8 @@ def run_ray(
         if final["failed"]:
             raise RuntimeError(f"the Ray run stopped: {final['failed']}")
         return final
+    except Halted:
+        raise
     except Exception as e:
         if server is not None:  # what the server had, for the failed run's logs
             try:
@@ -561,7 +609,7 @@ def run_ray(
         raise
     finally:
         pending = list(runs)
-        if pending:  # workers still finishing (or a replacement starting): collect what they say, quietly
+        if pending and not halted:  # workers finishing (or a replacement starting): collect quietly
             ray.wait(pending, num_returns=len(pending), timeout=10)
         for actor in actors:
             ray.kill(actor)

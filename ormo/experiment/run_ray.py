@@ -27,7 +27,7 @@ from .metrics import MetricsWriter, metric_fields, metrics_row, read_metrics
 from .problem import build_task, driver_base_dir
 from .run import RunResult
 from .rundir import CHECKPOINT, FINAL, load_checkpoint, write_bytes, write_json, write_text
-from .runloop import StopOnSignal, iteration_marks, progress_bar, shown_metric
+from .runloop import DeferredInterrupt, RunStopped, iteration_marks, progress_bar, shown_metric
 
 
 def _schedule(schedule: ScheduleConfig, messages_per_epoch: float, t: int) -> float:
@@ -60,7 +60,7 @@ def train_on_ray(
     try:
         from ray import cloudpickle
 
-        from ..engine.ray_runtime import run_ray
+        from ..engine.ray_runtime import Halted, run_ray
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise RuntimeError("engine='ray' needs Ray: pip install 'ormo[ray]'") from e
     from .plugins import file_modules
@@ -112,7 +112,9 @@ def train_on_ray(
     write_json(run_dir / "run.json", info)
     started = time.monotonic()
     try:
-        with StopOnSignal(run_dir):  # the Ray driver cannot stop at an iteration boundary: the last checkpoint counts
+        # Ctrl-C / SIGTERM: the server stops applying messages, checkpoints at its last applied iteration and hands
+        # over its evaluations; then the workers are killed and the run stops with 130 / 143 (a second signal: at once)
+        with DeferredInterrupt() as interrupt:
             final = run_ray(
                 rule=rule, problem_factory=functools.partial(build_task, cfg, base_dir=driver_base_dir()),
                 params0=problem.params0,
@@ -121,7 +123,14 @@ def train_on_ray(
                 timing=cfg.timing.build(), seed=cfg.train.seed, scheduler=rule.scheduler, meta=meta, options=cfg.ray,
                 eval_marks=evals, checkpoint_marks=checkpoints, checkpoint_path=str(run_dir / CHECKPOINT),
                 checkpoint_config=config_toml, buffers_size=problem.server_state().numel(), loss_window=window,
-                resume=resume_state, on_snapshot=on_snapshot, on_progress=on_progress, kill_hook=kill_hook)
+                resume=resume_state, on_snapshot=on_snapshot, on_progress=on_progress, kill_hook=kill_hook,
+                should_stop=lambda: interrupt.requested, on_started=interrupt.reinstall)
+    except Halted as e:
+        t = None
+        if e.state is not None:
+            _write_logs(run_dir, e.state)  # the event log up to the stop: replayable like any
+            t = int(e.state["t"]) if e.state.get("checkpointed") else None
+        raise RunStopped(e.signum, t=t, run_dir=run_dir) from None
     except Exception as e:  # train() records the failure in run.json
         partial = getattr(e, "partial", None)
         if partial is not None:  # the logs of a failed run are the ones most worth reading (and replaying)

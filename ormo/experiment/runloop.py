@@ -55,6 +55,14 @@ class DeferredInterrupt:
         self.requested = signum
         self._restore()  # the next signal acts immediately
 
+    def reinstall(self) -> None:
+        """Take the signals back after a library replaced the handlers (``ray.init`` installs its own for SIGTERM,
+        which exits at once); nothing once a signal has arrived, so that the next one still acts immediately."""
+        if self.requested is None and threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                old = signal.signal(sig, self._handle)
+                self._old.setdefault(sig, old)
+
     def _restore(self) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
