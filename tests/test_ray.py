@@ -342,3 +342,44 @@ def test_a_signal_stops_the_workers_checkpoints_where_the_server_stopped_and_res
     iterations = [r["iteration"] for r in read_metrics(run_dir)]
     assert iterations == sorted(set(iterations))
     assert replay(run_dir)["bit_identical"]
+
+
+def test_a_dead_address_is_one_line_within_the_connect_timeout(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", "ormo", "train", "preset:quickstart", "--engine", "ray", "--address",
+                           f"127.0.0.1:{port}", "--set", "ray.connect_timeout_s=2", "--set", "train.epochs=0.1",
+                           "--run-dir", str(tmp_path / "r"), "--quiet"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "nothing answers there within ray.connect_timeout_s = 2 s" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and time.time() - started < 60
+
+
+def test_a_worker_that_dies_while_starting_is_replaced(tmp_path):
+    """Issue 9: a worker process killed before its first message is replaced like one dying mid-run."""
+    cfg = _cfg("method.name=ormo", "train.num_workers=3", "train.epochs=1")
+    from ormo.engine import ray_runtime
+
+    original = ray_runtime.Worker.pid
+    killed = []
+
+    def killer():  # kill the first worker process that appears, before the run starts
+        deadline = time.time() + 60
+        while time.time() < deadline and not killed:
+            pids = _worker_pids()
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    res = train(cfg, tmp_path / "run", engine="ray", progress=False)
+    thread.join(timeout=5)
+    assert killed and original is ray_runtime.Worker.pid
+    assert read_run_info(tmp_path / "run")["status"] == "finished" and res.final["epoch"] >= 1 - 1e-9
+    assert replay(tmp_path / "run")["bit_identical"]

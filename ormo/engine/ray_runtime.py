@@ -34,6 +34,7 @@ import torch
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ..errors import ConfigError
 from ..rules.base import Message, Payload, Rule, set_rate_factor
 from .events import EventLog
 from .simulator import all_finite
@@ -461,6 +462,10 @@ class Worker:
         return reply["stop"]
 
 
+class ServerDied(RuntimeError):
+    """The parameter server's process died: nothing after the last checkpoint can be recovered."""
+
+
 class Halted(Exception):  # noqa: N818 - a stop, not an error
     """The driver was asked to stop (a signal): ``state`` is the server's at the stop (None when it came before the
     workers had started), with ``checkpointed`` telling whether a checkpoint was written at its iteration."""
@@ -470,7 +475,23 @@ class Halted(Exception):  # noqa: N818 - a stop, not an error
         self.signum, self.state = signum, state
 
 
-def start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str, Any] | None = None) -> bool:
+def _check_reachable(address: str, timeout_s: float) -> None:
+    """A HOST:PORT that nothing answers on is one line within ``timeout_s`` (Ray itself retries for minutes)."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if address in ("auto", "local") or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"ray.address = {address!r}: nothing answers there within ray.connect_timeout_s = "
+                              f"{timeout_s:g} s ({e.strerror or e}); start the cluster there (`ray start --head`) "
+                              f"or fix the address") from None
+
+
+def start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str, Any] | None = None, *,
+              connect_timeout_s: float = 15.0) -> bool:
     """Connect to ``address``, or start a local instance (its node address set to 127.0.0.1; Ray still listens on
     all interfaces, so its token authentication, on by default, is what guards it), with ``runtime_env`` for the
     job's processes. Returns True if this call started it (then the caller shuts it down)."""
@@ -480,9 +501,10 @@ def start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str, 
     if runtime_env:
         kw["runtime_env"] = dict(runtime_env)
     if address:
+        _check_reachable(address, connect_timeout_s)
         ray.init(address=address, **kw)
-    else:
-        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw,
+    else:  # "local": a private instance, never a cluster that happens to run on this machine
+        ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw,
                  _system_config={"max_direct_call_object_size": INLINE_MAX_BYTES})
     return True
 
@@ -515,7 +537,8 @@ def run_ray(
 ) -> dict[str, Any]:
     """Run to ``total`` server iterations; returns the server's final state (params, events, re-dispatches, …)."""
     started = start_ray(options.address, options.num_cpus or max(os.cpu_count() or 1, num_workers + 1),
-                        getattr(options, "runtime_env", None))
+                        getattr(options, "runtime_env", None),
+                        connect_timeout_s=getattr(options, "connect_timeout_s", 15.0))
     if on_started is not None:  # e.g. take back the signal handlers that ray.init replaced
         on_started()
     actors: list[Any] = []
@@ -544,11 +567,23 @@ def run_ray(
 
         actors.append(server)
         workers = [new_worker(k) for k in range(num_workers)]
-        starting = [w.pid.remote() for w in workers]  # every worker builds its problem; then they start together
+        incarnation = [0] * num_workers
+        # every worker builds its problem, then they start together; one that dies meanwhile is replaced
+        starting = {w.pid.remote(): k for k, w in enumerate(workers)}
         deadline = time.monotonic() + options.startup_timeout_s
         while starting:
-            ready, starting = ray.wait(starting, num_returns=len(starting), timeout=0.25)
-            ray.get(ready)
+            ready, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0.25)
+            for ref in ready:
+                k = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayActorError:
+                    incarnation[k] += 1
+                    if incarnation[k] > options.max_restarts:
+                        raise RuntimeError(f"worker {k} died {incarnation[k]} times while starting "
+                                           f"(ray.max_restarts={options.max_restarts}); stopping the run") from None
+                    workers[k] = new_worker(k)
+                    starting[workers[k].pid.remote()] = k
             if should_stop is not None and (signum := should_stop()):
                 halted = True
                 raise Halted(signum, None)  # nothing was applied: the last checkpoint (if any) is where to resume
@@ -559,7 +594,6 @@ def run_ray(
                     f"{options.startup_timeout_s} s (does the cluster have {num_workers} free CPUs{gpus}?)"
                 )
         ray.get(server.start.remote())
-        incarnation = [0] * num_workers
         runs.update({w.run.remote(0): k for k, w in enumerate(workers)})
         if kill_hook is not None:
             kill_hook(workers)
@@ -604,8 +638,10 @@ def run_ray(
         if server is not None:  # what the server had, for the failed run's logs
             try:
                 e.partial = ray.get(server.final.remote(), timeout=30)  # type: ignore[attr-defined]
-            except Exception:  # the server itself may be gone
-                pass
+            except Exception:  # the server itself is gone: say so in one line (the caller names --resume)
+                if isinstance(e, RayActorError):
+                    raise ServerDied(f"the parameter server process died ({type(e).__name__}); the run stopped "
+                                     f"at its last checkpoint") from None
         raise
     finally:
         pending = list(runs)

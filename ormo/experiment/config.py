@@ -262,6 +262,8 @@ class RayConfig:
     max_restarts: int = 10
     #: how long the workers may take to start (build their model and data) before the run stops with an error
     startup_timeout_s: float = 600.0
+    #: how long a HOST:PORT ray.address may take to answer before the run stops with an error
+    connect_timeout_s: float = 15.0
     #: Ray's runtime environment for the run's processes, e.g. {py_modules = ["examples/my_task.py"]} or
     #: {working_dir = "."}: how a task's or rule's module reaches the workers of a cluster that does not have it
     #: installed (a local instance needs nothing: its workers see the driver's files)
@@ -278,6 +280,7 @@ class RayConfig:
         check_positive("ray.sync_timeout_s", self.sync_timeout_s)
         check_int_at_least("ray.max_restarts", self.max_restarts, 0)
         check_positive("ray.startup_timeout_s", self.startup_timeout_s)
+        check_positive("ray.connect_timeout_s", self.connect_timeout_s)
 
 
 @dataclass(frozen=True)

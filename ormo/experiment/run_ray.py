@@ -60,7 +60,7 @@ def train_on_ray(
     try:
         from ray import cloudpickle
 
-        from ..engine.ray_runtime import Halted, run_ray
+        from ..engine.ray_runtime import Halted, ServerDied, run_ray
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise RuntimeError("engine='ray' needs Ray: pip install 'ormo[ray]'") from e
     from .plugins import file_modules
@@ -121,7 +121,7 @@ def train_on_ray(
                 num_workers=cfg.train.num_workers, total=total,
                 schedule=functools.partial(_schedule, cfg.schedule, messages_per_epoch),
                 timing=cfg.timing.build(), seed=cfg.train.seed, scheduler=rule.scheduler, meta=meta, options=cfg.ray,
-                eval_marks=evals, checkpoint_marks=checkpoints, checkpoint_path=str(run_dir / CHECKPOINT),
+                eval_marks=evals, checkpoint_marks=checkpoints, checkpoint_path=str((run_dir / CHECKPOINT).resolve()),
                 checkpoint_config=config_toml, buffers_size=problem.server_state().numel(), loss_window=window,
                 resume=resume_state, on_snapshot=on_snapshot, on_progress=on_progress, kill_hook=kill_hook,
                 should_stop=lambda: interrupt.requested, on_started=interrupt.reinstall)
@@ -135,6 +135,13 @@ def train_on_ray(
         partial = getattr(e, "partial", None)
         if partial is not None:  # the logs of a failed run are the ones most worth reading (and replaying)
             _write_logs(run_dir, partial)
+        elif (run_dir / CHECKPOINT).is_file():  # the server is gone: the log up to the last checkpoint
+            try:
+                _write_logs(run_dir, load_checkpoint(run_dir, config_toml=config_toml, engine="ray")["server"])
+            except Exception:  # noqa: S110 - best effort: the failure itself is what gets reported
+                pass
+        if isinstance(e, ServerDied):
+            raise RuntimeError(f"{e}; `ormo train --resume {run_dir}` continues from it") from None
         raise
     finally:
         if bar is not None:
