@@ -430,37 +430,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # d = 20: threads only add overhead
-    cfg = CheckConfig(seed=args.seed)
-    ratios, far_ratio = RATIOS, 1000.0
-    if args.quick:
-        cfg, ratios, far_ratio = replace(cfg, num_iterations=2000), RATIOS[:3], 100.0
-    if args.iterations is not None:
-        cfg = replace(cfg, num_iterations=args.iterations)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    print(f"grid: {len(METHODS)} methods x Slow/Fast {list(ratios)}, K = {cfg.num_workers}, "
-          f"T = {cfg.num_iterations}")
-    records = run_grid(cfg, ratios=ratios, verbose=True)
-    print(f"far start: Slow/Fast {far_ratio:g}, w_0 scaled by {list(FAR_START_SCALES)} (x1: the grid's run)")
-    far_T = min(cfg.num_iterations, int(1.3 * (cfg.num_workers - 1) * far_ratio) + 400)
-    # scale 1 is the grid's run at this ratio (bit-identical over the first far_T iterations): not run twice
-    far = [r for r in records if r.ratio == far_ratio] + run_far_start(
-        cfg, ratio=far_ratio, scales=[s for s in FAR_START_SCALES if s != 1.0], num_iterations=far_T, verbose=True)
-    plot_vs_T(records, out / "theorem_vs_T.png")
-    plot_vs_delay(records, out / "theorem_vs_max_delay.png")
-    plot_stale_kick(far, out / "theorem_stale_kick.png")
-    command = "python benchmarks/theorem_check.py" + (" --quick" if args.quick else "")
-    if args.iterations is not None:
-        command += f" --iterations {args.iterations}"
-    if args.seed:
-        command += f" --seed {args.seed}"
-    (out / "results.md").write_text(markdown(records, far, cfg, command))
-    print(f"wrote {out}/theorem_vs_T.png, theorem_vs_max_delay.png, theorem_stale_kick.png, results.md "
-          f"({time.perf_counter() - t0:.0f} s)")
-    return 0
+    try:
+        cfg = CheckConfig(seed=args.seed)
+        ratios, far_ratio = RATIOS, 1000.0
+        if args.quick:
+            cfg, ratios, far_ratio = replace(cfg, num_iterations=2000), RATIOS[:3], 100.0
+        if args.iterations is not None:
+            cfg = replace(cfg, num_iterations=args.iterations)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        print(f"grid: {len(METHODS)} methods x Slow/Fast {list(ratios)}, K = {cfg.num_workers}, "
+              f"T = {cfg.num_iterations}")
+        records = run_grid(cfg, ratios=ratios, verbose=True)
+        print(f"far start: Slow/Fast {far_ratio:g}, w_0 scaled by {list(FAR_START_SCALES)} (x1: the grid's run)")
+        far_T = min(cfg.num_iterations, int(1.3 * (cfg.num_workers - 1) * far_ratio) + 400)
+        # scale 1 is the grid's run at this ratio (bit-identical over the first far_T iterations): not run twice
+        far = [r for r in records if r.ratio == far_ratio] + run_far_start(
+            cfg, ratio=far_ratio, scales=[s for s in FAR_START_SCALES if s != 1.0], num_iterations=far_T, verbose=True)
+        plot_vs_T(records, out / "theorem_vs_T.png")
+        plot_vs_delay(records, out / "theorem_vs_max_delay.png")
+        plot_stale_kick(far, out / "theorem_stale_kick.png")
+        command = "python benchmarks/theorem_check.py" + (" --quick" if args.quick else "")
+        if args.iterations is not None:
+            command += f" --iterations {args.iterations}"
+        if args.seed:
+            command += f" --seed {args.seed}"
+        (out / "results.md").write_text(markdown(records, far, cfg, command))
+        print(f"wrote {out}/theorem_vs_T.png, theorem_vs_max_delay.png, theorem_stale_kick.png, results.md "
+              f"({time.perf_counter() - t0:.0f} s)")
+        return 0
 
+    finally:  # a caller's (e.g. a test process's) thread count is untouched
+        torch.set_num_threads(previous_threads)
 
 if __name__ == "__main__":
     raise SystemExit(main())

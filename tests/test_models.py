@@ -13,7 +13,7 @@ from ormo.models import build_model, min_image_size, model_names, register_model
 from ormo.models.resnet_cifar import PadShortcut
 from ormo.rules.base import ConfigError
 
-BUILT_IN = ["lenet", "mlp", "resnet20", "resnet32", "resnet56", "squeezenet"]
+BUILT_IN = ["lenet", "mlp", "mlp-small", "resnet20", "resnet32", "resnet56", "squeezenet"]
 BN_MODELS = {"resnet20", "resnet32", "resnet56", "squeezenet"}
 RESNET_BLOCKS = {"resnet20": 3, "resnet32": 5, "resnet56": 9}
 
@@ -66,7 +66,7 @@ def test_output_is_one_logit_row_per_image(name, in_channels, image_size, num_cl
 
 def test_min_image_sizes():
     assert {n: min_image_size(n) for n in BUILT_IN} == {
-        "lenet": 8, "mlp": 1, "resnet20": 8, "resnet32": 8, "resnet56": 8, "squeezenet": 8,
+        "lenet": 8, "mlp": 1, "mlp-small": 1, "resnet20": 8, "resnet32": 8, "resnet56": 8, "squeezenet": 8,
     }
 
 
@@ -136,6 +136,8 @@ def test_lenet_and_mlp_parameter_counts():
     assert _num_params(build_model("mlp", num_classes=10)) == 820_874
     small = build_model("mlp", num_classes=10, in_channels=1, image_size=8)
     assert _num_params(small) == 64 * 256 + 256 + 32_896 + 1_290
+    # mlp-small on Fashion-MNIST: 784·100 + 100 = 78,500, 100·10 + 10 = 1,010 (LeNet-sized)
+    assert _num_params(build_model("mlp-small", num_classes=10, in_channels=1, image_size=28)) == 79_510
 
 
 def test_option_a_shortcut_subsamples_and_appends_zero_channels():
