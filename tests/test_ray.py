@@ -121,19 +121,27 @@ def test_a_killed_worker_is_replaced_and_the_run_completes(tmp_path, method):
     assert replay(tmp_path / "run")["bit_identical"]  # the restart is replayed too
 
 
-def test_resume_after_the_whole_run_is_killed(tmp_path, ray_instance):
+def _cli_run_until(tmp_path: Path, address: str, overrides: list[str], ready) -> subprocess.Popen:
+    """``ormo train --engine ray`` in a child process on the module's Ray instance, returned once ``ready(run_dir)``
+    holds (the child must still be running then)."""
     run_dir = tmp_path / "run"
-    overrides = [*BASE, "method.name=ormo", "train.num_workers=3", "train.epochs=4", "ray.time_scale=0.01"]
     cfg_file = tmp_path / "c.toml"
     cfg_file.write_text('name = "t"\n')
-    cmd = [sys.executable, "-m", "ormo", "train", str(cfg_file), "--engine", "ray", "--address", ray_instance,
+    cmd = [sys.executable, "-m", "ormo", "train", str(cfg_file), "--engine", "ray", "--address", address,
            "--run-dir", str(run_dir), "--quiet", *sum((["--set", o] for o in overrides), [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not (run_dir / "checkpoint.pt").exists():
+    while not ready(run_dir):
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.time() < deadline
         time.sleep(0.02)
+    return proc
+
+
+def test_resume_after_the_whole_run_is_killed(tmp_path, ray_instance):
+    run_dir = tmp_path / "run"
+    overrides = [*BASE, "method.name=ormo", "train.num_workers=3", "train.epochs=4", "ray.time_scale=0.01"]
+    proc = _cli_run_until(tmp_path, ray_instance, overrides, lambda d: (d / "checkpoint.pt").exists())
     proc.send_signal(signal.SIGKILL)  # the driver dies: its actors die with it
     proc.wait()
     assert read_run_info(run_dir)["status"] == "running"
@@ -313,16 +321,8 @@ def test_a_signal_stops_the_workers_checkpoints_where_the_server_stopped_and_res
     run_dir = tmp_path / "run"
     overrides = [*BASE, "method.name=ormo", "train.num_workers=3", "train.epochs=6", "ray.time_scale=0.01",
                  "train.checkpoint_every=2"]
-    cfg_file = tmp_path / "c.toml"
-    cfg_file.write_text('name = "t"\n')
-    cmd = [sys.executable, "-m", "ormo", "train", str(cfg_file), "--engine", "ray", "--address", ray_instance,
-           "--run-dir", str(run_dir), "--quiet", *sum((["--set", o] for o in overrides), [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not ((run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 3):
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.02)
+    proc = _cli_run_until(tmp_path, ray_instance, overrides,
+                          lambda d: (d / "metrics.jsonl").exists() and len(read_metrics(d)) >= 3)
     proc.send_signal(sig)
     sent = time.time()
     assert proc.wait(timeout=60) == code
