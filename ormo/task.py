@@ -306,7 +306,8 @@ class ModelTask:
             flat.buffers.copy_(self.worker_buffers[worker])
             flat.int_buffers.copy_(self.worker_int_buffers[worker])
             self._staged, self._loss_sum, self._loss_count = worker, 0.0, 0
-        self.model.train()
+        if not self.model.training:  # only evaluation switches it to eval mode (a recursive walk costs per message)
+            self.model.train()
         flat.zero_grad()
         try:
             loss = self.loss(self.model, batch)

@@ -75,6 +75,8 @@ def test_every_preset_is_valid(preset):
         (["timing.model=slow_fraction", "timing.fraction=2"], r"invalid fraction: 2.0"),
         (["schedule.milestones=[120, 80]"], r"invalid schedule.milestones: \[120.0, 80.0\] \(must be increasing"),
         (["train.epochs.x=1"], r"override 'train.epochs.x=1': train.epochs is a value, it has no key 'x'"),
+        (["ray.workers_per_actor=0"], r"invalid ray.workers_per_actor: 0 \(must be an integer >= 1\)"),
+        (["ray.server_timeout_s=0"], r"invalid ray.server_timeout_s: 0"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, pattern):

@@ -70,17 +70,21 @@ def test_real_run_and_its_exact_replay(tmp_path, method, extra):
     assert out["bit_identical"], out
 
 
-def _worker_pids() -> list[int]:
+def _pids_of(prefix: bytes) -> list[int]:
+    """The processes whose command line starts with ``prefix`` (Ray names its actor processes ray::CLASS)."""
     pids = []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
-                cmd = Path(entry.path, "cmdline").read_bytes()
+                if Path(entry.path, "cmdline").read_bytes().startswith(prefix):
+                    pids.append(int(entry.name))
             except OSError:
                 continue
-            if cmd.startswith(b"ray::Worker"):
-                pids.append(int(entry.name))
     return pids
+
+
+def _worker_pids() -> list[int]:
+    return _pids_of(b"ray::Worker")
 
 
 def _kill_a_worker_after_the_first_checkpoint(run_dir: Path) -> threading.Thread:
@@ -380,3 +384,171 @@ def test_a_worker_that_dies_while_starting_is_replaced(tmp_path):
     assert killed
     assert read_run_info(tmp_path / "run")["status"] == "finished" and res.final["epoch"] >= 1 - 1e-9
     assert replay(tmp_path / "run")["bit_identical"]
+
+
+@pytest.mark.parametrize(("model", "extra"), [("mlp", []), ("resnet20", ["method.name=ssgdm"])])
+def test_several_logical_workers_share_a_process_and_replay_exactly(tmp_path, model, extra):
+    """Issue 9: K = 4 workers in 2 processes. Each keeps its own identity, data stream and BatchNorm statistics
+    (resnet20), so the simulator's replay of the arrival order is bit-identical."""
+    cfg = _cfg("method.name=ormo", f"model.name={model}", "train.num_workers=4", "ray.workers_per_actor=2",
+               "train.epochs=1", *extra)
+    res = train(cfg, tmp_path / "run", engine="ray", progress=False)
+    info = read_run_info(tmp_path / "run")
+    assert info["status"] == "finished" and info["summary"]["worker_processes"] == 2
+    assert min(info["summary"]["messages_per_worker"]) > 0
+    assert 0 < info["summary"]["first_message_s"] < 300
+    assert res.final["epoch"] >= 1 - 1e-9
+    out = replay(tmp_path / "run")
+    assert out["bit_identical"], out
+
+
+def test_a_killed_process_restarts_every_worker_it_hosted(tmp_path):
+    cfg = _cfg("method.name=ormo", "train.num_workers=4", "ray.workers_per_actor=2", "train.epochs=10",
+               "ray.time_scale=0.05")
+    killer = _kill_a_worker_after_the_first_checkpoint(tmp_path / "run")
+    train(cfg, tmp_path / "run", engine="ray", progress=False)
+    killer.join(timeout=5)
+    assert read_run_info(tmp_path / "run")["status"] == "finished"
+    log = json.loads((tmp_path / "run" / "events.jsonl").read_text().splitlines()[0])
+    restarts = [r for r in log["meta"]["redispatches"] if r[3] == "restarted"]
+    # the two workers of the killed process (dealt round-robin: 0 and 2, or 1 and 3), each restarted once
+    assert sorted(r[1] for r in restarts) in ([0, 2], [1, 3]), restarts
+    assert replay(tmp_path / "run")["bit_identical"]
+
+
+def test_workers_are_dealt_round_robin_over_the_processes():
+    from types import SimpleNamespace
+
+    from ormo.engine.ray_runtime import processes_for, worker_groups
+
+    assert worker_groups(5, 2) == [[0, 2, 4], [1, 3]]
+    assert worker_groups(3, 3) == [[0], [1], [2]]
+    auto = SimpleNamespace(workers_per_actor=None, gpus_per_worker=0.0)
+    assert processes_for(64, auto, cpus=2, gpus=0) == 2
+    assert processes_for(3, auto, cpus=8, gpus=0) == 3
+    assert processes_for(64, SimpleNamespace(workers_per_actor=None, gpus_per_worker=0.5), cpus=64, gpus=4) == 8
+    assert processes_for(64, SimpleNamespace(workers_per_actor=10, gpus_per_worker=0.0), cpus=2, gpus=0) == 7
+
+
+def test_a_frozen_server_ends_the_run_within_the_heartbeat_and_it_resumes(tmp_path):
+    """Issue 9: a server that stops answering (SIGSTOP) ends the run after ray.server_timeout_s with one line naming
+    --resume; the run resumes from its last checkpoint and replays exactly."""
+    run_dir = tmp_path / "run"
+    cfg = _cfg("method.name=ormo", "train.num_workers=3", "train.epochs=6", "ray.time_scale=0.01",
+               "ray.server_timeout_s=3")
+    frozen = []
+
+    def freeze():
+        deadline = time.time() + 120
+        while time.time() < deadline and not frozen:
+            if (run_dir / "checkpoint.pt").exists():
+                for pid in _pids_of(b"ray::ParameterServer"):
+                    os.kill(pid, signal.SIGSTOP)
+                    frozen.append(pid)
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=freeze, daemon=True)
+    thread.start()
+    started = time.time()
+    try:
+        with pytest.raises(RuntimeError, match=r"did not answer for ray.server_timeout_s = 3 s .*--resume"):
+            train(cfg, run_dir, engine="ray", progress=False)
+    finally:
+        for pid in frozen:  # ray.kill has killed it; a stopped process left behind would hold the test's instance
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert frozen and time.time() - started < 100
+    assert read_run_info(run_dir)["status"] == "failed"
+    assert (run_dir / "events.jsonl").is_file()  # the log up to the last checkpoint
+    res = train(None, run_dir, resume=True, progress=False)
+    assert read_run_info(run_dir)["status"] == "finished" and res.final["epoch"] >= 6 - 1e-9
+    assert replay(run_dir)["bit_identical"]
+
+
+def _process_tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _listening_sockets(pids: list[int]) -> list[tuple[str, int, int, str]]:
+    """(address, port, pid, program) of every listening TCP socket held by ``pids``, read from /proc."""
+    import ipaddress
+
+    owner = {}
+    for pid in pids:
+        try:
+            for fd in os.scandir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(fd.path)
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    owner[target[8:-1]] = pid
+        except OSError:
+            continue
+    out = []
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            (address, port), state, inode = fields[1].split(":"), fields[3], fields[9]
+            if state != "0A" or inode not in owner:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(address)
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, width, 4))  # host-order words
+            pid = owner[inode]
+            try:
+                program = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            out.append((str(ipaddress.ip_address(raw)), int(port, 16), pid, program))
+    return out
+
+
+def test_the_local_instance_listens_only_where_ray_must_and_its_token_is_private(tmp_path, ray_instance):
+    """Issue 9: what a private local instance exposes, pinned down from the listening sockets of its own processes.
+    Ray binds its gRPC servers (GCS, raylet, the core worker in every process, the driver's included) to all
+    interfaces and its runtime-env agent to the node address, whatever node address is asked for; there is no
+    dashboard, no Ray Client server and nothing else. Every one of them demands the instance's token, which is a fresh
+    random one kept out of ~/.ray/auth_token: a client without it is refused with one clear line."""
+    import ipaddress
+
+    ray.get(ray.remote(lambda: 1).remote())  # at least one worker process is up
+    sockets = _listening_sockets(_process_tree(os.getpid()))
+    assert sockets
+    exposed = [s for s in sockets if not ipaddress.ip_address(s[0]).is_loopback]
+    for address, port, pid, program in exposed:
+        name = Path(program).name
+        is_ray_process = name in ("gcs_server", "raylet") or program.startswith("ray::") or pid == os.getpid()
+        assert is_ray_process, (address, port, program)
+        if program == "ray::RuntimeEnvAgent":  # HTTP on the node address, behind the token middleware
+            assert not ipaddress.ip_address(address).is_unspecified
+        else:
+            assert ipaddress.ip_address(address).is_unspecified, (address, port, program)  # a gRPC server
+    assert not {8265, 10001} & {s[1] for s in sockets}  # no dashboard, no Ray Client server
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    assert os.environ.get("RAY_AUTH_MODE") == "token" and token and len(token) >= 32
+    shared = Path.home() / ".ray" / "auth_token"
+    assert not shared.exists() or shared.read_text().strip() != token
+    # a process with the wrong token (or none) is refused at once, with one line
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
+    env["RAY_AUTH_TOKEN"] = "0" * 64
+    done = subprocess.run([sys.executable, "-m", "ormo", "train", "preset:quickstart", "--engine", "ray", "--address",
+                           ray_instance, "--set", "train.epochs=0.1", "--run-dir", str(tmp_path / "r"), "--quiet"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "the cluster refused this process's authentication token" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..errors import ConfigError
@@ -111,6 +112,7 @@ class ParameterServer:
         self.rejection_streak = [0] * num_workers
         self.busy_s = 0.0  # time spent handling messages (validation, update, reply), for benchmarks
         self.work_s = 0.0  # the workers' reported compute + emulated sleep of the applied messages
+        self.first_applied_s: float | None = None
         if schedule is not None:
             set_rate_factor(rule, self.state, schedule(0))
         if resume is not None:
@@ -281,6 +283,8 @@ class ParameterServer:
             self.round_event.set()
             return self._stop(self.failed)
         self.events.append(t=t, worker=worker, index=index, sim_time=now, dispatch_time=self.dispatch_time[worker])
+        if self.first_applied_s is None:  # since start(): how long the first message of this process took
+            self.first_applied_s = time.monotonic() - self.clock0
         self.buffers = msg["buffers"]  # the server keeps the latest BatchNorm statistics it consumed (A14)
         for key in ("compute_s", "sleep_s"):  # diagnostics only
             v = msg.get(key)
@@ -398,6 +402,7 @@ class ParameterServer:
         out["failed"] = self.failed
         out["busy_s"] = self.busy_s
         out["work_s"] = self.work_s
+        out["first_applied_s"] = self.first_applied_s
         return out
 
     def start(self) -> None:
@@ -407,63 +412,79 @@ class ParameterServer:
 
 @ray.remote
 class Worker:
-    """One worker process: builds its own problem (model, data), then loops compute → sleep → push."""
+    """One worker process hosting one or more logical workers (``ray.workers_per_actor``). It builds its problem
+    (model, data) once; each logical worker runs its own loop compute → sleep → push in a thread of its own, with its
+    own identity, data stream, timing and worker state, so the server sees exactly K workers whatever the packing.
+    The computations of a process take turns (one lock): the problem's staged state is the process's, and on a CPU
+    or a GPU the computations would compete anyway; the emulated sleeps and the waits for the server overlap."""
 
-    def __init__(self, worker: int, problem_factory: Callable[[], Any], rule: Rule, server: Any, *, timing: Any,
-                 seed: int, num_workers: int, emulate_timing: bool, time_scale: float, threads: int) -> None:
+    def __init__(self, workers: list[int], problem_factory: Callable[[], Any], rule: Rule, server: Any, *,
+                 timing: Any, seed: int, num_workers: int, emulate_timing: bool, time_scale: float,
+                 threads: int) -> None:
         torch.set_num_threads(threads)
-        self.k, self.rule, self.server = worker, rule, server
+        self.workers, self.rule, self.server = list(workers), rule, server
         self.problem = problem_factory()
         self.clock = timing.bind(num_workers, seed) if emulate_timing and time_scale > 0 else None
         self.time_scale = time_scale
+        self.lock = threading.Lock()
 
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, incarnation: int) -> str:
-        """Work until the server says stop; returns its reason."""
-        k, rule, problem = self.k, self.rule, self.problem
+    def run(self, k: int, incarnation: int) -> str:
+        """Logical worker ``k`` works until the server says stop; returns its reason."""
+        if k not in self.workers:
+            raise ValueError(f"worker {k} is not hosted by this process (it hosts {self.workers})")
+        rule, problem, lock = self.rule, self.problem, self.lock
         device = problem.params0.device
 
         def on_device(a: Any) -> Any:
             return None if a is None else _tensor(a).to(device)
 
-        worker_state = rule.init_worker(problem.params0)
-        problem.reset_worker(k)
+        with lock:
+            worker_state = rule.init_worker(problem.params0)
+            problem.reset_worker(k)
         reply = ray.get(self.server.hello.remote(k, incarnation))
         while "stop" not in reply:
             index = reply["index"]
             payload = Payload(index=index, params=on_device(reply["params"]), momentum=on_device(reply["momentum"]),
                               lr_scale=reply["lr_scale"])
-            t0 = time.perf_counter()
-            message = rule.work(payload, lambda x, step, i=index: problem.grad_fn(x, k, i, step), worker_state)
-            compute_s = time.perf_counter() - t0
-            sleep_s = 0.0
-            if self.clock is not None:  # the emulated rest of the computation (measured: sleeps overshoot)
+            with lock:
+                t0 = time.perf_counter()
+                message = rule.work(payload, lambda x, step, i=index: problem.grad_fn(x, k, i, step), worker_state)
+                compute_s = time.perf_counter() - t0
+                out = {
+                    "update": message.update.cpu().numpy().copy(),
+                    "momentum": None if message.momentum is None else message.momentum.cpu().numpy().copy(),
+                    "local_lr_scale": float(message.local_lr_scale),
+                    "loss": float(problem.message_loss()),
+                    "buffers": problem.message_state().cpu().numpy().copy(),  # the message's model state (staged)
+                    "compute_s": compute_s,
+                }
+                # Committed now, before the server's answer, so that the next logical worker of this process may
+                # compute: a rejection resets this worker's state below, which is what a discard followed by the
+                # same reset leaves (the simulator's replay of a rejection).
+                problem.commit_message()
+                sleep = self.clock.duration(k, rule.local_steps) * self.time_scale if self.clock is not None else None
+            out["sleep_s"] = 0.0
+            if sleep is not None:  # the emulated rest of the computation (measured: sleeps overshoot)
                 t1 = time.perf_counter()
-                time.sleep(self.clock.duration(k, rule.local_steps) * self.time_scale)
-                sleep_s = time.perf_counter() - t1
-            out = {
-                "update": message.update.cpu().numpy(),
-                "momentum": None if message.momentum is None else message.momentum.cpu().numpy(),
-                "local_lr_scale": float(message.local_lr_scale),
-                "loss": float(problem.message_loss()),
-                "buffers": problem.message_state().cpu().numpy(),  # the message's model state (staged)
-                "compute_s": compute_s,
-                "sleep_s": sleep_s,
-            }
+                time.sleep(sleep)
+                out["sleep_s"] = time.perf_counter() - t1
             reply = ray.get(self.server.push.remote(k, incarnation, index, out))
             if "rejected" in reply:  # the message never happened: reset as the simulator's replay does
-                problem.discard_message()
-                problem.reset_worker(k)
-                worker_state = rule.init_worker(problem.params0)
-            else:
-                problem.commit_message()
+                with lock:
+                    problem.reset_worker(k)
+                    worker_state = rule.init_worker(problem.params0)
         return reply["stop"]
 
 
 class ServerDied(RuntimeError):
     """The parameter server's process died: nothing after the last checkpoint can be recovered."""
+
+
+class ServerUnresponsive(ServerDied):
+    """The parameter server stopped answering (``ray.server_timeout_s``): treated as dead, it is killed."""
 
 
 class Halted(Exception):  # noqa: N818 - a stop, not an error
@@ -473,6 +494,49 @@ class Halted(Exception):  # noqa: N818 - a stop, not an error
     def __init__(self, signum: int, state: dict[str, Any] | None) -> None:
         super().__init__(f"stopped by signal {signum}")
         self.signum, self.state = signum, state
+
+
+_PROBE = """
+import sys
+import ray
+ray.init(address=sys.argv[1], include_dashboard=False, log_to_driver=False, configure_logging=False)
+print("connected", flush=True)
+"""
+
+
+def _check_token(address: str, timeout_s: float) -> None:
+    """A cluster that refuses this process's token is one line at once (Ray itself retries for ~25 s, logging each
+    refusal): a throw-away driver connects first and is stopped at the first refusal it logs."""
+    import subprocess
+    import sys
+
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    proc = subprocess.Popen([sys.executable, "-c", _PROBE, address], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    refused: list[str] = []
+
+    def watch() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "InvalidAuthToken" in line or "Authentication token is missing" in line:
+                refused.append(line)
+                proc.kill()
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:  # slow, not refused: the real connection reports whatever it is
+        proc.kill()
+        proc.wait()
+    watcher.join(timeout=1)
+    if refused:
+        raise ConfigError(
+            f"ray.address = {address!r}: the cluster refused this process's authentication token; give it the "
+            f"cluster's token (RAY_AUTH_TOKEN=..., or the file ~/.ray/auth_token; `ray get-auth-token` on the head "
+            f"node prints it) and set RAY_AUTH_MODE=token")
 
 
 def _check_reachable(address: str, timeout_s: float) -> None:
@@ -490,11 +554,37 @@ def _check_reachable(address: str, timeout_s: float) -> None:
                               f"or fix the address") from None
 
 
+_PRIVATE_TOKEN: str | None = None  # the token of the local instances this process starts (never written to disk)
+
+
+def _use_token(token: str | None) -> None:
+    """Make ``token`` (None: the user's own sources again) the one this process and its children present."""
+    if token is None:
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN"] = token
+        os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    try:  # Ray caches the token it loaded first; forget it (private API: without it, one token per process)
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except Exception:  # noqa: S110 - an older or newer Ray without these: the environment is read at start-up
+        pass
+
+
 def start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str, Any] | None = None, *,
               connect_timeout_s: float = 15.0) -> bool:
-    """Connect to ``address``, or start a local instance (its node address set to 127.0.0.1; Ray still listens on
-    all interfaces, so its token authentication, on by default, is what guards it), with ``runtime_env`` for the
-    job's processes. Returns True if this call started it (then the caller shuts it down)."""
+    """Connect to ``address``, or start a private local instance, with ``runtime_env`` for the job's processes.
+    Returns True if this call started it (then the caller shuts it down).
+
+    A local instance asks for the node address 127.0.0.1, but Ray's gRPC servers (GCS, raylet, every process's core
+    worker) listen on all interfaces and its runtime-env agent on the machine's address, so token authentication is
+    what guards it: the instance gets a fresh random token of its own, held in this process's environment (inherited
+    by the instance's processes, readable by the same user only), never Ray's shared ``~/.ray/auth_token``. Joining
+    a cluster (``address``) uses the user's token sources as Ray does. ``RAY_AUTH_MODE=disabled`` is respected."""
+    global _PRIVATE_TOKEN
     if ray.is_initialized():
         return False
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
@@ -502,11 +592,41 @@ def start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str, 
         kw["runtime_env"] = dict(runtime_env)
     if address:
         _check_reachable(address, connect_timeout_s)
+        if _PRIVATE_TOKEN is not None and os.environ.get("RAY_AUTH_TOKEN") == _PRIVATE_TOKEN:
+            _use_token(None)  # the cluster's own token, not the one of an earlier local instance
+        _check_token(address, connect_timeout_s)
         ray.init(address=address, **kw)
     else:  # "local": a private instance, never a cluster that happens to run on this machine
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled":
+            import secrets
+
+            _PRIVATE_TOKEN = secrets.token_hex(32)
+            _use_token(_PRIVATE_TOKEN)
         ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw,
                  _system_config={"max_direct_call_object_size": INLINE_MAX_BYTES})
     return True
+
+
+def processes_for(num_workers: int, options: Any, *, cpus: int, gpus: float) -> int:
+    """How many worker processes host the ``num_workers`` logical workers: ``ray.workers_per_actor`` when set, else
+    one per GPU share (``ray.gpus_per_worker``) or one per CPU, never more than the workers."""
+    per = getattr(options, "workers_per_actor", None)
+    if per:
+        return math.ceil(num_workers / per)
+    if options.gpus_per_worker:
+        return max(1, min(num_workers, int(gpus // options.gpus_per_worker)))
+    return max(1, min(num_workers, int(cpus)))
+
+
+def worker_groups(num_workers: int, processes: int) -> list[list[int]]:
+    """The logical workers of each process, dealt round-robin (a slow fraction of workers spreads over them)."""
+    return [list(range(g, num_workers, processes)) for g in range(processes)]
+
+
+def _local_gpus(options: Any) -> float:
+    if not options.gpus_per_worker:
+        return 0.0
+    return float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
 
 
 def run_ray(
@@ -534,18 +654,33 @@ def run_ray(
     kill_hook: Callable[[list[Any]], None] | None = None,
     should_stop: Callable[[], int | None] | None = None,
     on_started: Callable[[], None] | None = None,
+    on_starting: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Run to ``total`` server iterations; returns the server's final state (params, events, re-dispatches, …)."""
-    started = start_ray(options.address, options.num_cpus or max(os.cpu_count() or 1, num_workers + 1),
+    called = time.monotonic()
+    # a local instance is sized for the processes; a cluster (or an instance already running) is asked after
+    local = not options.address and not ray.is_initialized()
+    local_cpus = options.num_cpus or os.cpu_count() or 1
+    procs = processes_for(num_workers, options, cpus=local_cpus, gpus=_local_gpus(options)) if local else None
+    started = start_ray(options.address, max(local_cpus, procs or 1),
                         getattr(options, "runtime_env", None),
                         connect_timeout_s=getattr(options, "connect_timeout_s", 15.0))
     if on_started is not None:  # e.g. take back the signal handlers that ray.init replaced
         on_started()
     actors: list[Any] = []
-    runs: dict[Any, int] = {}  # each worker's running loop -> its id
+    runs: dict[Any, tuple[int, int]] = {}  # each logical worker's running loop -> (its id, its process generation)
     server = None
     halted = False
     try:
+        resources = ray.cluster_resources()
+        cpus = float(resources.get("CPU", 1.0))
+        if procs is None:
+            procs = processes_for(num_workers, options, cpus=int(cpus), gpus=float(resources.get("GPU", 0.0)))
+        groups = worker_groups(num_workers, procs)
+        group_of = {k: g for g, members in enumerate(groups) for k in members}
+        cpus_per_process = min(1.0, cpus / len(groups)) if not options.gpus_per_worker else 0.0
+        if on_starting is not None:
+            on_starting(num_workers, len(groups))
         # The server runs on the driver's node: it writes the checkpoint there.
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
         server = ParameterServer.options(num_cpus=0, max_restarts=0, max_task_retries=0, scheduling_strategy=here,
@@ -555,69 +690,87 @@ def run_ray(
             checkpoint_path=checkpoint_path, checkpoint_config=checkpoint_config,
             sync_timeout_s=options.sync_timeout_s, buffers_size=buffers_size,
             loss_window=loss_window, resume=resume)
-        def new_worker(k: int) -> Any:
-            # A dead worker is replaced by a fresh actor (a new process), not restarted by Ray: its constructor
+
+        def new_process(g: int) -> Any:
+            # A dead process is replaced by a fresh actor (a new process), not restarted by Ray: its constructor
             # rebuilds the problem from the factory, and nothing of the dead process is reused.
-            actor = Worker.options(num_cpus=1, num_gpus=options.gpus_per_worker, max_restarts=0,
-                                   max_task_retries=0).remote(
-                k, problem_factory, rule, server, timing=timing, seed=seed, num_workers=num_workers,
+            actor = Worker.options(num_cpus=cpus_per_process, num_gpus=options.gpus_per_worker, max_restarts=0,
+                                   max_task_retries=0, max_concurrency=len(groups[g]) + 2).remote(
+                groups[g], problem_factory, rule, server, timing=timing, seed=seed, num_workers=num_workers,
                 emulate_timing=options.emulate_timing, time_scale=options.time_scale, threads=options.worker_threads)
             actors.append(actor)
             return actor
 
+        def died(g: int, while_: str) -> None:
+            """Process ``g`` died: each of its workers is counted as restarted once, and a new process replaces it."""
+            for k in groups[g]:
+                incarnation[k] += 1
+                if incarnation[k] > options.max_restarts:
+                    raise RuntimeError(f"worker {k} died {incarnation[k]} times{while_} (ray.max_restarts="
+                                       f"{options.max_restarts}); stopping the run") from None
+            generation[g] += 1
+            processes[g] = new_process(g)
+
         actors.append(server)
-        workers = [new_worker(k) for k in range(num_workers)]
+        processes = [new_process(g) for g in range(len(groups))]
+        generation = [0] * len(groups)
         incarnation = [0] * num_workers
-        # every worker builds its problem, then they start together; one that dies meanwhile is replaced
-        starting = {w.pid.remote(): k for k, w in enumerate(workers)}
+        # every process builds its problem, then all workers start together; one that dies meanwhile is replaced
+        starting = {p.pid.remote(): g for g, p in enumerate(processes)}
         deadline = time.monotonic() + options.startup_timeout_s
         while starting:
             ready, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0.25)
             for ref in ready:
-                k = starting.pop(ref)
+                g = starting.pop(ref)
                 try:
                     ray.get(ref)
                 except RayActorError:
-                    incarnation[k] += 1
-                    if incarnation[k] > options.max_restarts:
-                        raise RuntimeError(f"worker {k} died {incarnation[k]} times while starting "
-                                           f"(ray.max_restarts={options.max_restarts}); stopping the run") from None
-                    workers[k] = new_worker(k)
-                    starting[workers[k].pid.remote()] = k
+                    died(g, " while starting")
+                    starting[processes[g].pid.remote()] = g
             if should_stop is not None and (signum := should_stop()):
                 halted = True
                 raise Halted(signum, None)  # nothing was applied: the last checkpoint (if any) is where to resume
             if starting and time.monotonic() > deadline:
-                gpus = f" and {num_workers * options.gpus_per_worker:g} GPUs" if options.gpus_per_worker else ""
+                gpus_needed = (f" and {len(groups) * options.gpus_per_worker:g} GPUs" if options.gpus_per_worker
+                               else "")
                 raise RuntimeError(
-                    f"the {num_workers} workers did not start within ray.startup_timeout_s="
-                    f"{options.startup_timeout_s} s (does the cluster have {num_workers} free CPUs{gpus}?)"
+                    f"the {num_workers} workers ({len(groups)} processes) did not start within "
+                    f"ray.startup_timeout_s={options.startup_timeout_s} s (does the cluster have "
+                    f"{len(groups) * cpus_per_process:g} free CPUs{gpus_needed}?)"
                 )
-        ray.get(server.start.remote())
-        runs.update({w.run.remote(0): k for k, w in enumerate(workers)})
+        def ask(call: Any) -> Any:
+            """The server's answer, or ServerUnresponsive after ray.server_timeout_s (the heartbeat)."""
+            try:
+                return ray.get(call, timeout=options.server_timeout_s)
+            except GetTimeoutError:
+                raise ServerUnresponsive(
+                    f"the parameter server did not answer for ray.server_timeout_s = {options.server_timeout_s:g} s "
+                    f"(stopped, or too loaded to answer); the run stopped at its last checkpoint") from None
+
+        ask(server.start.remote())
+        startup_s = time.monotonic() - called  # Ray (when started here), the processes, their problems
+        runs.update({processes[group_of[k]].run.remote(k, 0): (k, 0) for k in range(num_workers)})
         if kill_hook is not None:
-            kill_hook(workers)
+            kill_hook(processes)
         while runs:
             if should_stop is not None and (signum := should_stop()):
                 # stop the server first (nothing more is applied), checkpoint there, hand over its evaluations
                 halted = True
-                state = ray.get(server.halt.remote(), timeout=120)
-                for snap in ray.get(server.status.remote())["snapshots"]:
+                state = ask(server.halt.remote())
+                for snap in ask(server.status.remote())["snapshots"]:
                     on_snapshot(snap)
                 raise Halted(signum, state)
             ready, _ = ray.wait(list(runs), num_returns=1, timeout=0.2)
             for ref in ready:
-                k = runs.pop(ref)
+                k, gen = runs.pop(ref)
                 try:
                     ray.get(ref)
                 except RayActorError:  # the process died: a new one asks the server for fresh work
-                    incarnation[k] += 1
-                    if incarnation[k] > options.max_restarts:
-                        raise RuntimeError(f"worker {k} died {incarnation[k]} times (ray.max_restarts="
-                                           f"{options.max_restarts}); stopping the run") from None
-                    workers[k] = new_worker(k)
-                    runs[workers[k].run.remote(incarnation[k])] = k
-            status = ray.get(server.status.remote())
+                    g = group_of[k]
+                    if gen == generation[g]:  # the first of its workers to report it: replace the process
+                        died(g, "")
+                    runs[processes[g].run.remote(k, incarnation[k])] = (k, generation[g])
+            status = ask(server.status.remote())
             for snap in status["snapshots"]:
                 on_snapshot(snap)
             if on_progress is not None:
@@ -626,13 +779,14 @@ def run_ray(
                 raise RuntimeError(f"the Ray run stopped: {status['failed']}")
             if status["t"] >= total:  # done: a replacement still starting up is not waited for
                 break
-        for snap in ray.get(server.status.remote())["snapshots"]:
+        for snap in ask(server.status.remote())["snapshots"]:
             on_snapshot(snap)
-        final = ray.get(server.final.remote())
+        final = ask(server.final.remote())
         if final["failed"]:
             raise RuntimeError(f"the Ray run stopped: {final['failed']}")
+        final["startup_s"], final["processes"] = startup_s, len(groups)
         return final
-    except Halted:
+    except (Halted, ServerUnresponsive):
         raise
     except Exception as e:
         if server is not None:  # what the server had, for the failed run's logs

@@ -246,10 +246,13 @@ class RayConfig:
 
     #: join an existing cluster ("auto", or the HOST:PORT printed by `ray start --head`); unset = a local instance
     address: str | None = None
-    #: CPUs of the local instance (default: the machine's, at least num_workers + 1); the server takes none
+    #: CPUs of the local instance (default: the machine's); the server takes none
     num_cpus: int | None = None
-    #: GPUs each worker asks for (0 = CPU workers; train.device must then be "cuda")
+    #: GPUs each worker process asks for (0 = CPU workers; otherwise train.device must be "cuda")
     gpus_per_worker: float = 0.0
+    #: logical workers hosted by one worker process (each with its own identity, data stream, timing and loop; the
+    #: process loads the data once). Unset: one process per CPU of the instance, or per gpus_per_worker GPUs
+    workers_per_actor: int | None = None
     #: torch threads per worker process (a replay in the simulator uses the same, for identical arithmetic)
     worker_threads: int = 1
     #: realise the timing model by sleeping after each real computation
@@ -264,6 +267,9 @@ class RayConfig:
     startup_timeout_s: float = 600.0
     #: how long a HOST:PORT ray.address may take to answer before the run stops with an error
     connect_timeout_s: float = 15.0
+    #: the heartbeat: how long the parameter server may leave the driver's calls (polled every 0.2 s) unanswered
+    #: before the run stops with an error, resumable from its last checkpoint
+    server_timeout_s: float = 60.0
     #: Ray's runtime environment for the run's processes, e.g. {py_modules = ["examples/my_task.py"]} or
     #: {working_dir = "."}: how a task's or rule's module reaches the workers of a cluster that does not have it
     #: installed (a local instance needs nothing: its workers see the driver's files)
@@ -275,12 +281,15 @@ class RayConfig:
         if self.gpus_per_worker < 0:
             raise invalid("ray.gpus_per_worker", self.gpus_per_worker, ">= 0")
         check_int_at_least("ray.worker_threads", self.worker_threads, 1)
+        if self.workers_per_actor is not None:
+            check_int_at_least("ray.workers_per_actor", self.workers_per_actor, 1)
         if self.time_scale < 0:
             raise invalid("ray.time_scale", self.time_scale, ">= 0")
         check_positive("ray.sync_timeout_s", self.sync_timeout_s)
         check_int_at_least("ray.max_restarts", self.max_restarts, 0)
         check_positive("ray.startup_timeout_s", self.startup_timeout_s)
         check_positive("ray.connect_timeout_s", self.connect_timeout_s)
+        check_positive("ray.server_timeout_s", self.server_timeout_s)
 
 
 @dataclass(frozen=True)

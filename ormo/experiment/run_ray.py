@@ -11,6 +11,7 @@ import functools
 import io
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,8 @@ def train_on_ray(
                                 sim_time_s=0.0, train_loss=math.nan,
                                 evaluation=evaluate_all(problem, problem.params0, eval_test=cfg.train.eval_test),
                                 delay_mean=math.nan, delay_max=None, lr_scale=cfg.schedule.factor(0.0)))
-    bar = progress_bar(total, resume_state["t"] if resume_state else 0, cfg.name, progress)
+    first_t = resume_state["t"] if resume_state else 0
+    bar = None  # shown from the first message on; before it, one line says what is starting (no ETA to guess)
 
     def on_snapshot(snap: dict[str, Any]) -> None:
         problem.set_server_state(snap["buffers"])
@@ -99,7 +101,15 @@ def train_on_ray(
             bar.set_postfix(epoch=f"{row['epoch']:.2f}", wall_s=f"{row['sim_time_s']:.0f}",
                             loss=f"{row['train_loss']:.4f}", **shown_metric(row, problem), refresh=False)
 
+    def on_starting(k: int, n: int) -> None:
+        if progress:
+            print(f"{cfg.name}: starting {k} workers on {n} process{'es' if n != 1 else ''}", file=sys.stderr,
+                  flush=True)
+
     def on_progress(t: int) -> None:
+        nonlocal bar
+        if bar is None and t > first_t:
+            bar = progress_bar(total, first_t, cfg.name, progress)
         if bar is not None:
             bar.update(t - bar.n)
 
@@ -124,7 +134,7 @@ def train_on_ray(
                 eval_marks=evals, checkpoint_marks=checkpoints, checkpoint_path=str((run_dir / CHECKPOINT).resolve()),
                 checkpoint_config=config_toml, buffers_size=problem.server_state().numel(), loss_window=window,
                 resume=resume_state, on_snapshot=on_snapshot, on_progress=on_progress, kill_hook=kill_hook,
-                should_stop=lambda: interrupt.requested, on_started=interrupt.reinstall)
+                should_stop=lambda: interrupt.requested, on_started=interrupt.reinstall, on_starting=on_starting)
     except Halted as e:
         t = None
         if e.state is not None:
@@ -164,6 +174,10 @@ def train_on_ray(
         "wall_time_s": time.monotonic() - started,
         "server_busy_s": final["busy_s"],
         "worker_time_per_message_s": final["work_s"] / max(len(events), 1),
+        "worker_processes": final["processes"],
+        # from the start (Ray's own included when this run started it) to the first applied message
+        "first_message_s": (None if final["first_applied_s"] is None
+                            else final["startup_s"] + final["first_applied_s"]),
     }
     info.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), summary=summary,
                 final=metrics.rows[-1], diverged=None)
