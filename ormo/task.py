@@ -221,6 +221,20 @@ def seeded(seed: int, build: Callable[[], ModuleT]) -> ModuleT:
         return build()
 
 
+def _unreferenced(t: Tensor) -> bool:
+    """Whether ``t`` is held only by its owner's attribute: no other Python reference (the attribute, this argument and
+    getrefcount's own make 3) and no other tensor (a view, a numpy array's base) on its storage (the tensor and the
+    storage object made here make 2). Unknown (another torch): False, so the caller allocates."""
+    import sys
+
+    if sys.getrefcount(t) != 3:
+        return False
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return False
+    return use_count(t.untyped_storage()._cdata) == 2
+
+
 class ModelTask:
     """A :class:`Task` for a ``torch.nn.Module``: flat parameters, gradients, per-worker buffers, checkpoints.
 
@@ -263,6 +277,7 @@ class ModelTask:
         self.server_int_buffers = self.flat.int_buffers.clone()
         self._staged: int | None = None  # the worker whose message is being computed (its buffers are in the model)
         self._loss_sum, self._loss_count = 0.0, 0
+        self._spare_grad: Tensor | None = None  # the last gradient handed out, reused once nobody holds it
 
     # -- what a subclass provides ----------------------------------------------------------------------------------
     def batch(self, worker: int, index: int, step: int) -> Any:
@@ -320,12 +335,21 @@ class ModelTask:
         flat.check_bound()
         self._loss_sum += float(loss.detach())  # one host sync per gradient (CPU: free)
         self._loss_count += 1
-        g = flat.grad.clone()  # the engine may hold it past the next gradient (local loops)
+        g = self._gradient_out(flat.grad)
         if self.weight_decay:
             g.add_(params, alpha=self.weight_decay)
         if flat.buffers.numel() and not bool(torch.isfinite(flat.buffers.sum())):
             g.fill_(float("nan"))  # diverged statistics: make the engine reject the message
         return g
+
+    def _gradient_out(self, grad: Tensor) -> Tensor:
+        """A copy of ``grad`` that the caller owns: the previous one's memory when nothing holds it any more (no
+        reference, no view, no numpy alias: a fresh 44 MB allocation per message costs ~1.3x a plain SGD step at 11M
+        parameters), else a new tensor. The values are the same either way."""
+        if self._spare_grad is not None and _unreferenced(self._spare_grad):  # (no local name: it would count)
+            return self._spare_grad.copy_(grad)
+        self._spare_grad = out = grad.clone()
+        return out
 
     def reset_worker(self, worker: int) -> None:
         """A restarted worker process starts from the model's initial buffers."""

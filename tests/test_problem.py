@@ -151,3 +151,41 @@ def test_a_validation_split_is_held_out_of_training_and_evaluated_like_the_test_
         TrainProblem(load_config(None, [*base, "data.validation=5000"]))
     with pytest.raises(ConfigError, match="data.validation"):
         load_config(None, [*base, "data.validation=0"])
+
+
+def test_the_cpu_evaluation_batch_changes_the_metrics_only_in_the_last_bits(monkeypatch):
+    """Issue 10: evaluation runs in batches of 128 on a CPU (cache-sized) instead of 1000; a BatchNorm model's
+    accuracy is the same and its loss agrees to float rounding."""
+    from ormo.experiment import problem as P
+
+    cfg = load_config(None, [*SYNTH, "data.options.test_size=600"])
+    task = TrainProblem(cfg)
+    params = task.params0 + 0.01 * torch.randn(task.params0.shape, generator=torch.Generator().manual_seed(1))
+    assert P.EVAL_BATCH["cpu"] == 128
+    small = task.evaluate(params, "test")
+    monkeypatch.setitem(P.EVAL_BATCH, "cpu", 1000)
+    large = task.evaluate(params, "test")
+    assert small["acc"] == large["acc"]
+    assert small["loss"] == pytest.approx(large["loss"], rel=1e-6) and small["loss"] > 0
+
+
+def test_a_gradient_buffer_is_reused_only_when_nothing_holds_it():
+    """Issue 10: the gradient handed out is written into the previous one's memory when no reference, view or numpy
+    array holds that any more (a fresh 44 MB per message is measurable at 11M parameters), never under a holder."""
+    task = TrainProblem(load_config(None, SYNTH))
+    p = task.params0
+    first = task.grad_fn(p, 0, 0, 0)
+    kept = first.clone()
+    second = task.grad_fn(p, 1, 0, 0)  # `first` is held: new memory, and `first` keeps its values
+    assert second.data_ptr() != first.data_ptr() and torch.equal(first, kept)
+    view, array = second[:10], second.numpy()
+    del second
+    third = task.grad_fn(p, 2, 0, 0)
+    assert third.data_ptr() != view.data_ptr() and array.ctypes.data != third.data_ptr()
+    del view, array, first
+    import weakref
+
+    watch, expected = weakref.ref(third), third.clone()  # a weak reference holds nothing
+    del third
+    fourth = task.grad_fn(p, 2, 0, 0)  # nothing holds the last one: it is reused, and the values are exact
+    assert fourth is watch() and torch.equal(fourth, expected)

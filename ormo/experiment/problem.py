@@ -33,7 +33,10 @@ from ..task import Metric, ModelTask, Task, TaskContext, check_task
 from .config import ExperimentConfig
 from .plugins import describe_failure, import_modules, resolve_entry
 
-EVAL_BATCH = 1000
+#: evaluation batch per device type: on a CPU a batch of 128 keeps the activations in cache (measured on ResNet20:
+#: evaluation took 20–29 % of a run at 1000 and 6 % at 128); a GPU wants large batches
+EVAL_BATCH = {"cpu": 128}
+EVAL_BATCH_DEFAULT = 1000
 #: the validation hold-out's generator: seed 0 of its own stream, so every seed and method holds out the same examples
 _STREAM_VALIDATION = 0x7A11D
 #: image classification's metrics: the columns test_loss, test_acc, val_loss, val_acc
@@ -130,9 +133,10 @@ class ImageClassification(ModelTask):
         xs, ys = (self.test_x, self.test_y) if split == "test" else (self.val_x, self.val_y)
         assert xs is not None and ys is not None
         total_loss, correct, n = 0.0, 0, int(xs.shape[0])
-        for start in range(0, n, EVAL_BATCH):
-            x = normalize(xs[start : start + EVAL_BATCH], self.mean, self.std)
-            y = ys[start : start + EVAL_BATCH]
+        step = EVAL_BATCH.get(xs.device.type, EVAL_BATCH_DEFAULT)
+        for start in range(0, n, step):
+            x = normalize(xs[start : start + step], self.mean, self.std)
+            y = ys[start : start + step]
             out = model(x)
             total_loss += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
