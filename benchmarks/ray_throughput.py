@@ -30,7 +30,7 @@ import ray
 import torch
 
 from ormo.engine import Simulator
-from ormo.engine.ray_runtime import start_ray
+from ormo.engine.ray_runtime import start_ray, stop_ray
 from ormo.experiment import load_config, train
 from ormo.experiment.metrics import read_metrics
 from ormo.experiment.problem import TrainProblem
@@ -176,7 +176,7 @@ def main() -> None:
         print(f"   SSGDm / OrMo wall-clock to target: {speedup:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    ray.shutdown()
+    stop_ray()
 
 
 if __name__ == "__main__":

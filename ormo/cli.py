@@ -129,8 +129,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from .experiment.config import apply_overrides, from_dict, read_config_file
     from .experiment.sweep import SweepFailed, SweepStopped, describe_plan, plan_sweep, run_sweep, sweep_root
 
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         raise ConfigError(f"invalid --jobs: {args.jobs} (must be an integer >= 1)")
+    per_device = getattr(args, "runs_per_device", None)
     for flag, text in (("--methods", args.methods), ("--seeds", args.seeds), ("--settings", args.settings)):
         if text is not None and not _csv(text):
             raise ConfigError(f"{flag} {text!r} lists nothing; leave it out to use the config's own list")
@@ -144,14 +145,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         base = from_dict(apply_overrides(data, overrides))
         print(describe_plan(runs, base, full=getattr(args, "print_config", False)), end="")
         return 0
-    from .experiment.sweep import plan_tuning
+    from .experiment.sweep import gpu_slots, plan_tuning
 
     tuning = len(plan_tuning(runs))
+    slots = gpu_slots(runs, per_device)
+    jobs = args.jobs if args.jobs is not None else (len(slots) if slots else 2)
+    where = f" on {len(set(slots))} GPUs, up to {len(slots) // len(set(slots))} per GPU" if slots else ""
     print(f"{len(runs)} runs into {args.out}" + (f", after {tuning} tuning runs" if tuning else "")
-          + f" ({args.jobs} at a time)", file=sys.stderr)
+          + f" ({min(jobs, len(slots)) if slots else jobs} at a time{where})", file=sys.stderr)
     failed: SweepFailed | None = None
     try:
-        run_sweep(runs, jobs=args.jobs, progress=not args.quiet)
+        run_sweep(runs, jobs=jobs, progress=not args.quiet, runs_per_device=per_device)
     except SweepFailed as e:  # the finished runs still make a table; the failures are listed after it
         failed = e
     except SweepStopped as e:
@@ -336,7 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-scope", choices=("method", "shared", "off"),
                    help="with a [sweep.tune] section: choose per method and setting (method), one value per setting "
                         "for every method (shared), or skip tuning and run the base values (off)")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs at a time (default 2; for runs on CUDA, one per GPU slot: see --runs-per-device)")
+    p.add_argument("--runs-per-device", type=int, default=None, metavar="N",
+                   help='runs on CUDA (train.device = "cuda"): spread over every visible GPU, N at a time on each '
+                        "(default 1); each run sees only its GPU")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-report", action="store_true", help="do not write the table and plots at the end")
     p.add_argument("--metrics", help="table metrics (default train_loss and the task's primary test metric, e.g. "

@@ -19,7 +19,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from ormo.engine.ray_runtime import ParameterServer, start_ray  # noqa: E402
+from ormo.engine.ray_runtime import ParameterServer, start_ray, stop_ray  # noqa: E402
 from ormo.experiment import load_config, train  # noqa: E402
 from ormo.experiment.metrics import read_metrics  # noqa: E402
 from ormo.experiment.replay import replay  # noqa: E402
@@ -37,7 +37,7 @@ def ray_instance():
     started = start_ray(None, num_cpus=8)
     yield ray.get_runtime_context().gcs_address
     if started:
-        ray.shutdown()
+        stop_ray()
 
 
 def _cfg(*overrides):

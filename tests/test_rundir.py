@@ -420,3 +420,43 @@ def test_numpy_state_is_saved_as_tensors_and_read_back_exactly():
     np.testing.assert_array_equal(np.asarray(out["a"]), state["a"])
     state["a"][0] = 9.0  # a copy: later writes to the array do not reach the checkpoint
     assert out["a"][0] == 1.5
+
+
+_CHECKPOINT_MEMORY = r"""
+import sys, torch
+from ormo import make_rule
+from ormo.engine import Simulator
+from ormo.experiment.rundir import save_checkpoint
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+K, P = 32, 2_000_000  # 256 MB of worker snapshots: the part that grows with K
+g = torch.full((P,), 1e-3)
+sim = Simulator(make_rule("ormo", lr=0.1, momentum=0.9), torch.zeros(P), lambda x, w, i, s: g, num_workers=K,
+                num_iterations=10 * K, seed=0)
+for _ in range(3 * K):  # every worker now owns its snapshot buffer
+    sim.step()
+steady = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to now
+save_checkpoint(sys.argv[1], {"engine": "simulator", "sim": sim.state_dict(copy=False)}, config_toml="x")
+print(steady, status("VmHWM:"))
+"""
+
+
+def test_a_checkpoint_costs_no_second_copy_of_the_state(tmp_path):
+    """Issue 10: a checkpoint streams the live state to disk (no clone of the K snapshots, no serialized copy in
+    memory): the peak memory while writing it stays within 1.1x the steady state."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    out = subprocess.run([sys.executable, "-c", _CHECKPOINT_MEMORY, str(tmp_path / "c.pt")], capture_output=True,
+                         text=True, check=True).stdout.split()
+    steady, peak = int(out[0]), int(out[1])
+    assert steady > 256e6 and peak <= 1.1 * steady, (steady / 1e6, peak / 1e6)
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert ckpt["sim"]["t"] == 96 and len(ckpt["sim"]["snapshots"]) == 32

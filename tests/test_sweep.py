@@ -518,3 +518,57 @@ def test_a_sweep_whose_runs_all_fail_lists_them_without_a_table_error(tmp_path, 
     err = capsys.readouterr().err
     assert "no finished run under" in err and "ormo sweep: error: 2 of 2 runs failed" in err
     assert "ValueError" not in err and "DatasetError" not in err and "cifar-10-python.tar.gz" in err
+
+
+def test_gpu_slots_spread_cuda_runs_over_every_gpu_and_refuse_what_cannot_apply(tmp_path):
+    """Issue 10: runs on "cuda" get one GPU each (CUDA_VISIBLE_DEVICES), N per GPU; anything else is refused clearly."""
+    from ormo.experiment.sweep import gpu_slots
+
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["asgd", "ormo"]\nseeds = [0, 1]\n')
+    cpu = plan_sweep(cfg, out=tmp_path / "a")
+    cuda = plan_sweep(cfg, out=tmp_path / "b", overrides=["train.device=cuda"])
+    indexed = plan_sweep(cfg, out=tmp_path / "c", overrides=["train.device=cuda:1"])
+    assert gpu_slots(cpu, None) is None and gpu_slots(indexed, None) is None
+    assert gpu_slots(cuda, None, visible=2) == [0, 1]
+    assert gpu_slots(cuda, 3, visible=2) == [0, 1, 0, 1, 0, 1]
+    with pytest.raises(ConfigError, match=r"--runs-per-device 2: the runs train on cpu, not on a GPU"):
+        gpu_slots(cpu, 2)
+    with pytest.raises(ConfigError, match=r"--runs-per-device 2: the runs name devices \['cuda:1'\]"):
+        gpu_slots(indexed, 2)
+    with pytest.raises(ConfigError, match=r"invalid --runs-per-device: 0"):
+        gpu_slots(cuda, 0, visible=1)
+    with pytest.raises(ConfigError, match=r'train.device = "cuda" but this machine has no usable CUDA GPU'):
+        gpu_slots(cuda, None, visible=0)
+
+
+def test_a_sweep_pins_each_worker_to_the_least_busy_gpu(tmp_path, monkeypatch):
+    """The workers of a GPU sweep each see one GPU (recorded in run.json); shown on CPU runs by handing the runner
+    two slots, as a 2-GPU machine would."""
+    from ormo.experiment import sweep as S
+
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["asgd", "ormo"]\nseeds = [0, 1]\n')
+    runs = plan_sweep(cfg, out=tmp_path / "out")
+    monkeypatch.setattr(S, "gpu_slots", lambda runs, per, **kw: [0, 1])
+    run_sweep(runs, jobs=None, progress=False)
+    seen = [json.loads((r.run_dir / "run.json").read_text())["cuda_visible_devices"] for r in runs]
+    assert sorted(set(seen)) == ["0", "1"]  # two workers, one per GPU; each takes the next run when it is free
+
+
+def test_free_gpu_prefers_the_gpu_with_most_free_slots():
+    from types import SimpleNamespace
+
+    from ormo.experiment.sweep import _free_gpu
+
+    live = SimpleNamespace(poll=lambda: None)
+    dead = SimpleNamespace(poll=lambda: 1)
+    workers = [SimpleNamespace(gpu=0, proc=live), SimpleNamespace(gpu=0, proc=dead), SimpleNamespace(gpu=1, proc=live),
+               SimpleNamespace(gpu=0, proc=live)]
+    assert _free_gpu([0, 1, 0, 1, 0, 1], workers) == 1  # GPU 0: 2 live of 3, GPU 1: 1 live of 3
+    assert _free_gpu([0, 1], []) == 0
+
+
+def test_runs_per_device_on_cpu_runs_is_one_clear_line(tmp_path, capsys):
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["ormo"]\n')
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "o"), "--runs-per-device", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--runs-per-device 2: the runs train on cpu, not on a GPU" in err and "Traceback" not in err

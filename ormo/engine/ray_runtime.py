@@ -554,17 +554,11 @@ def _check_reachable(address: str, timeout_s: float) -> None:
                               f"or fix the address") from None
 
 
-_PRIVATE_TOKEN: str | None = None  # the token of the local instances this process starts (never written to disk)
+_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+_saved_auth: dict[str, str | None] | None = None  # the user's RAY_AUTH_* while a private instance of ours runs
 
 
-def _use_token(token: str | None) -> None:
-    """Make ``token`` (None: the user's own sources again) the one this process and its children present."""
-    if token is None:
-        os.environ.pop("RAY_AUTH_TOKEN", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = "token"
-        os.environ["RAY_AUTH_TOKEN"] = token
-        os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+def _reset_token_cache() -> None:
     try:  # Ray caches the token it loaded first; forget it (private API: without it, one token per process)
         from ray._raylet import AuthenticationTokenLoader, Config
 
@@ -574,17 +568,44 @@ def _use_token(token: str | None) -> None:
         pass
 
 
+def _use_private_token() -> None:
+    """A fresh random token for the local instance about to start, in this process's environment (its processes
+    inherit it); the user's RAY_AUTH_* are kept aside for :func:`stop_ray` to put back."""
+    import secrets
+
+    global _saved_auth
+    if _saved_auth is None:
+        _saved_auth = {k: os.environ.get(k) for k in _AUTH_VARS}
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    _reset_token_cache()
+
+
+def stop_ray() -> None:
+    """Shut Ray down and give the process back the user's RAY_AUTH_* (a later cluster connection uses them)."""
+    global _saved_auth
+    ray.shutdown()
+    if _saved_auth is not None:
+        for key, value in _saved_auth.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _saved_auth = None
+        _reset_token_cache()
+
+
 def start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str, Any] | None = None, *,
               connect_timeout_s: float = 15.0) -> bool:
     """Connect to ``address``, or start a private local instance, with ``runtime_env`` for the job's processes.
-    Returns True if this call started it (then the caller shuts it down).
+    Returns True if this call started it (then the caller stops it with :func:`stop_ray`).
 
     A local instance asks for the node address 127.0.0.1, but Ray's gRPC servers (GCS, raylet, every process's core
     worker) listen on all interfaces and its runtime-env agent on the machine's address, so token authentication is
     what guards it: the instance gets a fresh random token of its own, held in this process's environment (inherited
     by the instance's processes, readable by the same user only), never Ray's shared ``~/.ray/auth_token``. Joining
     a cluster (``address``) uses the user's token sources as Ray does. ``RAY_AUTH_MODE=disabled`` is respected."""
-    global _PRIVATE_TOKEN
     if ray.is_initialized():
         return False
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
@@ -592,16 +613,11 @@ def start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str, 
         kw["runtime_env"] = dict(runtime_env)
     if address:
         _check_reachable(address, connect_timeout_s)
-        if _PRIVATE_TOKEN is not None and os.environ.get("RAY_AUTH_TOKEN") == _PRIVATE_TOKEN:
-            _use_token(None)  # the cluster's own token, not the one of an earlier local instance
         _check_token(address, connect_timeout_s)
         ray.init(address=address, **kw)
     else:  # "local": a private instance, never a cluster that happens to run on this machine
         if os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled":
-            import secrets
-
-            _PRIVATE_TOKEN = secrets.token_hex(32)
-            _use_token(_PRIVATE_TOKEN)
+            _use_private_token()
         ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw,
                  _system_config={"max_direct_call_object_size": INLINE_MAX_BYTES})
     return True
@@ -621,6 +637,14 @@ def processes_for(num_workers: int, options: Any, *, cpus: int, gpus: float) -> 
 def worker_groups(num_workers: int, processes: int) -> list[list[int]]:
     """The logical workers of each process, dealt round-robin (a slow fraction of workers spreads over them)."""
     return [list(range(g, num_workers, processes)) for g in range(processes)]
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which a container's cpuset sets), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _local_gpus(options: Any) -> float:
@@ -660,9 +684,9 @@ def run_ray(
     called = time.monotonic()
     # a local instance is sized for the processes; a cluster (or an instance already running) is asked after
     local = not options.address and not ray.is_initialized()
-    local_cpus = options.num_cpus or os.cpu_count() or 1
+    local_cpus = options.num_cpus or _usable_cpus()
     procs = processes_for(num_workers, options, cpus=local_cpus, gpus=_local_gpus(options)) if local else None
-    started = start_ray(options.address, max(local_cpus, procs or 1),
+    started = start_ray(options.address, local_cpus,
                         getattr(options, "runtime_env", None),
                         connect_timeout_s=getattr(options, "connect_timeout_s", 15.0))
     if on_started is not None:  # e.g. take back the signal handlers that ray.init replaced
@@ -709,6 +733,10 @@ def run_ray(
                     raise RuntimeError(f"worker {k} died {incarnation[k]} times{while_} (ray.max_restarts="
                                        f"{options.max_restarts}); stopping the run") from None
             generation[g] += 1
+            try:  # one of its workers failed: make sure none of the others goes on under the old incarnation
+                ray.kill(processes[g])
+            except Exception:  # noqa: S110 - already gone
+                pass
             processes[g] = new_process(g)
 
         actors.append(server)
@@ -738,26 +766,31 @@ def run_ray(
                     f"ray.startup_timeout_s={options.startup_timeout_s} s (does the cluster have "
                     f"{len(groups) * cpus_per_process:g} free CPUs{gpus_needed}?)"
                 )
-        def ask(call: Any) -> Any:
+        def ask(call: Any, timeout_s: float | None = None) -> Any:
             """The server's answer, or ServerUnresponsive after ray.server_timeout_s (the heartbeat)."""
             try:
-                return ray.get(call, timeout=options.server_timeout_s)
+                return ray.get(call, timeout=timeout_s or options.server_timeout_s)
             except GetTimeoutError:
                 raise ServerUnresponsive(
                     f"the parameter server did not answer for ray.server_timeout_s = {options.server_timeout_s:g} s "
                     f"(stopped, or too loaded to answer); the run stopped at its last checkpoint") from None
 
-        ask(server.start.remote())
+        ask(server.start.remote(), max(options.server_timeout_s, deadline - time.monotonic()))  # built by now
         startup_s = time.monotonic() - called  # Ray (when started here), the processes, their problems
-        runs.update({processes[group_of[k]].run.remote(k, 0): (k, 0) for k in range(num_workers)})
+        runs.update({processes[group_of[k]].run.remote(k, incarnation[k]): (k, generation[group_of[k]])
+                     for k in range(num_workers)})
         if kill_hook is not None:
             kill_hook(processes)
         while runs:
             if should_stop is not None and (signum := should_stop()):
                 # stop the server first (nothing more is applied), checkpoint there, hand over its evaluations
                 halted = True
-                state = ask(server.halt.remote())
-                for snap in ask(server.status.remote())["snapshots"]:
+                try:  # the halt writes a checkpoint: more time than a heartbeat
+                    state = ask(server.halt.remote(), max(options.server_timeout_s, 120.0))
+                    snapshots = ask(server.status.remote())["snapshots"]
+                except ServerUnresponsive:  # still a stop: the last periodic checkpoint is where to resume
+                    raise Halted(signum, None) from None
+                for snap in snapshots:
                     on_snapshot(snap)
                 raise Halted(signum, state)
             ready, _ = ray.wait(list(runs), num_returns=1, timeout=0.2)
@@ -809,4 +842,4 @@ def run_ray(
             except Exception:  # noqa: S110 - a killed worker's call fails, as it should
                 pass
         if started:
-            ray.shutdown()
+            stop_ray()

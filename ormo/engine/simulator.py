@@ -301,6 +301,14 @@ def _copy_payload(p: Payload, into: Tensor | None) -> tuple[Payload, Tensor]:
     return Payload(index=p.index, params=buf, momentum=mom, lr_scale=p.lr_scale), buf
 
 
+def _worker_state_dict(w: Any, copy: bool) -> dict[str, Any] | None:
+    if w is None:
+        return None
+    if not copy and type(w).state_dict is WorkerState.state_dict:  # a rule's own state class copies as it likes
+        return w.state_dict(copy=False)
+    return w.state_dict()
+
+
 class Simulator:
     """The discrete-event loop of spec §2.2, one server iteration per :meth:`step`, resumable bit for bit.
 
@@ -555,19 +563,23 @@ class Simulator:
         )
 
     # -- checkpoints --------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, copy: bool = True) -> dict[str, Any]:
         """Everything needed to continue bit for bit: a deep copy (later steps do not change it), in which
-        snapshot tensors that workers share stay shared."""
+        snapshot tensors that workers share stay shared. ``copy=False`` leaves the K snapshots and worker states
+        (the K-sized part) as the live tensors, for a caller that serializes them before the next step (a
+        checkpoint then costs no second copy of them)."""
         copies: dict[int, Tensor] = {}
 
         def same(x: Tensor | None) -> Tensor | None:
-            return None if x is None else copies.setdefault(id(x), x.clone())
+            if x is None or not copy:
+                return x
+            return copies.setdefault(id(x), x.clone())
 
         return {
             "t": self.t,
             "now": self.now,
             "rule_state": self.state.state_dict(),
-            "worker_states": [w.state_dict() if w is not None else None for w in self.worker_states],
+            "worker_states": [_worker_state_dict(w, copy) for w in self.worker_states],
             "snapshots": [(p.index, same(p.params), same(p.momentum), p.lr_scale) for p in self.snapshots],
             "own": [b is not None for b in self.own_buffers],
             "dispatch_time": list(self.dispatch_time),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -178,6 +179,8 @@ def _train_locked(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, 
             "command": sys.argv,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:  # which GPU(s) "cuda" meant (a sweep pins one)
+            info["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
         if built is not None:  # reports read the metric directions from here
             info["task"] = describe_task(built[0], entry=cfg.task.entry)
             if cfg.task.entry or cfg.task.imports:  # the user code, so that a resume or replay can check it
@@ -264,7 +267,7 @@ def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any],
         )
 
     def save() -> None:
-        state = {"engine": "simulator", "t": sim.t, "sim": sim.state_dict(), "problem": problem.state_dict(),
+        state = {"engine": "simulator", "t": sim.t, "sim": sim.state_dict(copy=False), "problem": problem.state_dict(),
                  "losses": losses.copy(), "last_eval": last_eval, "metrics": metrics.rows}
         save_checkpoint(run_dir / CHECKPOINT, state, config_toml=config_toml)
         sim.events.save(run_dir / "events.jsonl")

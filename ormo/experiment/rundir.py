@@ -13,11 +13,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import io
 import json
 import os
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +66,17 @@ def explain_os_error(e: OSError, path: str | Path | None = None) -> str:
 
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (``path.tmp`` renamed over it); the ``.tmp`` never outlives a failure."""
+    write_with(path, lambda f: f.write(data))
+
+
+def write_with(path: str | Path, writer: Callable[[Any], Any]) -> None:
+    """``writer(f)`` writes ``path`` through the binary file ``f``, atomically as :func:`write_bytes` (streamed:
+    nothing is held in memory on the way)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            writer(f)
         os.replace(tmp, path)
     except OSError as e:
         _remove(tmp)
@@ -227,9 +233,9 @@ def config_stamp(config_toml: str) -> dict[str, Any]:
 def save_checkpoint(path: str | Path, state: dict[str, Any], *, config_toml: str) -> None:
     """Write ``state`` (made plain) with the version, the config stamp and the code version, atomically."""
     ckpt = {"version": CHECKPOINT_VERSION, **config_stamp(config_toml), **plain(state)}
-    buf = io.BytesIO()  # serialized in memory first (a copy of the checkpoint): disk errors then come as OSError
-    torch.save(ckpt, buf)
-    write_bytes(path, buf.getvalue())
+    # streamed to the file: no serialized copy in memory (the checkpoint costs no more than its state); a disk
+    # error comes out of torch.save as the OSError of the write
+    write_with(path, lambda f: torch.save(ckpt, f))
 
 
 def safe_load(path: str | Path, *, fix: str) -> dict[str, Any]:

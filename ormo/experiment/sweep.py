@@ -529,11 +529,14 @@ class _Worker:
     another (torch is imported once per worker, not once per run) and answers each with a JSON line. It lives in its
     own process group, so a terminal's Ctrl-C reaches only the sweep, which passes it on exactly once."""
 
-    def __init__(self, threads: int, replies: queue.Queue) -> None:
+    def __init__(self, threads: int, replies: queue.Queue, gpu: int | None = None) -> None:
         self.run: SweepRun | None = None
         self.state: str | None = None
+        self.gpu = gpu  # the one GPU it sees (CUDA_VISIBLE_DEVICES), or None: the parent's view
         self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ORMO_SWEEP_THREADS": str(threads)}
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ormo.experiment.sweep_worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self.stderr, env=env, text=True, encoding="utf-8", process_group=0,
@@ -590,12 +593,50 @@ class _Worker:
                 pass
 
 
-def run_sweep(runs: list[SweepRun], *, jobs: int = 1, progress: bool = True) -> list[tuple[str, str]]:
+def gpu_slots(runs: list[SweepRun], runs_per_device: int | None, *, visible: int | None = None) -> list[int] | None:
+    """The GPU of each worker slot when the runs train on CUDA (``train.device = "cuda"``): every visible GPU
+    ``runs_per_device`` times (default 1), so that ``jobs`` = len(slots) runs fill them; None for CPU runs. A worker
+    sees only its GPU (CUDA_VISIBLE_DEVICES), so "cuda" means that one. ``visible``: the GPU count (default torch's)."""
+    if runs_per_device is not None and (isinstance(runs_per_device, bool) or not isinstance(runs_per_device, int)
+                                        or runs_per_device < 1):
+        raise ConfigError(f"invalid --runs-per-device: {runs_per_device!r} (must be an integer >= 1)")
+    devices = {r.config.train.device for r in runs}
+    if not any(d.startswith("cuda") for d in devices):
+        if runs_per_device is not None:
+            raise ConfigError(f"--runs-per-device {runs_per_device}: the runs train on {', '.join(sorted(devices))}, "
+                              f"not on a GPU; set train.device = \"cuda\" (--set train.device=cuda) or leave it out")
+        return None
+    if devices != {"cuda"}:  # an explicit cuda:N (or a mix with cpu) is the user's placement: kept as written
+        if runs_per_device is not None:
+            raise ConfigError(f"--runs-per-device {runs_per_device}: the runs name devices {sorted(devices)}; it "
+                              f"spreads runs whose train.device is \"cuda\" over every GPU, so use that")
+        return None
+    if visible is None:
+        import torch
+
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible < 1:
+        raise ConfigError('train.device = "cuda" but this machine has no usable CUDA GPU: run with '
+                          '--set train.device=cpu, or on a machine with one')
+    per = runs_per_device or 1
+    return [g for _ in range(per) for g in range(visible)]
+
+
+def run_sweep(runs: list[SweepRun], *, jobs: int | None = 1, progress: bool = True,
+              runs_per_device: int | None = None) -> list[tuple[str, str]]:
     """Run every planned run, ``jobs`` at a time in worker child processes; returns (run_dir, outcome) pairs in
     completion order. A failing run is reported and the others go on; the sweep then raises ``SweepFailed``.
-    SIGINT/SIGTERM stop it as the module docstring says, raising ``SweepStopped``."""
+    SIGINT/SIGTERM stop it as the module docstring says, raising ``SweepStopped``.
+
+    Runs on CUDA are spread over every visible GPU, ``runs_per_device`` at a time on each (:func:`gpu_slots`);
+    ``jobs`` (None: one per slot) then caps the total."""
+    slots = gpu_slots(runs, runs_per_device)
+    if jobs is None:
+        jobs = len(slots) if slots else 1
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"invalid jobs: {jobs!r} (must be an integer >= 1)")
+    if slots is not None:
+        jobs = min(jobs, len(slots))
     tuning = plan_tuning(runs)
     for r in [*tuning, *(r for r in runs if r.tune is None)]:  # before anything starts: a directory of another
         check_existing(r)                                      # configuration stops the sweep
@@ -608,10 +649,10 @@ def run_sweep(runs: list[SweepRun], *, jobs: int = 1, progress: bool = True) -> 
     with RunLock(out):  # one sweep per folder: a second one gets an error naming this one's pid
         record_plan(out, runs)
         if not tuning:
-            return _run_all(runs, jobs=jobs, progress=progress)
+            return _run_all(runs, jobs=jobs, progress=progress, slots=slots)
         check_tuning_metric(runs, tuning)
         try:
-            results = _run_all(tuning, jobs=jobs, progress=progress, desc="tuning")
+            results = _run_all(tuning, jobs=jobs, progress=progress, desc="tuning", slots=slots)
         except SweepFailed as e:
             raise SweepFailed([f"{x} (tuning run)" for x in e.failures], len(tuning), e.results,
                               note="no real run started: fix the cause and rerun; finished tuning runs are kept"
@@ -622,7 +663,7 @@ def run_sweep(runs: list[SweepRun], *, jobs: int = 1, progress: bool = True) -> 
             check_existing(r)
         record_tuning(runs, spec, choices)
         try:
-            results += _run_all(finals, jobs=jobs, progress=progress)
+            results += _run_all(finals, jobs=jobs, progress=progress, slots=slots)
         except SweepFailed as e:
             results += e.results
             failures = e.failures
@@ -725,7 +766,16 @@ def record_tuning(runs: list[SweepRun], spec: TuneSpec, choices: list) -> None:
     write_text(out / "tuning.md", format_tuning_record(record))
 
 
-def _run_all(runs: list[SweepRun], *, jobs: int, progress: bool, desc: str = "sweep") -> list[tuple[str, str]]:
+def _free_gpu(slots: list[int], workers: list[_Worker]) -> int:
+    """The GPU for a new worker: the one with the most free slots among the live workers' (lowest index first)."""
+    busy = collections.Counter(w.gpu for w in workers if w.proc.poll() is None)
+    free = collections.Counter(slots)
+    free.subtract(busy)
+    return max(sorted(free), key=lambda g: free[g])
+
+
+def _run_all(runs: list[SweepRun], *, jobs: int, progress: bool, desc: str = "sweep",
+             slots: list[int] | None = None) -> list[tuple[str, str]]:
     if not runs:  # e.g. every cell's tuning candidates diverged
         return []
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -777,7 +827,7 @@ def _run_all(runs: list[SweepRun], *, jobs: int, progress: bool, desc: str = "sw
                         done(run, "skipped (finished)")
                         continue
                     if idle is None:  # started on demand: a rerun of a finished sweep starts no process
-                        idle = _Worker(threads, replies)
+                        idle = _Worker(threads, replies, _free_gpu(slots, workers) if slots else None)
                         workers.append(idle)
                     idle.start(run, state, Path(plan_dir))
                     if stop:  # a signal arrived while it was starting

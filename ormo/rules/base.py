@@ -122,8 +122,9 @@ class WorkerState:
 
     momentum: Tensor
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"momentum": self.momentum.clone()}
+    def state_dict(self, copy: bool = True) -> dict[str, Any]:
+        """``copy=False``: the live tensor, for a caller that serializes it at once (a checkpoint)."""
+        return {"momentum": self.momentum.clone() if copy else self.momentum}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.momentum.copy_(sd["momentum"])
