@@ -1,0 +1,199 @@
+"""Gradients per second on one device (the GPU when there is one, else the CPU), three ways, in one run.
+
+* ``sequential``: what the simulator does today: ``Simulator.step`` computes one message's gradient at a time
+  (OrMo, K workers, batch 64 of 32×32×3 synthetic images, CIFAR's shape).
+* ``batched``: what batching the in-flight messages would give (issue 10, not an engine option yet): the gradients of
+  K workers at K different parameter vectors in one ``torch.func.vmap(grad(functional_call))`` call, each on its own
+  minibatch. BatchNorm runs on batch statistics without running-statistics updates here
+  (``replace_all_batch_norm_modules_``): a measure of the compute, not of the bookkeeping.
+* ``packed``: R independent sequential simulations in R processes sharing the device (``ormo sweep
+  --runs-per-device R``), their rates added.
+
+For MLP, LeNet and ResNet20 at K = 16 and 64, plus the device's utilisation while the sequential loop runs (sampled
+from nvidia-smi; "n/a" on CPU) and the projected device-hours of OrMo Table 1 on CIFAR-10 (6 methods × 4 settings ×
+5 seeds = 120 runs of 160 epochs × 50,000 / 64 = 125,000 ResNet20 gradients, half at K = 16 and half at K = 64).
+
+    python benchmarks/gpu_throughput.py [--quick] [--seconds S] [--packed R] [--json PATH]
+
+Each measurement runs for about ``--seconds`` (default 4 on a GPU; ``--quick`` 1.5) after a warm-up, so the whole
+script takes about 5 minutes on a GPU and 3–4 minutes on 2 CPU cores with ``--quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+from ormo.data import load_dataset
+from ormo.engine import Simulator
+from ormo.experiment import load_config
+from ormo.experiment.problem import TrainProblem
+from ormo.models import build_model
+
+MODELS = ("mlp", "lenet", "resnet20")
+KS = (16, 64)
+TABLE1_RUNS, TABLE1_GRADIENTS = 120, 160 * 50_000 // 64
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(step, seconds: float, device: str) -> float:
+    """Calls of ``step()`` per second over about ``seconds`` (after one warm-up call); ``step`` returns how many
+    gradients it computed."""
+    step()
+    _sync(device)
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        count += step()
+    _sync(device)
+    return count / (time.perf_counter() - t0)
+
+
+def _dataset():
+    return load_dataset("synthetic", train_size=4096, test_size=64, image_shape=(3, 32, 32), seed=0)
+
+
+def sequential(model: str, k: int, device: str, seconds: float) -> float:
+    cfg = load_config(None, [f'model.name="{model}"', "data.batch_size=64", f"train.num_workers={k}",
+                             "method.lr=0.01", "method.momentum=0.9", f'train.device="{device}"'])
+    problem = TrainProblem(cfg, dataset=_dataset())
+    sim = Simulator(cfg.method.build(), problem.params0, problem.grad_fn, num_workers=k, num_iterations=10**9,
+                    timing=cfg.timing.build(), seed=0)
+
+    def step() -> int:
+        sim.step()
+        problem.commit_message()
+        return 1
+
+    return _timed(step, seconds, device)
+
+
+def batched(model: str, k: int, device: str, seconds: float) -> float:
+    from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
+
+    ds = _dataset()
+    net = build_model(model, num_classes=10, in_channels=3, image_size=32, seed=0).to(device)
+    replace_all_batch_norm_modules_(net)
+    names = [n for n, _ in net.named_parameters()]
+    stacked = {n: p.detach().unsqueeze(0).repeat(k, *([1] * p.dim())).add_(0.01 * torch.randn(k, *p.shape,
+                                                                                               device=device))
+               for n, p in net.named_parameters()}
+    x_all, y_all = ds.train_x.to(device), ds.train_y.to(device)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def loss(params, x, y):
+        return torch.nn.functional.cross_entropy(functional_call(net, dict(zip(names, params, strict=True)), (x,)), y)
+
+    per_worker = vmap(grad(loss), in_dims=(0, 0, 0))
+
+    def step() -> int:
+        idx = torch.randint(0, x_all.shape[0], (k, 64), generator=gen).to(device)
+        grads = per_worker(tuple(stacked[n] for n in names), x_all[idx], y_all[idx])
+        assert len(grads) == len(names)
+        return k
+
+    return _timed(step, seconds, device)
+
+
+def _packed_worker(model: str, k: int, device: str, seconds: float, out) -> None:
+    torch.set_num_threads(1)
+    out.put(sequential(model, k, device, seconds))
+
+
+def packed(model: str, k: int, device: str, seconds: float, runs: int) -> float:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_packed_worker, args=(model, k, device, seconds, out)) for _ in range(runs)]
+    for p in procs:
+        p.start()
+    rates = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(rates)
+
+
+class Utilisation:
+    """Samples the GPU's utilisation with nvidia-smi every 0.2 s while in use (None on CPU or without it)."""
+
+    def __init__(self, device: str) -> None:
+        self.samples: list[float] = []
+        self.enabled = device.startswith("cuda") and shutil.which("nvidia-smi") is not None
+        self._stop = threading.Event()
+
+    def __enter__(self) -> Utilisation:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                text = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                       "-i", "0"], capture_output=True, text=True, timeout=5).stdout
+                self.samples.append(float(text.split()[0]))
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                pass
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter measurements")
+    parser.add_argument("--seconds", type=float, default=None, help="length of each measurement")
+    parser.add_argument("--packed", type=int, default=4, help="runs packed on the device (default 4)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # as each packed run: one thread each, so the three ways compare on the same footing
+        torch.set_num_threads(1)
+    seconds = args.seconds or (1.5 if args.quick else 4.0)
+    name = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; {seconds:g} s per measurement", flush=True)
+    print(f"{'model':9s} {'K':>3s} {'sequential/s':>13s} {'batched/s':>10s} {'x':>6s} {'packed/s':>9s} {'x':>6s} "
+          f"{'util %':>7s}", flush=True)
+    results = []
+    for model in MODELS:
+        for k in KS:
+            with Utilisation(device) as util:
+                seq = sequential(model, k, device, seconds)
+            bat = batched(model, k, device, seconds)
+            pk = packed(model, k, device, seconds, args.packed) if args.packed > 1 else None
+            r = {"model": model, "k": k, "device": device, "sequential_per_s": seq, "batched_per_s": bat,
+                 "packed_per_s": pk, "packed_runs": args.packed, "utilisation_pct": util.mean()}
+            results.append(r)
+            u = f"{r['utilisation_pct']:.0f}" if r["utilisation_pct"] is not None else "n/a"
+            pk_text = f"{pk:9.1f} {pk / seq:6.2f}" if pk is not None else f"{'-':>9s} {'-':>6s}"
+            print(f"{model:9s} {k:3d} {seq:13.1f} {bat:10.1f} {bat / seq:6.2f} {pk_text} {u:>7s}", flush=True)
+    res20 = {r["k"]: r for r in results if r["model"] == "resnet20"}
+    total = TABLE1_RUNS * TABLE1_GRADIENTS
+    print(f"\nOrMo Table 1 on CIFAR-10 ({TABLE1_RUNS} runs x {TABLE1_GRADIENTS:,} ResNet20 gradients), projected "
+          f"{device}-hours:")
+    for label, key in (("sequential", "sequential_per_s"), ("batched", "batched_per_s"), ("packed", "packed_per_s")):
+        rates = [res20[k][key] for k in KS if res20.get(k) and res20[k][key]]
+        if len(rates) == len(KS):  # half the gradients at each K
+            hours = sum(total / len(KS) / rate for rate in rates) / 3600
+            print(f"  {label:10s} {hours:10.1f} h", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
