@@ -48,23 +48,32 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(step, seconds: float, device: str) -> float:
-    """Calls of ``step()`` per second over about ``seconds`` (after one warm-up call); ``step`` returns how many
-    gradients it computed."""
+def _timed(step, seconds: float, device: str, *, ready=None, util: Utilisation | None = None) -> float:
+    """Gradients per second over about ``seconds`` of ``step()`` calls (each returns how many it computed), after one
+    warm-up call. ``ready``: a barrier passed before timing (packed runs start their windows together); ``util``:
+    sampled during the timed window only."""
     step()
     _sync(device)
+    if ready is not None:
+        ready.wait()
+    if util is not None:
+        util.start()
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         count += step()
     _sync(device)
-    return count / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    if util is not None:
+        util.stop()
+    return count / elapsed
 
 
 def _dataset():
     return load_dataset("synthetic", train_size=4096, test_size=64, image_shape=(3, 32, 32), seed=0)
 
 
-def sequential(model: str, k: int, device: str, seconds: float) -> float:
+def sequential(model: str, k: int, device: str, seconds: float, *, ready=None,
+               util: Utilisation | None = None) -> float:
     cfg = load_config(None, [f'model.name="{model}"', "data.batch_size=64", f"train.num_workers={k}",
                              "method.lr=0.01", "method.momentum=0.9", f'train.device="{device}"'])
     problem = TrainProblem(cfg, dataset=_dataset())
@@ -76,7 +85,7 @@ def sequential(model: str, k: int, device: str, seconds: float) -> float:
         problem.commit_message()
         return 1
 
-    return _timed(step, seconds, device)
+    return _timed(step, seconds, device, ready=ready, util=util)
 
 
 def batched(model: str, k: int, device: str, seconds: float) -> float:
@@ -106,15 +115,16 @@ def batched(model: str, k: int, device: str, seconds: float) -> float:
     return _timed(step, seconds, device)
 
 
-def _packed_worker(model: str, k: int, device: str, seconds: float, out) -> None:
+def _packed_worker(model: str, k: int, device: str, seconds: float, out, ready) -> None:
     torch.set_num_threads(1)
-    out.put(sequential(model, k, device, seconds))
+    out.put(sequential(model, k, device, seconds, ready=ready))
 
 
 def packed(model: str, k: int, device: str, seconds: float, runs: int) -> float:
+    """The summed rate of ``runs`` processes whose timed windows start together (after every one has warmed up)."""
     ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_packed_worker, args=(model, k, device, seconds, out)) for _ in range(runs)]
+    out, ready = ctx.Queue(), ctx.Barrier(runs)
+    procs = [ctx.Process(target=_packed_worker, args=(model, k, device, seconds, out, ready)) for _ in range(runs)]
     for p in procs:
         p.start()
     rates = [out.get(timeout=600) for _ in procs]
@@ -124,30 +134,36 @@ def packed(model: str, k: int, device: str, seconds: float, runs: int) -> float:
 
 
 class Utilisation:
-    """Samples the GPU's utilisation with nvidia-smi every 0.2 s while in use (None on CPU or without it)."""
+    """Samples the utilisation of the GPU this process uses (the first of CUDA_VISIBLE_DEVICES, else 0) with
+    nvidia-smi every 0.2 s between :meth:`start` and :meth:`stop`; nothing on CPU or without nvidia-smi."""
 
     def __init__(self, device: str) -> None:
+        import os
+
         self.samples: list[float] = []
         self.enabled = device.startswith("cuda") and shutil.which("nvidia-smi") is not None
+        self.gpu = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip() or "0"
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> Utilisation:
+    def start(self) -> None:
         if self.enabled:
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
-        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
             try:
                 text = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                       "-i", "0"], capture_output=True, text=True, timeout=5).stdout
+                                       "-i", self.gpu], capture_output=True, text=True, timeout=5).stdout
                 self.samples.append(float(text.split()[0]))
             except (OSError, ValueError, IndexError, subprocess.SubprocessError):
                 pass
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
 
     def mean(self) -> float | None:
         return sum(self.samples) / len(self.samples) if self.samples else None
@@ -171,8 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for model in MODELS:
         for k in KS:
-            with Utilisation(device) as util:
-                seq = sequential(model, k, device, seconds)
+            util = Utilisation(device)
+            seq = sequential(model, k, device, seconds, util=util)
             bat = batched(model, k, device, seconds)
             pk = packed(model, k, device, seconds, args.packed) if args.packed > 1 else None
             r = {"model": model, "k": k, "device": device, "sequential_per_s": seq, "batched_per_s": bat,
@@ -186,10 +202,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nOrMo Table 1 on CIFAR-10 ({TABLE1_RUNS} runs x {TABLE1_GRADIENTS:,} ResNet20 gradients), projected "
           f"{device}-hours:")
     for label, key in (("sequential", "sequential_per_s"), ("batched", "batched_per_s"), ("packed", "packed_per_s")):
+        if label == "batched":
+            label = "batched (gradients only: no update, no bookkeeping; a lower bound)"
         rates = [res20[k][key] for k in KS if res20.get(k) and res20[k][key]]
         if len(rates) == len(KS):  # half the gradients at each K
             hours = sum(total / len(KS) / rate for rate in rates) / 3600
-            print(f"  {label:10s} {hours:10.1f} h", flush=True)
+            print(f"  {hours:10.1f} h  {label}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

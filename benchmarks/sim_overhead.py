@@ -39,7 +39,7 @@ from ormo.models.mlp import MLP
 
 @register_model("mlp-11m")
 def _mlp_11m(*, num_classes: int, in_channels: int, image_size: int) -> MLP:
-    """11,539,466 parameters on 32×32×3: where a message's own allocations would show."""
+    """11,548,426 parameters on 32×32×3: where a message's own allocations would show."""
     return MLP(in_features=in_channels * image_size * image_size, num_classes=num_classes, hidden=(2816, 1024))
 
 

@@ -132,6 +132,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError(f"invalid --jobs: {args.jobs} (must be an integer >= 1)")
     per_device = getattr(args, "runs_per_device", None)
+    if per_device is not None and per_device < 1:  # before any plan, --dry-run included
+        raise ConfigError(f"invalid --runs-per-device: {per_device} (must be an integer >= 1)")
     for flag, text in (("--methods", args.methods), ("--seeds", args.seeds), ("--settings", args.settings)):
         if text is not None and not _csv(text):
             raise ConfigError(f"{flag} {text!r} lists nothing; leave it out to use the config's own list")
@@ -148,11 +150,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from .experiment.sweep import gpu_slots, plan_tuning
 
     tuning = len(plan_tuning(runs))
-    slots = gpu_slots(runs, per_device)
+    slots = gpu_slots(runs, per_device, jobs=args.jobs)
     jobs = args.jobs if args.jobs is not None else (len(slots) if slots else 2)
-    where = f" on {len(set(slots))} GPUs, up to {len(slots) // len(set(slots))} per GPU" if slots else ""
+    where = ""
+    if slots:
+        jobs = min(jobs, len(slots))
+        gpus = len(set(slots))
+        where = f" on {gpus} GPU{'s' if gpus != 1 else ''}, up to {-(-jobs // gpus)} per GPU"
     print(f"{len(runs)} runs into {args.out}" + (f", after {tuning} tuning runs" if tuning else "")
-          + f" ({min(jobs, len(slots)) if slots else jobs} at a time{where})", file=sys.stderr)
+          + f" ({jobs} at a time{where})", file=sys.stderr)
     failed: SweepFailed | None = None
     try:
         run_sweep(runs, jobs=jobs, progress=not args.quiet, runs_per_device=per_device)

@@ -224,15 +224,48 @@ def seeded(seed: int, build: Callable[[], ModuleT]) -> ModuleT:
 def _unreferenced(t: Tensor) -> bool:
     """Whether ``t`` is held only by its owner's attribute: no other Python reference (the attribute, this argument and
     getrefcount's own make 3) and no other tensor (a view, a numpy array's base) on its storage (the tensor and the
-    storage object made here make 2). Unknown (another torch): False, so the caller allocates."""
+    storage object made here make 2). False wherever that accounting is not known to hold (:data:`_REUSE`)."""
     import sys
 
-    if sys.getrefcount(t) != 3:
+    if not _REUSE or sys.getrefcount(t) != 3:
         return False
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2
+
+
+def _reuse_is_safe() -> bool:
+    """Reuse needs (1) a torch whose C++ holders (autograd's saved tensors, DLPack) count as references, checked on
+    the pinned 2.13, and (2) the reference counts above on this interpreter, calibrated here on a held and an
+    unheld tensor exactly as ModelTask asks (Python 3.14 counts borrowed locals differently)."""
+    try:
+        major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    except ValueError:
         return False
-    return use_count(t.untyped_storage()._cdata) == 2
+    if (major, minor) < (2, 13) or not hasattr(torch._C, "_storage_Use_Count"):
+        return False
+
+    class Owner:
+        def __init__(self) -> None:
+            self.spare = torch.zeros(2)
+
+        def free(self) -> bool:
+            return _unreferenced(self.spare)
+
+    global _REUSE
+    _REUSE = True
+    owner = Owner()
+    unheld = owner.free()
+    holder = owner.spare
+    held = owner.free()
+    view = holder[:1]
+    del holder
+    viewed = owner.free()
+    del view
+    _REUSE = False
+    return unheld and not held and not viewed
+
+
+_REUSE = False
+_REUSE = _reuse_is_safe()
 
 
 class ModelTask:

@@ -29,7 +29,7 @@ from ormo.engine.timing import SlowFraction
 from ormo.experiment import RunDirError, RunStopped, is_locked, load_config, train
 from ormo.experiment import rundir as rundir_mod
 from ormo.experiment.replay import replay
-from ormo.experiment.rundir import CHECKPOINT, RunLock, plain, read_run_info, write_json
+from ormo.experiment.rundir import CHECKPOINT, RunLock, plain, read_run_info, save_checkpoint, write_json
 from ormo.experiment.runloop import iteration_marks
 from ormo.report.runs import read_run
 
@@ -460,3 +460,28 @@ def test_a_checkpoint_costs_no_second_copy_of_the_state(tmp_path):
     assert steady > 256e6 and peak <= 1.1 * steady, (steady / 1e6, peak / 1e6)
     ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
     assert ckpt["sim"]["t"] == 96 and len(ckpt["sim"]["snapshots"]) == 32
+
+
+@pytest.mark.parametrize("limit", [100, 5000, 1_000_000])
+def test_a_disk_that_fills_while_a_checkpoint_streams_is_one_line_and_keeps_the_old_one(tmp_path, monkeypatch, limit):
+    """The review's case: torch's zip writer turns a failed write into its own RuntimeError at the end of the file;
+    it is still the disk's one-line error, the .tmp is gone and the previous checkpoint is intact."""
+    import io
+
+    path = tmp_path / CHECKPOINT
+    save_checkpoint(path, {"x": torch.ones(3)}, config_toml="c")
+    before = path.read_bytes()
+
+    class Full(io.FileIO):
+        written = 0
+
+        def write(self, b):
+            if Full.written + len(b) > limit:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            Full.written += len(b)
+            return super().write(b)
+
+    monkeypatch.setattr(rundir_mod, "open", lambda p, m: io.BufferedWriter(Full(p, "wb")), raising=False)
+    with pytest.raises(RunDirError, match=r"checkpoint.pt: No space left on device; free some space"):
+        save_checkpoint(path, {"x": torch.zeros(2_000_000), "y": torch.ones(1000)}, config_toml="c")
+    assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))

@@ -572,3 +572,25 @@ def test_runs_per_device_on_cpu_runs_is_one_clear_line(tmp_path, capsys):
     assert main(["sweep", str(cfg), "--out", str(tmp_path / "o"), "--runs-per-device", "2"]) == 2
     err = capsys.readouterr().err
     assert "--runs-per-device 2: the runs train on cpu, not on a GPU" in err and "Traceback" not in err
+
+
+def test_gpu_placement_keeps_the_users_mask_and_jobs_alone_packs_that_many(tmp_path, monkeypatch):
+    """The review's cases: a worker's CUDA_VISIBLE_DEVICES is the user's own entry (an index, a UUID), and --jobs N
+    without --runs-per-device packs N runs spread evenly over the GPUs."""
+    from ormo.experiment.sweep import _visible_device, gpu_slots
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, GPU-abc")
+    assert [_visible_device(0), _visible_device(1)] == ["2", "GPU-abc"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert _visible_device(1) == "1"
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["ormo"]\n')
+    cuda = plan_sweep(cfg, out=tmp_path / "b", overrides=["train.device=cuda"])
+    assert gpu_slots(cuda, None, visible=1, jobs=4) == [0, 0, 0, 0]
+    assert gpu_slots(cuda, None, visible=2, jobs=3) == [0, 1, 0, 1]
+    assert gpu_slots(cuda, 1, visible=2, jobs=3) == [0, 1]  # --runs-per-device wins; --jobs then caps
+
+
+def test_a_bad_runs_per_device_is_refused_even_in_a_dry_run(tmp_path, capsys):
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["ormo"]\n')
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "o"), "--runs-per-device", "0", "--dry-run"]) == 2
+    assert "invalid --runs-per-device: 0 (must be an integer >= 1)" in capsys.readouterr().err

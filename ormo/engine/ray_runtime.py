@@ -461,6 +461,7 @@ class Worker:
                     "buffers": problem.message_state().cpu().numpy().copy(),  # the message's model state (staged)
                     "compute_s": compute_s,
                 }
+                del message  # the arrays above are copies: its gradient's memory may be reused by the next one
                 # Committed now, before the server's answer, so that the next logical worker of this process may
                 # compute: a rejection resets this worker's state below, which is what a discard followed by the
                 # same reset leaves (the simulator's replay of a rejection).

@@ -692,6 +692,7 @@ class _CheckedGrad:
     def __call__(self, x: Tensor, step: int) -> Tensor:
         t, worker, index, p0 = self.t, self.worker, self.index, self.params0
         version = x._version
+        self.last = None  # not held while the next one is computed (its memory may be reused)
         # A detached view: a grad_fn may set requires_grad on it without touching the (possibly shared) snapshot.
         g = self.grad_fn(x.detach(), worker, index, step)
         if x._version != version:

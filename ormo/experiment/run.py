@@ -158,6 +158,8 @@ def _train_locked(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, 
             return _finished_result(run_dir, info)
         if info.get("threads"):
             torch.set_num_threads(int(info["threads"]))  # the same arithmetic as before the interruption
+        if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:  # where this part runs (a sweep may pin another GPU)
+            info["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     else:
         assert cfg is not None
         if (run_dir / "run.json").exists():

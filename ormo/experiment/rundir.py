@@ -81,9 +81,25 @@ def write_with(path: str | Path, writer: Callable[[Any], Any]) -> None:
     except OSError as e:
         _remove(tmp)
         raise RunDirError(explain_os_error(e, path)) from e
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
+        # torch's zip writer reports a failed write as its own RuntimeError (a signal stays a signal)
+        cause = _os_error_behind(e) if isinstance(e, Exception) else None
+        if cause is not None:
+            raise RunDirError(explain_os_error(cause, path)) from e
         raise
+
+
+def _os_error_behind(e: BaseException) -> OSError | None:
+    """The OSError an exception was raised while handling (or was caused by), if any."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        if isinstance(x, OSError):
+            return x
+        seen.add(id(x))
+        x = x.__cause__ or x.__context__
+    return None
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -536,7 +536,7 @@ class _Worker:
         self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ORMO_SWEEP_THREADS": str(threads)}
         if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+            env["CUDA_VISIBLE_DEVICES"] = _visible_device(gpu)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ormo.experiment.sweep_worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self.stderr, env=env, text=True, encoding="utf-8", process_group=0,
@@ -593,7 +593,8 @@ class _Worker:
                 pass
 
 
-def gpu_slots(runs: list[SweepRun], runs_per_device: int | None, *, visible: int | None = None) -> list[int] | None:
+def gpu_slots(runs: list[SweepRun], runs_per_device: int | None, *, visible: int | None = None,
+              jobs: int | None = None) -> list[int] | None:
     """The GPU of each worker slot when the runs train on CUDA (``train.device = "cuda"``): every visible GPU
     ``runs_per_device`` times (default 1), so that ``jobs`` = len(slots) runs fill them; None for CPU runs. A worker
     sees only its GPU (CUDA_VISIBLE_DEVICES), so "cuda" means that one. ``visible``: the GPU count (default torch's)."""
@@ -618,7 +619,7 @@ def gpu_slots(runs: list[SweepRun], runs_per_device: int | None, *, visible: int
     if visible < 1:
         raise ConfigError('train.device = "cuda" but this machine has no usable CUDA GPU: run with '
                           '--set train.device=cpu, or on a machine with one')
-    per = runs_per_device or 1
+    per = runs_per_device or (-(-jobs // visible) if jobs else 1)  # --jobs alone: that many runs, spread evenly
     return [g for _ in range(per) for g in range(visible)]
 
 
@@ -630,11 +631,11 @@ def run_sweep(runs: list[SweepRun], *, jobs: int | None = 1, progress: bool = Tr
 
     Runs on CUDA are spread over every visible GPU, ``runs_per_device`` at a time on each (:func:`gpu_slots`);
     ``jobs`` (None: one per slot) then caps the total."""
-    slots = gpu_slots(runs, runs_per_device)
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ConfigError(f"invalid jobs: {jobs!r} (must be an integer >= 1)")
+    slots = gpu_slots(runs, runs_per_device, jobs=jobs)
     if jobs is None:
         jobs = len(slots) if slots else 1
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ConfigError(f"invalid jobs: {jobs!r} (must be an integer >= 1)")
     if slots is not None:
         jobs = min(jobs, len(slots))
     tuning = plan_tuning(runs)
@@ -764,6 +765,13 @@ def record_tuning(runs: list[SweepRun], spec: TuneSpec, choices: list) -> None:
     data["tuning"] = record
     write_text(path, json.dumps(data, indent=2) + "\n")
     write_text(out / "tuning.md", format_tuning_record(record))
+
+
+def _visible_device(index: int) -> str:
+    """What CUDA_VISIBLE_DEVICES names the ``index``-th GPU this process sees: the entry of the user's own mask (an
+    index, a UUID or a MIG name) when one is set, else the index itself."""
+    mask = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return mask[index] if index < len(mask) else str(index)
 
 
 def _free_gpu(slots: list[int], workers: list[_Worker]) -> int:

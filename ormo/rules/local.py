@@ -58,6 +58,7 @@ def local_msgd(
         g = grad(x, h)
         m.mul_(momentum).add_(g, alpha=gamma)
         x.sub_(m)
+        del g  # released before the next gradient, whose buffer can then be the same memory
     return Message(index=payload.index, update=payload.params - x, momentum=m, local_lr_scale=payload.lr_scale)
 
 

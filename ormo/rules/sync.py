@@ -168,6 +168,7 @@ class PRSGDm(Rule):
             g = grad(x, h)
             v.mul_(self.momentum).add_(g)
             x.add_(v, alpha=-gamma)
+            del g  # released before the next gradient, whose buffer can then be the same memory
         return Message(index=payload.index, update=x, momentum=None if worker_state is not None else v)
 
     def apply(self, state: PRSGDmState, message: Message, *, t: int, worker: int) -> None:  # type: ignore[override]
