@@ -235,7 +235,7 @@ def _unreferenced(t: Tensor) -> bool:
 def _reuse_is_safe() -> bool:
     """Reuse needs (1) a torch whose C++ holders (autograd's saved tensors, DLPack) count as references, checked on
     the pinned 2.13, and (2) the reference counts above on this interpreter, calibrated here on a held and an
-    unheld tensor exactly as ModelTask asks (Python 3.14 counts borrowed locals differently)."""
+    unheld tensor exactly as ModelTask asks (a newer interpreter may count borrowed references differently)."""
     try:
         major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     except ValueError:
