@@ -147,14 +147,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         base = from_dict(apply_overrides(data, overrides))
         print(describe_plan(runs, base, full=getattr(args, "print_config", False)), end="")
         return 0
-    from .experiment.sweep import gpu_slots, plan_tuning
+    from .experiment.sweep import plan_tuning, sweep_jobs
 
     tuning = len(plan_tuning(runs))
-    slots = gpu_slots(runs, per_device, jobs=args.jobs)
-    jobs = args.jobs if args.jobs is not None else (len(slots) if slots else 2)
+    jobs, slots = sweep_jobs(runs, args.jobs, per_device, default=2)
     where = ""
     if slots:
-        jobs = min(jobs, len(slots))
         gpus = len(set(slots))
         where = f" on {gpus} GPU{'s' if gpus != 1 else ''}, up to {-(-jobs // gpus)} per GPU"
     print(f"{len(runs)} runs into {args.out}" + (f", after {tuning} tuning runs" if tuning else "")

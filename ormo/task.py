@@ -224,12 +224,10 @@ def seeded(seed: int, build: Callable[[], ModuleT]) -> ModuleT:
 def _unreferenced(t: Tensor) -> bool:
     """Whether ``t`` is held only by its owner's attribute: no other Python reference (the attribute, this argument and
     getrefcount's own make 3) and no other tensor (a view, a numpy array's base) on its storage (the tensor and the
-    storage object made here make 2). False wherever that accounting is not known to hold (:data:`_REUSE`)."""
+    storage object made here make 2). Trusted only where :data:`_REUSE` says the accounting holds."""
     import sys
 
-    if not _REUSE or sys.getrefcount(t) != 3:
-        return False
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2
+    return sys.getrefcount(t) == 3 and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2
 
 
 def _reuse_is_safe() -> bool:
@@ -250,8 +248,6 @@ def _reuse_is_safe() -> bool:
         def free(self) -> bool:
             return _unreferenced(self.spare)
 
-    global _REUSE
-    _REUSE = True
     owner = Owner()
     unheld = owner.free()
     holder = owner.spare
@@ -260,11 +256,9 @@ def _reuse_is_safe() -> bool:
     del holder
     viewed = owner.free()
     del view
-    _REUSE = False
     return unheld and not held and not viewed
 
 
-_REUSE = False
 _REUSE = _reuse_is_safe()
 
 
@@ -379,7 +373,7 @@ class ModelTask:
         """A copy of ``grad`` that the caller owns: the previous one's memory when nothing holds it any more (no
         reference, no view, no numpy alias: a fresh 44 MB allocation per message costs ~1.3x a plain SGD step at 11M
         parameters), else a new tensor. The values are the same either way."""
-        if self._spare_grad is not None and _unreferenced(self._spare_grad):  # (no local name: it would count)
+        if _REUSE and self._spare_grad is not None and _unreferenced(self._spare_grad):  # (no local: it would count)
             return self._spare_grad.copy_(grad)
         self._spare_grad = out = grad.clone()
         return out

@@ -468,20 +468,14 @@ def test_a_frozen_server_ends_the_run_within_the_heartbeat_and_it_resumes(tmp_pa
 
 
 def _process_tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                stat = Path(entry.path, "stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
+    """``root`` and its descendants: the scale benchmark's own walk of /proc (one implementation)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ray_scale.py"
+    spec = importlib.util.spec_from_file_location("ray_scale_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench._tree(root)
 
 
 def _listening_sockets(pids: list[int]) -> list[tuple[str, int, int, str]]:

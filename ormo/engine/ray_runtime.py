@@ -648,12 +648,6 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _local_gpus(options: Any) -> float:
-    if not options.gpus_per_worker:
-        return 0.0
-    return float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
-
-
 def run_ray(
     *,
     rule: Rule,
@@ -683,11 +677,7 @@ def run_ray(
 ) -> dict[str, Any]:
     """Run to ``total`` server iterations; returns the server's final state (params, events, re-dispatches, …)."""
     called = time.monotonic()
-    # a local instance is sized for the processes; a cluster (or an instance already running) is asked after
-    local = not options.address and not ray.is_initialized()
-    local_cpus = options.num_cpus or _usable_cpus()
-    procs = processes_for(num_workers, options, cpus=local_cpus, gpus=_local_gpus(options)) if local else None
-    started = start_ray(options.address, local_cpus,
+    started = start_ray(options.address, options.num_cpus or _usable_cpus(),
                         getattr(options, "runtime_env", None),
                         connect_timeout_s=getattr(options, "connect_timeout_s", 15.0))
     if on_started is not None:  # e.g. take back the signal handlers that ray.init replaced
@@ -697,11 +687,11 @@ def run_ray(
     server = None
     halted = False
     try:
+        # the instance's own resources: a local one was started with ray.num_cpus (or the usable CPUs) above
         resources = ray.cluster_resources()
         cpus = float(resources.get("CPU", 1.0))
-        if procs is None:
-            procs = processes_for(num_workers, options, cpus=int(cpus), gpus=float(resources.get("GPU", 0.0)))
-        groups = worker_groups(num_workers, procs)
+        groups = worker_groups(num_workers, processes_for(num_workers, options, cpus=int(cpus),
+                                                          gpus=float(resources.get("GPU", 0.0))))
         group_of = {k: g for g, members in enumerate(groups) for k in members}
         cpus_per_process = min(1.0, cpus / len(groups)) if not options.gpus_per_worker else 0.0
         if on_starting is not None:
@@ -767,6 +757,7 @@ def run_ray(
                     f"ray.startup_timeout_s={options.startup_timeout_s} s (does the cluster have "
                     f"{len(groups) * cpus_per_process:g} free CPUs{gpus_needed}?)"
                 )
+
         def ask(call: Any, timeout_s: float | None = None) -> Any:
             """The server's answer, or ServerUnresponsive after ray.server_timeout_s (the heartbeat)."""
             try:

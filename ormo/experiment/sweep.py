@@ -623,6 +623,18 @@ def gpu_slots(runs: list[SweepRun], runs_per_device: int | None, *, visible: int
     return [g for _ in range(per) for g in range(visible)]
 
 
+def sweep_jobs(runs: list[SweepRun], jobs: int | None, runs_per_device: int | None, *,
+               default: int = 1) -> tuple[int, list[int] | None]:
+    """How many runs go at a time, and each worker slot's GPU (None for CPU runs): ``jobs`` (None: one per GPU slot,
+    else ``default``), never more than the slots."""
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ConfigError(f"invalid jobs: {jobs!r} (must be an integer >= 1)")
+    slots = gpu_slots(runs, runs_per_device, jobs=jobs)
+    if slots is None:
+        return (default if jobs is None else jobs), None
+    return min(jobs or len(slots), len(slots)), slots
+
+
 def run_sweep(runs: list[SweepRun], *, jobs: int | None = 1, progress: bool = True,
               runs_per_device: int | None = None) -> list[tuple[str, str]]:
     """Run every planned run, ``jobs`` at a time in worker child processes; returns (run_dir, outcome) pairs in
@@ -631,13 +643,7 @@ def run_sweep(runs: list[SweepRun], *, jobs: int | None = 1, progress: bool = Tr
 
     Runs on CUDA are spread over every visible GPU, ``runs_per_device`` at a time on each (:func:`gpu_slots`);
     ``jobs`` (None: one per slot) then caps the total."""
-    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
-        raise ConfigError(f"invalid jobs: {jobs!r} (must be an integer >= 1)")
-    slots = gpu_slots(runs, runs_per_device, jobs=jobs)
-    if jobs is None:
-        jobs = len(slots) if slots else 1
-    if slots is not None:
-        jobs = min(jobs, len(slots))
+    jobs, slots = sweep_jobs(runs, jobs, runs_per_device)
     tuning = plan_tuning(runs)
     for r in [*tuning, *(r for r in runs if r.tune is None)]:  # before anything starts: a directory of another
         check_existing(r)                                      # configuration stops the sweep
