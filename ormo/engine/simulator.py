@@ -42,6 +42,7 @@ from ..rules.base import (
     invalid,
     set_rate_factor,
 )
+from .batched import T_UNKNOWN, GradBatchFn, run_lockstep
 from .events import Event, EventLog
 from .timing import Homogeneous, Replay, WorkerClock, check_seed, check_timing
 
@@ -219,6 +220,10 @@ class _HeapSource:
     def undo(self, t: int, worker: int, arrival: float) -> None:
         heapq.heappush(self.heap, self._last)
 
+    def upcoming(self, t: int) -> list[int]:
+        """The dispatched workers, soonest arrival first."""
+        return [w for _, _, w in sorted(self.heap)]
+
     def check_index(self, t: int, index: int) -> None:
         pass
 
@@ -250,6 +255,9 @@ class _OrderSource:
     def undo(self, t: int, worker: int, arrival: float) -> None:
         self.ready[worker] = self._last
 
+    def upcoming(self, t: int) -> list[int]:
+        return _by_order(self.order, t)
+
     def check_index(self, t: int, index: int) -> None:
         pass
 
@@ -277,6 +285,9 @@ class _ReplaySource:
     def undo(self, t: int, worker: int, arrival: float) -> None:
         pass
 
+    def upcoming(self, t: int) -> list[int]:
+        return _by_order(self.workers, t)
+
     def check_index(self, t: int, index: int) -> None:
         if index != self.indices[t]:
             raise ConfigError(
@@ -291,6 +302,15 @@ class _ReplaySource:
         pass
 
 
+def _by_order(order: Sequence[int], t: int) -> list[int]:
+    """Workers in the order of their next appearance in ``order`` from ``t`` (a window of the next entries; the
+    simulator appends the workers not seen there)."""
+    seen: dict[int, None] = {}
+    for w in order[t : t + 4096]:
+        seen.setdefault(w, None)
+    return list(seen)
+
+
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -299,6 +319,32 @@ def _copy_payload(p: Payload, into: Tensor | None) -> tuple[Payload, Tensor]:
     buf = into.copy_(p.params) if into is not None else p.params.clone()
     mom = p.momentum.clone() if p.momentum is not None else None
     return Payload(index=p.index, params=buf, momentum=mom, lr_scale=p.lr_scale), buf
+
+
+def _owned(x: Tensor | None, copy: bool) -> Tensor | None:
+    """``x`` to save: a copy when asked, or when it views a larger storage (a row of a batched gradient), which
+    ``torch.save`` would write whole."""
+    if x is None:
+        return None
+    if copy or x.untyped_storage().nbytes() != x.numel() * x.element_size():
+        return x.clone()
+    return x
+
+
+def _computed_state(m: Message | SimulationError, copy: bool) -> dict[str, Any]:
+    if isinstance(m, SimulationError):
+        return {"error": type(m).__name__, "text": str(m), "worker": m.worker, "index": m.index, "step": m.step}
+    return {"index": m.index, "update": _owned(m.update, copy), "momentum": _owned(m.momentum, copy),
+            "local_lr_scale": m.local_lr_scale}
+
+
+def _computed_from_state(d: dict[str, Any]) -> Message | SimulationError:
+    if "error" in d:
+        cls = {"NonFiniteError": NonFiniteError, "GradFnError": GradFnError}.get(d["error"], SimulationError)
+        return cls(d["text"], t=-1, worker=int(d["worker"]), index=int(d["index"]), step=d["step"])
+    return Message(index=int(d["index"]), update=d["update"].clone(),
+                   momentum=d["momentum"].clone() if d["momentum"] is not None else None,
+                   local_lr_scale=float(d["local_lr_scale"]))
 
 
 def _worker_state_dict(w: Any, copy: bool) -> dict[str, Any] | None:
@@ -337,6 +383,9 @@ class Simulator:
         check_finite: bool = True,
         lr_schedule: Callable[[int], float] | None = None,
         on_redispatch: Callable[[int], None] | None = None,
+        batch: int = 0,
+        grad_batch: GradBatchFn | None = None,
+        on_consume: Callable[[int], None] | None = None,
     ) -> None:
         if not isinstance(rule, Rule):
             raise invalid("rule", type(rule).__name__, "a rule built by ormo.make_rule(name, ...)")
@@ -351,6 +400,15 @@ class Simulator:
         timing = check_timing(timing if timing is not None else Homogeneous())
         self.rule, self.grad_fn, self.check_finite, self.lr_schedule = rule, grad_fn, check_finite, lr_schedule
         self.on_redispatch = on_redispatch
+        #: batched in-flight gradients: at most this many messages computed together (0: one at a time, lazily)
+        self.batch = check_int_at_least("batch", batch, 0)
+        if grad_batch is not None and not callable(grad_batch):
+            raise invalid("grad_batch", type(grad_batch).__name__, "a callable grad_batch(requests) -> gradients")
+        self.grad_batch, self.on_consume = grad_batch, on_consume
+        #: batched: the computed messages not consumed yet, per worker (a Message, or the error it raised)
+        self.computed: dict[int, Message | SimulationError] = {}
+        #: batched: workers dispatched whose message is not computed yet
+        self.fresh = [True] * K
         #: replayed re-dispatches (a real run's restarted workers and rejected messages): t -> [(worker, index)]
         self.redispatches: dict[int, list[tuple[int, int]]] = {}
 
@@ -390,6 +448,7 @@ class Simulator:
                 "seed": self.seed,
                 "timing": timing.describe(),
                 "engine": "simulator",
+                **({"batch": self.batch} if self.batch else {}),
             }
         )
         self.state = rule.init(self.params0, num_workers=K)
@@ -425,19 +484,22 @@ class Simulator:
         self.source.check_index(t, payload.index)
         # The message depends only on the worker's snapshot, so it is computed and checked before PRE(t): a bad one
         # stops the run with the server exactly at the iteration boundary w_t, and the worker's own state as it was.
-        worker_state = self.worker_states[k]
-        saved = worker_state.state_dict() if worker_state is not None else None
-        try:
-            grad = _CheckedGrad(self.grad_fn, self.params0, t, k, payload.index, self.check_finite)
-            message = rule.work(payload, grad, worker_state)
-            if self.check_finite:
-                _check_message(message, t, k, already_checked=grad.last)
-        except SimulationError as e:
-            self.source.undo(t, k, now)
-            if worker_state is not None:
-                worker_state.load_state_dict(saved)
-            e.partial = self.result()
-            raise
+        if self.batch:
+            message = self._take_computed(t, k, now)
+        else:
+            worker_state = self.worker_states[k]
+            saved = worker_state.state_dict() if worker_state is not None else None
+            try:
+                grad = _CheckedGrad(self.grad_fn, self.params0, t, k, payload.index, self.check_finite)
+                message = rule.work(payload, grad, worker_state)
+                if self.check_finite:
+                    _check_message(message, t, k, already_checked=grad.last)
+            except SimulationError as e:
+                self.source.undo(t, k, now)
+                if worker_state is not None:
+                    worker_state.load_state_dict(saved)
+                e.partial = self.result()
+                raise
         self.now = now
         if self.lr_schedule is not None:
             self._set_rate(t)
@@ -455,6 +517,7 @@ class Simulator:
             self._check_sent(self.snapshots[k], t, k, payload.index)
             self.dispatch_time[k] = now
             self.source.dispatch(k, now, self._steps)
+            self.fresh[k] = True
             self.waiting.clear()
         elif len(self.waiting) == self.num_workers:
             shared, _ = _copy_payload(rule.payload(state, index=t + 1), None)
@@ -465,12 +528,96 @@ class Simulator:
                 self.snapshots[j] = shared
                 self.dispatch_time[j] = now
                 self.source.dispatch(j, now, self._steps)
+                self.fresh[j] = True
             self.waiting.clear()
         self.t = t + 1
         # checked after the iteration, so a warning turned into an error leaves the simulator consistent at w_{t+1}
         if not self._growth_warned and growth_check_due(t):
             self._check_growth(t)
         return event
+
+    # -- batched in-flight gradients ------------------------------------------------------------------------
+    def _take_computed(self, t: int, k: int, now: float) -> Message:
+        """Worker ``k``'s message, computed now with others (batched) unless it was computed ahead. An error found
+        while computing it is raised now that its iteration is known; it stays cached, so a retry raises it again."""
+        if k not in self.computed:
+            self._compute_batch(k)
+        got = self.computed[k]
+        if isinstance(got, SimulationError):
+            err = type(got)(str(got).replace(T_UNKNOWN, f"t={t}"), t=t, worker=got.worker, index=got.index,
+                            step=got.step)
+            self.source.undo(t, k, now)
+            err.partial = self.result()
+            raise err
+        del self.computed[k]
+        if self.on_consume is not None:
+            self.on_consume(k)
+        return got
+
+    def _compute_batch(self, k: int) -> None:
+        """Compute worker ``k``'s message together with those of up to ``batch - 1`` other dispatched workers whose
+        messages are not computed yet, the soonest expected first."""
+        chosen = [k]
+        for w in (*self.source.upcoming(self.t), *range(self.num_workers)):
+            if len(chosen) >= self.batch:
+                break
+            if self.fresh[w] and w not in self.computed and w not in chosen:
+                chosen.append(w)
+        states = {w: self.worker_states[w] for w in chosen}
+        saved = {w: s.state_dict() if s is not None else None for w, s in states.items()}
+        last: dict[int, Tensor] = {}
+
+        def compute(asked: list[tuple[int, Tensor, int]]) -> list[Tensor | BaseException]:
+            checks = [_CheckedGrad(None, self.params0, None, w, self.snapshots[w].index, self.check_finite)
+                      for w, _, _ in asked]
+            versions = [x._version for _, x, _ in asked]
+            requests = [(x.detach(), w, self.snapshots[w].index, step) for w, x, step in asked]
+            if self.grad_batch is not None:
+                grads = list(self.grad_batch(requests))
+            else:
+                grads = [self.grad_fn(*r) for r in requests]
+            if len(grads) != len(requests):
+                raise GradFnError(f"grad_batch returned {len(grads)} gradients for {len(requests)} requests; it "
+                                  f"must return one per request, in order", t=-1, worker=asked[0][0],
+                                  index=requests[0][2])
+            held = {m.update.data_ptr() for m in self.computed.values() if isinstance(m, Message)}
+            finite = _finite_flags(grads, self.params0) if self.check_finite else [None] * len(grads)
+            out: list[Tensor | BaseException] = []
+            for (w, x, step), g, version, check, ok in zip(asked, grads, versions, checks, finite, strict=True):
+                try:
+                    g = check.check(g, x, version, step, ok)
+                    if g.data_ptr() in held:
+                        raise GradFnError(
+                            f"grad_fn(params, worker={w}, index={check.index}, step={step}) returned memory that "
+                            f"another gradient still uses: in batched mode (batch > 0) every gradient must be a new "
+                            f"tensor (return a copy, or run with batch=0)", t=-1, worker=w, index=check.index,
+                            step=step)
+                    held.add(g.data_ptr())
+                    last[w] = g
+                    out.append(g)
+                except SimulationError as e:
+                    out.append(e)
+            return out
+
+        results = run_lockstep(self.rule, [(w, self.snapshots[w], states[w]) for w in chosen], compute)
+        failure: BaseException | None = None
+        for w in chosen:
+            got = results[w]
+            if isinstance(got, Message) and self.check_finite:
+                try:
+                    _check_message(got, None, w, already_checked=last.get(w))
+                except SimulationError as e:
+                    got = e
+            if isinstance(got, SimulationError):
+                if states[w] is not None:
+                    states[w].load_state_dict(saved[w])  # type: ignore[union-attr]
+            elif not isinstance(got, Message):
+                failure = failure or got
+                continue
+            self.computed[w] = got
+            self.fresh[w] = False
+        if failure is not None:  # the task's or the rule's own exception: the run fails with it
+            raise failure
 
     def _check_growth(self, t: int) -> None:
         """Warn (once per run) when ``w_{t+1}`` outgrew ``w_0`` by ``GROWTH_FACTOR``: reads the parameters only, so
@@ -510,6 +657,8 @@ class Simulator:
             )
         self.worker_states[worker] = self.rule.init_worker(self.params0)
         self.dispatch_time[worker] = self.now
+        self.computed.pop(worker, None)  # a message computed ahead was lost with the worker
+        self.fresh[worker] = True
         if self.on_redispatch is not None:
             self.on_redispatch(worker)
 
@@ -587,6 +736,8 @@ class Simulator:
             "waiting": list(self.waiting),
             "source": self.source.state_dict(),
             "events": self.events.state_dict(),
+            **({"batch": self.batch, "fresh": list(self.fresh),
+                "computed": {w: _computed_state(m, copy) for w, m in self.computed.items()}} if self.batch else {}),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -608,8 +759,14 @@ class Simulator:
         self.own_buffers = [p.params if own else None for p, own in zip(self.snapshots, sd["own"], strict=True)]
         self.dispatch_time, self.idle = list(sd["dispatch_time"]), list(sd["idle"])
         self.waiting = [tuple(w) for w in sd["waiting"]]  # type: ignore[misc]
+        if int(sd.get("batch", 0)) != self.batch:
+            raise ConfigError(f"the state was saved with batch={sd.get('batch', 0)} (batched in-flight gradients) and "
+                              f"this simulator has batch={self.batch}: continue it with the same setting")
         self.source.load_state_dict(sd["source"])
         self.events.load_state_dict(sd["events"])
+        if self.batch:
+            self.fresh = [bool(f) for f in sd["fresh"]]
+            self.computed = {int(w): _computed_from_state(m) for w, m in sd["computed"].items()}
 
 
 def simulate(
@@ -626,6 +783,8 @@ def simulate(
     callback: Callback | None = None,
     check_finite: bool = True,
     lr_schedule: Callable[[int], float] | None = None,
+    batch: int = 0,
+    grad_batch: GradBatchFn | None = None,
 ) -> SimulationResult:
     """Run ``rule`` on a simulated parameter server with ``num_workers`` workers.
 
@@ -645,6 +804,12 @@ def simulate(
         callback: ``callback(event, state)`` after every iteration (``state.params`` is ``w_{t+1}``).
         check_finite: stop with :class:`NonFiniteError` on a NaN/Inf gradient or message (one pass per tensor).
         lr_schedule: ``lr_schedule(t) -> float``, a factor on the learning rates at iteration ``t`` (default 1).
+        batch: batched in-flight gradients: when the server needs a message not computed yet, compute it together
+            with up to ``batch - 1`` other dispatched ones (0, the default: each when consumed). The results equal
+            the sequential ones up to floating-point rounding when ``grad_batch`` computes a batch differently;
+            ``grad_fn`` must then return a new tensor per call.
+        grad_batch: ``grad_batch([(params, worker, index, step), ...]) -> [gradient, ...]``, the gradients of a
+            batch in one call (default: ``grad_fn`` on each request).
 
     Returns:
         :class:`SimulationResult` with ``params`` (= ``w_T``), ``events`` and summary statistics.
@@ -661,6 +826,8 @@ def simulate(
         scheduler=scheduler,
         check_finite=check_finite,
         lr_schedule=lr_schedule,
+        batch=batch,
+        grad_batch=grad_batch,
     )
     if sim.limit is None:
         raise ConfigError("num_iterations is required when no order= or timing=Replay(...) is given")
@@ -679,28 +846,49 @@ def all_finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+def _finite_flags(grads: list[Any], like: Tensor) -> list[bool | None]:
+    """Whether each gradient of a batch is finite, read in one host sync (None for what is not a tensor like
+    ``like``: its own check reports it). A sum propagates NaN/Inf; a non-finite sum gets the exact check."""
+    fit = [i for i, g in enumerate(grads) if isinstance(g, Tensor) and g.shape == like.shape and g.dtype == like.dtype
+           and g.device == like.device]
+    out: list[bool | None] = [None] * len(grads)
+    if fit:
+        sums = torch.stack([grads[i].detach().sum() for i in fit]).isfinite().tolist()
+        for i, ok in zip(fit, sums, strict=True):
+            out[i] = True if ok else bool(torch.isfinite(grads[i]).all())
+    return out
+
+
 class _CheckedGrad:
-    """``grad(x, step)`` for one message: calls ``grad_fn`` and validates what it returns."""
+    """``grad(x, step)`` for one message: calls ``grad_fn`` and validates what it returns. ``t`` is None for a
+    message computed before its iteration is known (batched), whose errors say ``t=?`` until it is consumed."""
 
     __slots__ = ("grad_fn", "params0", "t", "worker", "index", "check_finite", "last")
 
-    def __init__(self, grad_fn: GradFn, params0: Tensor, t: int, worker: int, index: int, check_finite: bool):
+    def __init__(self, grad_fn: GradFn | None, params0: Tensor, t: int | None, worker: int, index: int,
+                 check_finite: bool):
         self.grad_fn, self.params0, self.t, self.worker, self.index = grad_fn, params0, t, worker, index
         self.check_finite = check_finite
         self.last: Tensor | None = None  # the last gradient returned (already checked)
 
     def __call__(self, x: Tensor, step: int) -> Tensor:
-        t, worker, index, p0 = self.t, self.worker, self.index, self.params0
         version = x._version
         self.last = None  # not held while the next one is computed (its memory may be reused)
         # A detached view: a grad_fn may set requires_grad on it without touching the (possibly shared) snapshot.
-        g = self.grad_fn(x.detach(), worker, index, step)
+        g = self.grad_fn(x.detach(), self.worker, self.index, step)  # type: ignore[misc]
+        return self.check(g, x, version, step)
+
+    def check(self, g: Any, x: Tensor, version: int, step: int, finite: bool | None = None) -> Tensor:
+        """``g`` if it is a finite tensor like ``params0`` and ``x`` was not changed in place; else the error.
+        ``finite``: the finiteness of ``g`` when the caller already knows it (a batch checks all at one sync)."""
+        worker, index, p0 = self.worker, self.index, self.params0
+        t = "?" if self.t is None else self.t
         if x._version != version:
             raise GradFnError(
                 f"grad_fn(params, worker={worker}, index={index}, step={step}) changed its params argument in place "
                 f"at server iteration t={t}; it is the worker's copy of the server parameters (shared by a whole "
                 f"synchronous round) and must be read only: clone it first",
-                t=t, worker=worker, index=index, step=step,
+                t=-1 if self.t is None else self.t, worker=worker, index=index, step=step,
             )
         if not isinstance(g, Tensor) or g.shape != p0.shape or g.dtype != p0.dtype or g.device != p0.device:
             where = f"grad_fn(params, worker={worker}, index={index}, step={step}) at server iteration t={t}"
@@ -712,18 +900,18 @@ class _CheckedGrad:
             raise GradFnError(
                 f"{where} returned {got}; expected a torch.Tensor of shape {tuple(p0.shape)}, dtype {p0.dtype}, "
                 f"device {p0.device} (same as params0)",
-                t=t,
+                t=-1 if self.t is None else self.t,
                 worker=worker,
                 index=index,
                 step=step,
             )
         if g.requires_grad:
             g = g.detach()
-        if self.check_finite and not all_finite(g):
+        if self.check_finite and not (all_finite(g) if finite is None else finite):
             raise NonFiniteError(
                 f"grad_fn(params, worker={worker}, index={index}, step={step}) returned NaN/Inf values at server "
                 f"iteration t={t}; the run stopped before applying it (parameters untouched)",
-                t=t,
+                t=-1 if self.t is None else self.t,
                 worker=worker,
                 index=index,
                 step=step,
@@ -732,15 +920,16 @@ class _CheckedGrad:
         return g
 
 
-def _check_message(message: Message, t: int, worker: int, *, already_checked: Tensor | None) -> None:
+def _check_message(message: Message, t: int | None, worker: int, *, already_checked: Tensor | None) -> None:
     for name, tensor in message.tensors():
         if tensor is already_checked:  # a one-step method sends its gradient as is
             continue
         if not all_finite(tensor):
             raise NonFiniteError(
-                f"the message of worker {worker} (index {message.index}) at server iteration t={t} has NaN/Inf "
-                f"values in its {name}; the run stopped before applying it (parameters untouched)",
-                t=t,
+                f"the message of worker {worker} (index {message.index}) at server iteration "
+                f"t={'?' if t is None else t} has NaN/Inf values in its {name}; the run stopped before applying it "
+                f"(parameters untouched)",
+                t=-1 if t is None else t,
                 worker=worker,
                 index=message.index,
             )

@@ -220,6 +220,13 @@ class TrainConfig:
     threads: int | None = None
     #: cpu, cuda, or cuda:N
     device: str = "cpu"
+    #: batched in-flight gradients (simulator): the messages of several dispatched workers computed in one
+    #: torch.func.vmap call, equal to one-at-a-time up to rounding. "auto": on a CUDA device when the task supports it
+    #: (on a CPU one at a time is as fast or faster); true; false. run.json records what ran and why
+    batch_workers: bool | str = "auto"
+    #: the most messages computed together (default: what 1 GiB of stacked parameters and gradients holds, at most
+    #: num_workers); fixed by the config, so a resume and a replay batch alike
+    batch_max: int | None = None
     #: also write TensorBoard event files (needs the tensorboard package)
     tensorboard: bool = False
     #: a label for tables and plots (e.g. "K=16 het."); default: derived from the varied settings
@@ -238,6 +245,10 @@ class TrainConfig:
         check_int_at_least("train.seed", self.seed, 0)
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise invalid("train.device", self.device, "'cpu', 'cuda' or 'cuda:N'")
+        if not (isinstance(self.batch_workers, bool) or self.batch_workers == "auto"):
+            raise invalid("train.batch_workers", self.batch_workers, 'true, false or "auto"')
+        if self.batch_max is not None:
+            check_int_at_least("train.batch_max", self.batch_max, 1)
 
 
 @dataclass(frozen=True)

@@ -79,10 +79,13 @@ def replay(run_dir: str | Path, *, write: bool = True) -> dict[str, Any]:
             check_task_sources(sources, task_sources(cfg.task.entry, cfg.task.imports), what=f"replay {run_dir}")
         rule = cfg.method.build()
         messages_per_epoch = problem.train_size / (cfg.data.batch_size * rule.local_steps)
+        batch = int(log.meta.get("batch", 0))  # a batched run replays batched alike (its rounding is its own)
         sim = Simulator(rule, problem.params0, problem.grad_fn, num_workers=cfg.train.num_workers,
                         timing=Replay(log), seed=cfg.train.seed,
                         lr_schedule=lambda t: cfg.schedule.factor(t / messages_per_epoch),
-                        on_redispatch=problem.reset_worker)
+                        on_redispatch=problem.reset_worker, batch=batch,
+                        grad_batch=getattr(problem, "grad_batch", None) if batch else None,
+                        on_consume=getattr(problem, "select_message", None) if batch else None)
         result = sim.run().result()
     finally:
         torch.set_num_threads(previous_threads)

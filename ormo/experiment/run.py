@@ -141,6 +141,9 @@ def _train(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, progres
     else:
         if cfg is None:
             raise ConfigError("train() needs a config unless resume=True")
+        if engine == "ray" and cfg.train.batch_workers is True:
+            raise ConfigError("invalid train.batch_workers: true with --engine ray (batching in-flight gradients is "
+                              "the simulator's; Ray's workers are real processes): set it to \"auto\" or false")
         if not (run_dir / "run.json").exists():  # a bad model or dataset fails here, early, before any file is made
             built = _driver_problem(cfg, engine), cfg.method.build()
         make_run_dir(run_dir)
@@ -220,6 +223,37 @@ def _train_locked(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, 
         raise
 
 
+#: the memory batched mode may stack by default: the parameters, gradients and their flat copy for every request
+BATCH_BYTES = 1 << 30
+
+
+def resolve_batching(cfg: ExperimentConfig, problem: Task) -> dict[str, Any]:
+    """What ``train.batch_workers`` means for this run on the simulator: ``{"mode": "batched" | "sequential",
+    "max": N (batched), "why": ...}``, recorded in run.json and used again by a resume and a replay."""
+    wanted, k = cfg.train.batch_workers, cfg.train.num_workers
+    if wanted is False:
+        return {"mode": "sequential", "why": "train.batch_workers = false"}
+    if not callable(getattr(problem, "grad_batch", None)):
+        if wanted is True:
+            raise ConfigError(f"invalid train.batch_workers: true (the task {type(problem).__name__} computes one "
+                              f"message at a time: it has no grad_batch, which every ModelTask has); set it to false "
+                              f"or \"auto\"")
+        return {"mode": "sequential", "why": "the task has no grad_batch"}
+    if wanted == "auto":
+        if not cfg.train.device.startswith("cuda"):
+            return {"mode": "sequential", "why": "auto: on a CPU one message at a time is as fast or faster "
+                                                 "(benchmarks/gpu_throughput.py)"}
+        if k == 1:
+            return {"mode": "sequential", "why": "auto: one worker"}
+        reason = problem.batch_problem() if callable(getattr(problem, "batch_problem", None)) else None
+        if reason is not None:
+            return {"mode": "sequential", "why": f"auto: {reason}"}
+    p = problem.params0
+    most = cfg.train.batch_max or max(1, min(k, BATCH_BYTES // (3 * p.numel() * p.element_size())))
+    return {"mode": "batched", "max": int(most),
+            "why": "train.batch_workers = true" if wanted is True else f"auto: {cfg.train.device}"}
+
+
 def _record(run_dir: Path, info: dict[str, Any], **fields: Any) -> None:
     """Best effort: the run's status in run.json. When even that cannot be written (a full disk), the lock tells
     the story: a ``running`` run whose lock is free is reported as ``stopped``."""
@@ -243,9 +277,15 @@ def _warn_about_the_size(cfg: ExperimentConfig, *, train_size: int, local_steps:
 
 def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any], *, problem: Task, rule: Rule,
                      total: int, messages_per_epoch: float, resume: bool, progress: bool) -> RunResult:
+    batching = info.get("batch_workers") if resume and info.get("batch_workers") else resolve_batching(cfg, problem)
+    info["batch_workers"] = batching
+    batched = batching["mode"] == "batched"
     sim = Simulator(rule, problem.params0, problem.grad_fn, num_workers=cfg.train.num_workers,
                     num_iterations=total, timing=cfg.timing.build(), seed=cfg.train.seed,
-                    lr_schedule=lambda t: cfg.schedule.factor(t / messages_per_epoch))
+                    lr_schedule=lambda t: cfg.schedule.factor(t / messages_per_epoch),
+                    batch=int(batching["max"]) if batched else 0,
+                    grad_batch=getattr(problem, "grad_batch", None) if batched else None,
+                    on_consume=getattr(problem, "select_message", None) if batched else None)
     evals = iteration_marks(cfg.train.eval_every, messages_per_epoch, total)
     checkpoints = iteration_marks(cfg.train.checkpoint_every, messages_per_epoch, total)
     window = max(1, math.ceil(messages_per_epoch))  # the last epoch of message losses (A16)
