@@ -13,7 +13,7 @@ parameters for the worker and logs the event.
 Blocks of ``--steps`` gradients alternate between the two (which goes first alternates too) after a warm-up, and the
 ratio is the median over pairs of adjacent blocks, so the shared machine's load hits both sides alike. Goal: ≤ 1.05.
 
-    python benchmarks/sim_overhead.py [--quick] [--json PATH]
+    python benchmarks/sim_overhead.py [--quick] [--models mlp,mlp-11m] [--json PATH]
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer and shorter blocks")
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--models", help="only these cases, comma-separated (resnet20,lenet,mlp,mlp-11m)")
     args = parser.parse_args()
     # a line per case as it finishes, even through a pipe (`make bench | tee`): a resnet20 case takes ~20 s
     sys.stdout.reconfigure(line_buffering=True)
@@ -111,6 +112,9 @@ def main() -> None:
             for k in (16, 64)]
     plan += [("mlp", 16, digits, 32, *((200, 5) if args.quick else (500, 9))),
              ("mlp-11m", 16, images, 64, *((4, 5) if args.quick else (10, 9)))]
+    if args.models:
+        wanted = set(args.models.split(","))
+        plan = [case for case in plan if case[0] in wanted]
     print(f"torch {torch.__version__}, 1 thread, CPU time; OrMo, K workers")
     print(f"{'model':10s} {'K':>3s} {'batch':>5s} {'plain ms/grad':>14s} {'sim ms/grad':>12s} "
           f"{'ratio (min-max)':>22s}  goal <= 1.05")

@@ -20,6 +20,10 @@ def _flatten_into(tensors: list[Tensor], flat: Tensor) -> None:
         offset += n
 
 
+#: the average elements per parameter tensor from which loading rebinds and gradients swap instead of copying
+REBIND_ELEMENTS = 1 << 16
+
+
 class FlatModel:
     """Binds ``module``'s parameters, gradients and floating buffers (BatchNorm running statistics) to flat tensors.
 
@@ -45,6 +49,10 @@ class FlatModel:
             p.grad = self.grad[offset : offset + n].view_as(p)
             offset += n
         self._plist = plist
+        #: parameters this large on average are bound to the caller's vector and gradients handed out by swapping
+        #: buffers, instead of copied: rebinding costs a few microseconds per tensor, a copy a pass over the memory
+        self.rebinds = total >= REBIND_ELEMENTS * len(plist)
+        self._bound: Tensor = self.params
 
         self.buffers = self._bind_buffers(module, floating=True, dtype=dtype, device=device)
         self.int_buffers = self._bind_buffers(module, floating=False, dtype=torch.int64, device=device)
@@ -70,8 +78,36 @@ class FlatModel:
         return self.params.numel()
 
     def load_params(self, vector: Tensor) -> None:
-        """Copy a parameter vector into the module (one copy)."""
+        """Put a parameter vector into the module: one copy, or (large parameters, :attr:`rebinds`) no copy, the
+        module's parameters becoming views of ``vector`` until the next load. Either way the module computes with
+        exactly these values; the module must not write to its parameters (a gradient only reads them)."""
+        if self.rebinds and vector.is_contiguous() and vector.shape == self.params.shape and (
+            vector.dtype == self.params.dtype and vector.device == self.params.device
+        ):
+            self._bind(vector)
+            return
+        if self._bound is not self.params:
+            self._bind(self.params)
         self.params.copy_(vector)
+
+    def _bind(self, vector: Tensor) -> None:
+        offset = 0
+        for p in self._plist:
+            n = p.numel()
+            p.data = vector[offset : offset + n].view_as(p)
+            offset += n
+        self._bound = vector
+
+    def swap_grad(self, fresh: Tensor) -> Tensor:
+        """Hand out the flat gradient and make ``fresh`` (same shape) the module's gradient buffer: the gradient
+        leaves without a copy. ``fresh`` is zeroed by the next :meth:`zero_grad`."""
+        out, offset = self.grad, 0
+        for p in self._plist:
+            n = p.numel()
+            p.grad = fresh[offset : offset + n].view_as(p)
+            offset += n
+        self.grad = fresh
+        return out
 
     def zero_grad(self) -> None:
         self.grad.zero_()

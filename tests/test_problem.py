@@ -189,3 +189,26 @@ def test_a_gradient_buffer_is_reused_only_when_nothing_holds_it():
     del third
     fourth = task.grad_fn(p, 2, 0, 0)  # nothing holds the last one: it is reused, and the values are exact
     assert fourth is watch() and torch.equal(fourth, expected)
+
+
+@pytest.mark.parametrize("method", ["ormo", "orlomo"])
+def test_large_parameters_are_bound_and_gradients_swapped_with_the_same_bits(method):
+    """Above REBIND_ELEMENTS per tensor the model's parameters become views of the worker's snapshot and the gradient
+    leaves by swapping buffers (no copies): the run is bit for bit the copying one."""
+    from ormo.engine import Simulator
+
+    cfg = load_config(None, [*SYNTH, "model.name=mlp", "data.options.image_shape=[3, 32, 32]", f"method.name={method}",
+                             "method.local_steps=2", "train.weight_decay=0.01"])
+    results = []
+    for rebinds in (True, False):
+        problem = TrainProblem(cfg)
+        assert problem.flat.rebinds  # the MLP on 32x32x3 averages over 65,536 elements per tensor
+        problem.flat.rebinds = rebinds
+        sim = Simulator(cfg.method.build(), problem.params0, problem.grad_fn, num_workers=3, num_iterations=20,
+                        seed=1)
+        while sim.t < 20:  # a grad_fn writing to its params argument (the snapshot) would stop the run
+            sim.step()
+            problem.commit_message()
+        results.append((sim.result().params, problem.evaluate_test(sim.state.params)))
+    (bound, bound_eval), (copied, copied_eval) = results
+    assert torch.equal(bound, copied) and bound_eval == copied_eval
