@@ -277,7 +277,10 @@ def _warn_about_the_size(cfg: ExperimentConfig, *, train_size: int, local_steps:
 
 def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any], *, problem: Task, rule: Rule,
                      total: int, messages_per_epoch: float, resume: bool, progress: bool) -> RunResult:
-    batching = info.get("batch_workers") if resume and info.get("batch_workers") else resolve_batching(cfg, problem)
+    batching = info.get("batch_workers") if resume else None
+    if batching is None:  # a run checkpointed before batching existed continues as it ran: one at a time
+        batching = {"mode": "sequential", "why": "resumed from a checkpoint written one message at a time"} if (
+            resume and (run_dir / CHECKPOINT).is_file()) else resolve_batching(cfg, problem)
     info["batch_workers"] = batching
     batched = batching["mode"] == "batched"
     sim = Simulator(rule, problem.params0, problem.grad_fn, num_workers=cfg.train.num_workers,
