@@ -401,7 +401,13 @@ class ModelTask:
         if self._batched is None:
             self._batched = BatchedGradient(self.model, self.loss)
         try:
-            grads, losses = self._batched(params, buffers, int_buffers, stack_batches(batches))
+            stacked = stack_batches(batches)
+        except Exception as e:
+            raise TaskError(f"{type(self).__name__}.batch() gave minibatches that cannot be stacked for a batch of "
+                            f"workers ({_failure(e)}): batched gradients need tensors of the same shapes; set "
+                            f"train.batch_workers = false to compute one message at a time") from e
+        try:
+            grads, losses = self._batched(params, buffers, int_buffers, stacked)
             if losses.dim() != 1:
                 raise TypeError(f"loss() must return a scalar tensor (a mean over the batch), got shape "
                                 f"{tuple(losses.shape[1:])}")

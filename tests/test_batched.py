@@ -194,7 +194,7 @@ def test_bad_batch_arguments_are_one_line_errors():
     def short(requests):
         return [problem.grad_fn(*requests[0])]
 
-    with pytest.raises(GradFnError, match="one per request"):
+    with pytest.raises(GradFnError, match="one gradient per request"):
         ormo.simulate(_rule("asgd"), problem.w0, problem.grad_fn, num_workers=3, num_iterations=3, batch=3,
                       grad_batch=short)
 
@@ -377,3 +377,110 @@ def test_batched_on_cuda_matches_sequential_on_cuda():
     bat, _, _ = _run_task(cfg, batch=4, total=16)
     assert seq.device.type == "cuda"
     assert (seq - bat).abs().max().item() / max(1.0, seq.abs().max().item()) <= TOLERANCE
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what an adversarial read found: failures stay with their message, interrupts leave no thread behind
+
+
+def _failing_for(bad, problem):
+    def grad_fn(x, w, i, s):
+        if (w, i) == bad:
+            raise KeyError(f"no data for worker {w} index {i}")
+        return problem.grad_fn(x, w, i, s)
+    return grad_fn
+
+
+@pytest.mark.parametrize("name", ["asgd", "orlomo"])
+def test_an_exception_in_a_message_never_consumed_changes_nothing(name):
+    problem = Quadratic(dim=3, seed=0)
+    kw = {"num_workers": 4, "num_iterations": 40, "timing": SlowFraction(fraction=0.25, slowdown=4.0), "seed": 1}
+    one = ormo.simulate(_rule(name), problem.w0, problem.grad_fn, **kw)
+    # the message each worker was sent last (at its last arrival t, parameter index t + 1), never consumed
+    last_t = {w: t for t, w in enumerate(one.events.workers)}
+    unused = min(((w, t + 1) for w, t in last_t.items()), key=lambda m: m[1])
+    failing = _failing_for(unused, problem)
+    asked = []
+
+    def grad_fn(x, w, i, s):
+        asked.append((w, i))
+        return failing(x, w, i, s)
+
+    batched = ormo.simulate(_rule(name), problem.w0, grad_fn, batch=4, **kw)
+    assert unused in asked  # it was computed ahead, and failed
+    assert torch.equal(batched.params, one.params) and batched.events == one.events
+
+
+def test_an_exception_in_a_consumed_message_is_raised_at_its_iteration_and_a_retry_raises_it_again():
+    problem = Quadratic(dim=3, seed=0)
+
+    def grad_batch(requests):
+        if any(w == 2 for _, w, _, _ in requests):
+            raise KeyError("worker 2's data is missing")  # the whole batch fails: retried request by request
+        return [problem.grad_fn(*r) for r in requests]
+
+    sim = Simulator(_rule("asgd"), problem.w0, problem.grad_fn, num_workers=4, order=[0, 1, 2, 3], batch=4,
+                    grad_batch=grad_batch)
+    sim.run(2)
+    for _ in range(2):
+        with pytest.raises(KeyError, match="worker 2"):
+            sim.step()
+        assert sim.t == 2  # the arrival was put back
+    assert set(sim.computed) == {2, 3}  # worker 3's message was computed alone, worker 2's error is held
+
+
+@pytest.mark.parametrize("returned", [None, 3, "short"])
+def test_a_grad_batch_returning_nonsense_is_a_grad_fn_error_naming_the_iteration(returned):
+    problem = Quadratic(dim=3)
+
+    def grad_batch(requests):
+        if returned == "short":
+            return [problem.grad_fn(*requests[0])]
+        return returned
+
+    sim = Simulator(_rule("asgd"), problem.w0, problem.grad_fn, num_workers=3, num_iterations=3, batch=3,
+                    grad_batch=grad_batch)
+    with pytest.raises(GradFnError, match=r"grad_batch\(requests\) returned .*server iteration t=0") as info:
+        sim.step()
+    assert info.value.t == 0 and info.value.partial is not None and sim.t == 0
+    with pytest.raises(GradFnError):  # and again: the simulator is still at the boundary
+        sim.step()
+
+
+def test_an_interrupt_in_the_lockstep_leaves_no_thread_waiting():
+    import threading
+
+    problem = Quadratic(dim=3)
+    calls = []
+
+    def grad_batch(requests):
+        calls.append(len(requests))
+        if len(calls) == 2:  # the second local step of the batch
+            raise KeyboardInterrupt
+        return [problem.grad_fn(*r) for r in requests]
+
+    before = {t for t in threading.enumerate() if t.name == "ormo-batched-worker"}
+    with pytest.raises(KeyboardInterrupt):
+        ormo.simulate(_rule("orlomo"), problem.w0, problem.grad_fn, num_workers=4, num_iterations=8, batch=4,
+                      grad_batch=grad_batch)
+    for t in threading.enumerate():
+        if t.name == "ormo-batched-worker" and t not in before:
+            t.join(timeout=5)
+            assert not t.is_alive()
+
+
+def test_a_batch_mismatch_is_refused_before_anything_is_loaded():
+    problem = Quadratic()
+    saved = Simulator(_rule("ormo"), problem.w0, problem.grad_fn, num_workers=3, num_iterations=10,
+                      batch=3).run(6).state_dict()
+    other = Simulator(_rule("ormo"), problem.w0, problem.grad_fn, num_workers=3, num_iterations=10)
+    with pytest.raises(ConfigError):
+        other.load_state_dict(saved)
+    assert other.t == 0 and torch.equal(other.state.params, problem.w0)
+
+
+def test_a_huge_batch_max_is_refused_and_a_large_one_is_capped_at_k():
+    with pytest.raises(ConfigError, match="train.batch_max"):
+        load_config(None, [*SYNTH, "train.batch_max=99999999999"])
+    cfg = load_config(None, [*SYNTH, "model.name=mlp", "train.batch_workers=true", "train.batch_max=1000"])
+    assert resolve_batching(cfg, TrainProblem(cfg))["max"] == 4

@@ -43,41 +43,56 @@ class _Coroutine:
         self.request: tuple[Tensor, int] | None = None
         self.result: Message | None = None
         self.error: BaseException | None = None
+        self.finished = False
         self._reply: Any = None
-        self._go, self._back = threading.Semaphore(0), threading.Semaphore(0)
+        self._turn = "caller"  # who runs: "caller" or "worker"; only the side handing over changes it
+        self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._main, args=(fn,), daemon=True, name="ormo-batched-worker")
         self._thread.start()
-        self.resume(None)
+
+    def _hand_over(self, to: str) -> None:
+        with self._cond:
+            self._turn = to
+            self._cond.notify_all()
+            while self._turn == to:
+                self._cond.wait()
 
     def _main(self, fn: Callable[[Callable[[Tensor, int], Tensor]], Message]) -> None:
-        self._go.acquire()
+        with self._cond:
+            while self._turn != "worker":
+                self._cond.wait()
         try:
             self.result = fn(self._grad)
         except BaseException as e:  # noqa: BLE001 - handed to the caller, raised there
             self.error = e
-        self.request = None
-        self._back.release()
+        with self._cond:
+            self.request, self.finished, self._turn = None, True, "caller"
+            self._cond.notify_all()
 
     def _grad(self, x: Tensor, step: int) -> Tensor:
         self.request = (x, step)
-        self._back.release()
-        self._go.acquire()
+        self._hand_over("caller")
         reply, self._reply = self._reply, None
         if isinstance(reply, BaseException):
             raise reply
         return reply
 
-    @property
-    def done(self) -> bool:
-        return self.request is None
-
     def resume(self, reply: Any) -> None:
-        """Answer the pending request (a gradient, or an exception to raise at the call) and run to the next one."""
+        """Answer the pending request (a gradient, or an exception to raise at the call; None to start) and run to
+        the next one."""
         self._reply = reply
-        self._go.release()
-        self._back.acquire()
-        if self.done:
+        self._hand_over("worker")
+        if self.finished:
             self._thread.join()
+
+    def abandon(self, error: BaseException) -> None:
+        """End the thread: wait for its turn to end (the caller was interrupted while it ran), then answer every
+        request with ``error`` until ``work`` gives up."""
+        with self._cond:
+            while self._turn == "worker":
+                self._cond.wait()
+        while not self.finished:
+            self.resume(error)
 
 
 def run_lockstep(
@@ -89,7 +104,8 @@ def run_lockstep(
 
     ``compute([(worker, x, step), ...])`` answers the gradient requests of one round (one per unfinished worker),
     each with a checked gradient or the exception its ``grad`` call raises. Returns each worker's message or the
-    exception its ``work`` raised.
+    exception its ``work`` raised. An exception of ``compute`` itself (or an interrupt) ends every paused thread
+    before it propagates.
     """
     out: dict[int, Message | BaseException] = {}
     if type(rule).work is Rule.work:  # one gradient at the received point: no coroutines needed
@@ -103,25 +119,25 @@ def run_lockstep(
 
             try:
                 out[w] = rule.work(p, given, ws)
-            except BaseException as e:  # noqa: BLE001 - kept with the message
+            except Exception as e:  # noqa: BLE001 - kept with the message
                 out[w] = e
         return out
     running: dict[int, _Coroutine] = {}
-    for w, p, ws in jobs:
-        running[w] = _Coroutine(lambda grad, p=p, ws=ws: rule.work(p, grad, ws))
-    while True:
-        for w in [w for w, c in running.items() if c.done]:
-            c = running.pop(w)
-            out[w] = c.error if c.error is not None else c.result  # type: ignore[assignment]
-        if not running:
-            return out
-        asked = [(w, c.request[0], c.request[1]) for w, c in running.items()]  # type: ignore[index]
-        try:
+    try:
+        for w, p, ws in jobs:
+            running[w] = c = _Coroutine(lambda grad, p=p, ws=ws: rule.work(p, grad, ws))
+            c.resume(None)
+        while True:
+            for w in [w for w, c in running.items() if c.finished]:
+                c = running.pop(w)
+                out[w] = c.error if c.error is not None else c.result  # type: ignore[assignment]
+            if not running:
+                return out
+            asked = [(w, c.request[0], c.request[1]) for w, c in running.items()]  # type: ignore[index]
             answers = compute(asked)
-        except BaseException as e:  # the run fails: end the paused threads first (each raises e at its call)
-            for c in running.values():
-                while not c.done:
-                    c.resume(e)
-            raise
-        for (w, _, _), g in zip(asked, answers, strict=True):
-            running[w].resume(g)
+            for (w, _, _), g in zip(asked, answers, strict=True):
+                running[w].resume(g)
+    except BaseException as e:  # the run fails or is interrupted: no thread is left waiting
+        for c in running.values():
+            c.abandon(e)
+        raise

@@ -549,6 +549,9 @@ class Simulator:
             self.source.undo(t, k, now)
             err.partial = self.result()
             raise err
+        if isinstance(got, Exception):  # the task's or the user's own error, raised as it was
+            self.source.undo(t, k, now)
+            raise got
         del self.computed[k]
         if self.on_consume is not None:
             self.on_consume(k)
@@ -567,31 +570,29 @@ class Simulator:
         saved = {w: s.state_dict() if s is not None else None for w, s in states.items()}
         last: dict[int, Tensor] = {}
 
+        name = "grad_batch(requests) for (" if self.grad_batch is not None else "grad_fn(params, "
+
         def compute(asked: list[tuple[int, Tensor, int]]) -> list[Tensor | BaseException]:
-            checks = [_CheckedGrad(None, self.params0, None, w, self.snapshots[w].index, self.check_finite)
+            checks = [_CheckedGrad(None, self.params0, None, w, self.snapshots[w].index, self.check_finite, name)
                       for w, _, _ in asked]
             versions = [x._version for _, x, _ in asked]
             requests = [(x.detach(), w, self.snapshots[w].index, step) for w, x, step in asked]
-            if self.grad_batch is not None:
-                grads = list(self.grad_batch(requests))
-            else:
-                grads = [self.grad_fn(*r) for r in requests]
-            if len(grads) != len(requests):
-                raise GradFnError(f"grad_batch returned {len(grads)} gradients for {len(requests)} requests; it "
-                                  f"must return one per request, in order", t=-1, worker=asked[0][0],
-                                  index=requests[0][2])
-            held = {m.update.data_ptr() for m in self.computed.values() if isinstance(m, Message)}
+            grads = self._gradients(requests)
             finite = _finite_flags(grads, self.params0) if self.check_finite else [None] * len(grads)
+            held = {m.update.data_ptr() for m in self.computed.values() if isinstance(m, Message)}
             out: list[Tensor | BaseException] = []
             for (w, x, step), g, version, check, ok in zip(asked, grads, versions, checks, finite, strict=True):
+                if isinstance(g, BaseException):
+                    out.append(g)
+                    continue
                 try:
                     g = check.check(g, x, version, step, ok)
                     if g.data_ptr() in held:
                         raise GradFnError(
-                            f"grad_fn(params, worker={w}, index={check.index}, step={step}) returned memory that "
-                            f"another gradient still uses: in batched mode (batch > 0) every gradient must be a new "
-                            f"tensor (return a copy, or run with batch=0)", t=-1, worker=w, index=check.index,
-                            step=step)
+                            f"{name}worker={w}, index={check.index}, step={step}) at server iteration {T_UNKNOWN} "
+                            f"returned memory that another gradient still uses: in batched mode (batch > 0) every "
+                            f"gradient must be a new tensor (return a copy, or run with batch=0)", t=-1, worker=w,
+                            index=check.index, step=step)
                     held.add(g.data_ptr())
                     last[w] = g
                     out.append(g)
@@ -600,7 +601,6 @@ class Simulator:
             return out
 
         results = run_lockstep(self.rule, [(w, self.snapshots[w], states[w]) for w in chosen], compute)
-        failure: BaseException | None = None
         for w in chosen:
             got = results[w]
             if isinstance(got, Message) and self.check_finite:
@@ -608,16 +608,40 @@ class Simulator:
                     _check_message(got, None, w, already_checked=last.get(w))
                 except SimulationError as e:
                     got = e
-            if isinstance(got, SimulationError):
-                if states[w] is not None:
-                    states[w].load_state_dict(saved[w])  # type: ignore[union-attr]
-            elif not isinstance(got, Message):
-                failure = failure or got
-                continue
-            self.computed[w] = got
+            if not isinstance(got, Message | Exception):  # an interrupt: nothing of this batch is kept
+                raise got
+            if isinstance(got, Exception) and states[w] is not None:
+                states[w].load_state_dict(saved[w])  # type: ignore[union-attr]
+            self.computed[w] = got  # a message, or the error it raised: raised when it is consumed
             self.fresh[w] = False
-        if failure is not None:  # the task's or the rule's own exception: the run fails with it
-            raise failure
+
+    def _gradients(self, requests: list[tuple[Tensor, int, int, int]]) -> list[Any]:
+        """Each request's gradient, or the exception computing it raised (held with its message, raised only if
+        that message is consumed). A failing batch is retried request by request, to find whose it is."""
+        if self.grad_batch is None:
+            out: list[Any] = []
+            for r in requests:
+                try:
+                    out.append(self.grad_fn(*r))
+                except Exception as e:  # noqa: BLE001 - raised when (if) this message is consumed
+                    out.append(e)
+            return out
+        try:
+            got = self.grad_batch(requests)
+        except Exception as e:  # noqa: BLE001 - raised when (if) this message is consumed
+            if len(requests) == 1:
+                return [e]
+            return [self._gradients([r])[0] for r in requests]
+        try:
+            got = list(got)
+        except TypeError:
+            got = None
+        if got is None or len(got) != len(requests):
+            what = f"{len(got)} gradients" if got is not None else "no sequence"
+            return [GradFnError(f"grad_batch(requests) returned {what} for {len(requests)} requests (at server "
+                                f"iteration {T_UNKNOWN}, worker {w}'s message): it must return one gradient per "
+                                f"request, in order", t=-1, worker=w, index=i, step=s) for _, w, i, s in requests]
+        return got
 
     def _check_growth(self, t: int) -> None:
         """Warn (once per run) when ``w_{t+1}`` outgrew ``w_0`` by ``GROWTH_FACTOR``: reads the parameters only, so
@@ -736,11 +760,17 @@ class Simulator:
             "waiting": list(self.waiting),
             "source": self.source.state_dict(),
             "events": self.events.state_dict(),
-            **({"batch": self.batch, "fresh": list(self.fresh),
-                "computed": {w: _computed_state(m, copy) for w, m in self.computed.items()}} if self.batch else {}),
+            **({"batch": self.batch,  # an error that is not the simulator's is not saved: recomputed after a load
+                "fresh": [f or isinstance(self.computed.get(w), Exception) and not isinstance(
+                    self.computed.get(w), SimulationError) for w, f in enumerate(self.fresh)],
+                "computed": {w: _computed_state(m, copy) for w, m in self.computed.items()
+                             if isinstance(m, Message | SimulationError)}} if self.batch else {}),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if int(sd.get("batch", 0)) != self.batch:  # before anything is loaded
+            raise ConfigError(f"the state was saved with batch={sd.get('batch', 0)} (batched in-flight gradients) and "
+                              f"this simulator has batch={self.batch}: continue it with the same setting")
         self.t, self.now = int(sd["t"]), float(sd["now"])
         self.state.load_state_dict(sd["rule_state"])
         for w, wsd in zip(self.worker_states, sd["worker_states"], strict=True):
@@ -759,9 +789,6 @@ class Simulator:
         self.own_buffers = [p.params if own else None for p, own in zip(self.snapshots, sd["own"], strict=True)]
         self.dispatch_time, self.idle = list(sd["dispatch_time"]), list(sd["idle"])
         self.waiting = [tuple(w) for w in sd["waiting"]]  # type: ignore[misc]
-        if int(sd.get("batch", 0)) != self.batch:
-            raise ConfigError(f"the state was saved with batch={sd.get('batch', 0)} (batched in-flight gradients) and "
-                              f"this simulator has batch={self.batch}: continue it with the same setting")
         self.source.load_state_dict(sd["source"])
         self.events.load_state_dict(sd["events"])
         if self.batch:
@@ -863,12 +890,12 @@ class _CheckedGrad:
     """``grad(x, step)`` for one message: calls ``grad_fn`` and validates what it returns. ``t`` is None for a
     message computed before its iteration is known (batched), whose errors say ``t=?`` until it is consumed."""
 
-    __slots__ = ("grad_fn", "params0", "t", "worker", "index", "check_finite", "last")
+    __slots__ = ("grad_fn", "params0", "t", "worker", "index", "check_finite", "last", "name")
 
     def __init__(self, grad_fn: GradFn | None, params0: Tensor, t: int | None, worker: int, index: int,
-                 check_finite: bool):
+                 check_finite: bool, name: str = "grad_fn(params, "):
         self.grad_fn, self.params0, self.t, self.worker, self.index = grad_fn, params0, t, worker, index
-        self.check_finite = check_finite
+        self.check_finite, self.name = check_finite, name
         self.last: Tensor | None = None  # the last gradient returned (already checked)
 
     def __call__(self, x: Tensor, step: int) -> Tensor:
@@ -885,13 +912,13 @@ class _CheckedGrad:
         t = "?" if self.t is None else self.t
         if x._version != version:
             raise GradFnError(
-                f"grad_fn(params, worker={worker}, index={index}, step={step}) changed its params argument in place "
+                f"{self.name}worker={worker}, index={index}, step={step}) changed its params argument in place "
                 f"at server iteration t={t}; it is the worker's copy of the server parameters (shared by a whole "
                 f"synchronous round) and must be read only: clone it first",
                 t=-1 if self.t is None else self.t, worker=worker, index=index, step=step,
             )
         if not isinstance(g, Tensor) or g.shape != p0.shape or g.dtype != p0.dtype or g.device != p0.device:
-            where = f"grad_fn(params, worker={worker}, index={index}, step={step}) at server iteration t={t}"
+            where = f"{self.name}worker={worker}, index={index}, step={step}) at server iteration t={t}"
             got = (
                 f"shape {tuple(g.shape)}, dtype {g.dtype}, device {g.device}"
                 if isinstance(g, Tensor)
@@ -909,7 +936,7 @@ class _CheckedGrad:
             g = g.detach()
         if self.check_finite and not (all_finite(g) if finite is None else finite):
             raise NonFiniteError(
-                f"grad_fn(params, worker={worker}, index={index}, step={step}) returned NaN/Inf values at server "
+                f"{self.name}worker={worker}, index={index}, step={step}) returned NaN/Inf values at server "
                 f"iteration t={t}; the run stopped before applying it (parameters untouched)",
                 t=-1 if self.t is None else self.t,
                 worker=worker,

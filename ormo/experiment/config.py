@@ -249,6 +249,8 @@ class TrainConfig:
             raise invalid("train.batch_workers", self.batch_workers, 'true, false or "auto"')
         if self.batch_max is not None:
             check_int_at_least("train.batch_max", self.batch_max, 1)
+            if self.batch_max >= 2**31:
+                raise invalid("train.batch_max", self.batch_max, "< 2^31 (a batch is at most num_workers anyway)")
 
 
 @dataclass(frozen=True)

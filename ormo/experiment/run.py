@@ -249,7 +249,7 @@ def resolve_batching(cfg: ExperimentConfig, problem: Task) -> dict[str, Any]:
         if reason is not None:
             return {"mode": "sequential", "why": f"auto: {reason}"}
     p = problem.params0
-    most = cfg.train.batch_max or max(1, min(k, BATCH_BYTES // (3 * p.numel() * p.element_size())))
+    most = min(k, cfg.train.batch_max or max(1, BATCH_BYTES // (3 * p.numel() * p.element_size())))
     return {"mode": "batched", "max": int(most),
             "why": "train.batch_workers = true" if wanted is True else f"auto: {cfg.train.device}"}
 
