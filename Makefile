@@ -25,6 +25,7 @@ demo: install
 bench: install
 	$(PY) benchmarks/server_step.py
 	$(PY) benchmarks/sim_overhead.py
+	$(PY) benchmarks/resnet20_run.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -42,6 +42,22 @@ def test_gpu_throughput_measures_all_three_ways_and_projects_table_1(capsys, mon
     assert "projected cpu-hours" in text and all(f"  {w}" in text for w in ("sequential", "batched", "packed"))
 
 
+@pytest.mark.filterwarnings("ignore:train.num_workers = 16 is larger")  # 2 messages: most workers never report
+def test_resnet20_run_compares_before_and_after_in_one_run(capsys, monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    bench = importlib.import_module("resnet20_run")
+    out = tmp_path / "r.json"
+    bench.main(["--messages", "2", "--pairs", "1", "--json", str(out)])
+    import json
+
+    (row,) = json.loads(out.read_text())
+    assert row["before_s"] > 0 and row["after_s"] > 0 and row["ratio"] == row["before_s"] / row["after_s"]
+    assert "faster end to end" in capsys.readouterr().out
+    from ormo.experiment import problem
+
+    assert problem.EVAL_BATCH == {"cpu": 128}  # the "before" side's setting was put back
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run under the device tool (README)")
 def test_a_run_on_cuda_trains_like_the_cpu_run(tmp_path):
     """The CUDA path end to end: the same short run on the GPU and on the CPU reach the same accuracy closely."""

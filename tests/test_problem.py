@@ -212,3 +212,22 @@ def test_large_parameters_are_bound_and_gradients_swapped_with_the_same_bits(met
         results.append((sim.result().params, problem.evaluate_test(sim.state.params)))
     (bound, bound_eval), (copied, copied_eval) = results
     assert torch.equal(bound, copied) and bound_eval == copied_eval
+
+
+def test_channels_last_images_give_the_same_gradients_up_to_rounding_and_are_part_of_the_config():
+    base = [*SYNTH, "data.augment=true", "train.weight_decay=0.001"]
+    nchw, nhwc = TrainProblem(load_config(None, base)), TrainProblem(load_config(None, [*base,
+                                                                                      "train.channels_last=true"]))
+    x, _ = nhwc.batch(1, 3, 0)
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    assert torch.equal(x, nchw.batch(1, 3, 0)[0])  # the same values, laid out NHWC
+    g1, g2 = nchw.grad_fn(nchw.params0, 1, 3, 0), nhwc.grad_fn(nhwc.params0, 1, 3, 0)
+    assert torch.allclose(g1, g2, rtol=1e-4, atol=1e-5)
+    nchw.commit_message()
+    nhwc.commit_message()
+    a, b = nchw.evaluate(nchw.params0, "test"), nhwc.evaluate(nhwc.params0, "test")
+    assert a["acc"] == b["acc"] and math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
+    batched = nhwc.grad_batch([(nhwc.params0, 0, 0, 0), (nhwc.params0, 2, 0, 0)])  # vmap takes NHWC images too
+    assert len(batched) == 2 and torch.isfinite(batched[0]).all()
+    with pytest.raises(ConfigError, match="train.channels_last"):
+        load_config(None, [*SYNTH, "train.channels_last=1"])

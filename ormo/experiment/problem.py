@@ -123,6 +123,8 @@ class ImageClassification(ModelTask):
             x = self.augment(x, minibatch_generator(self.seed, worker, index, step, stream=1))
         else:
             x = normalize(x, self.mean, self.std)
+        if self.cfg.train.channels_last:  # NHWC: oneDNN's faster convolutions on a CPU (the values are the same)
+            x = x.contiguous(memory_format=torch.channels_last)
         return x, y
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -136,6 +138,8 @@ class ImageClassification(ModelTask):
         step = EVAL_BATCH.get(xs.device.type, EVAL_BATCH_DEFAULT)
         for start in range(0, n, step):
             x = normalize(xs[start : start + step], self.mean, self.std)
+            if self.cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             y = ys[start : start + step]
             out = model(x)
             total_loss += float(F.cross_entropy(out, y, reduction="sum"))
