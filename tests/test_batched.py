@@ -484,3 +484,51 @@ def test_a_huge_batch_max_is_refused_and_a_large_one_is_capped_at_k():
         load_config(None, [*SYNTH, "train.batch_max=99999999999"])
     cfg = load_config(None, [*SYNTH, "model.name=mlp", "train.batch_workers=true", "train.batch_max=1000"])
     assert resolve_batching(cfg, TrainProblem(cfg))["max"] == 4
+
+
+def test_a_run_from_before_these_settings_existed_resumes_one_message_at_a_time(tmp_path):
+    """Its config.toml and checkpoint lack train.batch_workers/batch_max/channels_last: they held the defaults (what
+    it ran with), so the checkpoint is accepted, and it continues sequentially, bit for bit."""
+    from ormo.experiment import run as run_module
+    from ormo.experiment.rundir import config_diff
+
+    args = [*SYNTH, "model.name=mlp", "method.name=ormo", "train.epochs=0.5", "train.checkpoint_every=0.125"]
+    reference = train(load_config(None, args), tmp_path / "ref", progress=False)
+
+    class StopEarly(run_module.DeferredInterrupt):
+        reads = 0
+
+        @property
+        def requested(self):
+            type(self).reads += 1
+            return signal.SIGTERM if type(self).reads > 10 else None
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    run_dir = tmp_path / "old"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_module, "DeferredInterrupt", StopEarly)
+        with pytest.raises(KeyboardInterrupt):
+            train(load_config(None, args), run_dir, progress=False)
+    # as an older ormo wrote them: without the three settings, and run.json without the batching record
+    new_keys = ("batch_workers", "batch_max", "channels_last")
+
+    def old(text):
+        return "".join(line for line in text.splitlines(keepends=True) if not line.startswith(new_keys))
+
+    config = (run_dir / "config.toml").read_text()
+    assert any(line.startswith(new_keys) for line in config.splitlines())
+    (run_dir / "config.toml").write_text(old(config))
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    ckpt["config"] = old(ckpt["config"])
+    ckpt["config_sha256"] = "from an older ormo"
+    torch.save(ckpt, run_dir / "checkpoint.pt")
+    info = json.loads((run_dir / "run.json").read_text())
+    del info["batch_workers"]
+    (run_dir / "run.json").write_text(json.dumps(info))
+    assert config_diff(ckpt["config"], config) == ("", "")  # absent = the default it ran with
+    resumed = train(None, run_dir, resume=True, progress=False)
+    assert torch.equal(resumed.params, reference.params)
+    assert json.loads((run_dir / "run.json").read_text())["batch_workers"]["mode"] == "sequential"

@@ -328,10 +328,18 @@ _UNSET = object()
 
 
 def _flat_toml(text: str) -> dict[str, Any]:
+    """The settings of a config TOML, with every default filled in when it reads as a config: a run written before a
+    setting existed (absent from its TOML) holds that setting's default, which is what it ran with."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError:
         return {"(config)": "unreadable"}
+    from .config import from_dict, to_toml  # here: the config module does not import this one's callers
+
+    try:
+        data = tomllib.loads(to_toml(from_dict(data)))
+    except Exception:  # noqa: BLE001 - not a valid config (edited by hand): compared as written
+        pass
     return flatten(data)
 
 
