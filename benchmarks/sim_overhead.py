@@ -112,8 +112,11 @@ def main() -> None:
             for k in (16, 64)]
     plan += [("mlp", 16, digits, 32, *((200, 5) if args.quick else (500, 9))),
              ("mlp-11m", 16, images, 64, *((4, 5) if args.quick else (10, 9)))]
-    if args.models:
-        wanted = set(args.models.split(","))
+    if args.models is not None:
+        known = {case[0] for case in plan}
+        wanted = {m.strip() for m in args.models.split(",") if m.strip()}
+        if not wanted or wanted - known:
+            parser.error(f"--models {args.models!r}: expected comma-separated names among {', '.join(sorted(known))}")
         plan = [case for case in plan if case[0] in wanted]
     print(f"torch {torch.__version__}, 1 thread, CPU time; OrMo, K workers")
     print(f"{'model':10s} {'K':>3s} {'batch':>5s} {'plain ms/grad':>14s} {'sim ms/grad':>12s} "

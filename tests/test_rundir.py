@@ -485,3 +485,18 @@ def test_a_disk_that_fills_while_a_checkpoint_streams_is_one_line_and_keeps_the_
     with pytest.raises(RunDirError, match=r"checkpoint.pt: No space left on device; free some space"):
         save_checkpoint(path, {"x": torch.zeros(2_000_000), "y": torch.ones(1000)}, config_toml="c")
     assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+
+
+def test_config_differences_are_named_briefly():
+    from ormo.experiment import load_config
+    from ormo.experiment.config import to_toml
+    from ormo.experiment.rundir import config_diff
+
+    base = to_toml(load_config(None, ["method.lr=0.1"]))
+    assert config_diff("this is [not toml", base) == ("a config that is not valid TOML", "a valid config")
+    many = to_toml(load_config(None, ["method.lr=0.2", "train.epochs=3", "train.seed=4", "train.num_workers=5",
+                                      "data.batch_size=7", "train.eval_every=2", "train.checkpoint_every=3",
+                                      "train.channels_last=true"]))
+    made_by, says = config_diff(base, many)
+    assert made_by.endswith("and 2 more settings") and made_by.count(" = ") == 6 and len(made_by) < 300
+    assert config_diff(base, base.replace("channels_last = false\n", "")) == ("", "")  # absent = the default

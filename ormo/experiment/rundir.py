@@ -319,9 +319,18 @@ def config_diff(old_toml: str, new_toml: str) -> tuple[str, str]:
     """The settings that differ between two config TOMLs, e.g. ``("method.lr = 0.1", "method.lr = 0.2")``; empty
     strings when they hold the same values (written differently)."""
     old, new = _flat_toml(old_toml), _flat_toml(new_toml)
+    if "(config)" in old or "(config)" in new:  # not TOML (or not text): no setting-by-setting list
+        return ("a config that is not valid TOML" if "(config)" in old else "a valid config",
+                "a config that is not valid TOML" if "(config)" in new else "a valid config")
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k, _UNSET) != new.get(k, _UNSET))
-    return (", ".join(f"{k} = {_show(old.get(k, _UNSET))}" for k in keys),
-            ", ".join(f"{k} = {_show(new.get(k, _UNSET))}" for k in keys))
+    more = f" and {len(keys) - _DIFF_SHOWN} more settings" if len(keys) > _DIFF_SHOWN else ""
+    keys = keys[:_DIFF_SHOWN]
+    return (", ".join(f"{k} = {_show(old.get(k, _UNSET))}" for k in keys) + more,
+            ", ".join(f"{k} = {_show(new.get(k, _UNSET))}" for k in keys) + more)
+
+
+#: the differing settings a refusal names (the rest are counted)
+_DIFF_SHOWN = 6
 
 
 _UNSET = object()
@@ -332,7 +341,7 @@ def _flat_toml(text: str) -> dict[str, Any]:
     setting existed (absent from its TOML) holds that setting's default, which is what it ran with."""
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, TypeError, AttributeError):  # not TOML, or not even text
         return {"(config)": "unreadable"}
     from .config import from_dict, to_toml  # here: the config module does not import this one's callers
 
