@@ -90,23 +90,25 @@ class FlatModel:
             self._bind(self.params)
         self.params.copy_(vector)
 
-    def _bind(self, vector: Tensor) -> None:
+    def _views(self, flat: Tensor):
+        """Each parameter with its view into ``flat`` (the flat layout)."""
         offset = 0
         for p in self._plist:
             n = p.numel()
-            p.data = vector[offset : offset + n].view_as(p)
+            yield p, flat[offset : offset + n].view_as(p)
             offset += n
+
+    def _bind(self, vector: Tensor) -> None:
+        for p, view in self._views(vector):
+            p.data = view
         self._bound = vector
 
     def swap_grad(self, fresh: Tensor) -> Tensor:
         """Hand out the flat gradient and make ``fresh`` (same shape) the module's gradient buffer: the gradient
         leaves without a copy. ``fresh`` is zeroed by the next :meth:`zero_grad`."""
-        out, offset = self.grad, 0
-        for p in self._plist:
-            n = p.numel()
-            p.grad = fresh[offset : offset + n].view_as(p)
-            offset += n
-        self.grad = fresh
+        for p, view in self._views(fresh):
+            p.grad = view
+        out, self.grad = self.grad, fresh
         return out
 
     def zero_grad(self) -> None:

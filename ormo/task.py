@@ -342,11 +342,7 @@ class ModelTask:
     def grad_fn(self, params: Tensor, worker: int, index: int, step: int) -> Tensor:
         """Stochastic gradient at ``params`` (plus ``λ·params``). The worker's buffers move on in the model (staged)
         until :meth:`commit_message`."""
-        try:
-            batch = self.batch(worker, index, step)
-        except Exception as e:  # the task's own code: one line naming the method and where it failed
-            raise TaskError(f"{type(self).__name__}.batch(worker={worker}, index={index}, step={step}) failed: "
-                            f"{_failure(e)}") from e
+        batch = self._batch_of(worker, index, step)
         flat = self.flat
         flat.load_params(params)
         if self._staged != worker:  # a new message: start from the worker's committed statistics
@@ -380,15 +376,9 @@ class ModelTask:
         :meth:`grad_fn` would compute it up to rounding. A step-0 request starts its worker's message from the
         committed buffers; its state stays staged per worker until :meth:`select_message` and the commit. One host
         sync per call (the losses)."""
-        from .vmapgrad import BatchedGradient, stack_batches
+        from .vmapgrad import stack_batches
 
-        batches = []
-        for _, worker, index, step in requests:
-            try:
-                batches.append(self.batch(worker, index, step))
-            except Exception as e:
-                raise TaskError(f"{type(self).__name__}.batch(worker={worker}, index={index}, step={step}) failed: "
-                                f"{_failure(e)}") from e
+        batches = [self._batch_of(worker, index, step) for _, worker, index, step in requests]
         staged = []
         for _, worker, index, step in requests:
             entry = self._batch_staged.get(worker)
@@ -398,8 +388,6 @@ class ModelTask:
         params = torch.stack([r[0] for r in requests])
         buffers = torch.stack([e[1] for e in staged])
         int_buffers = torch.stack([e[2] for e in staged])
-        if self._batched is None:
-            self._batched = BatchedGradient(self.model, self.loss)
         try:
             stacked = stack_batches(batches)
         except Exception as e:
@@ -407,7 +395,7 @@ class ModelTask:
                             f"workers ({_failure(e)}): batched gradients need tensors of the same shapes; set "
                             f"train.batch_workers = false to compute one message at a time") from e
         try:
-            grads, losses = self._batched(params, buffers, int_buffers, stacked)
+            grads, losses = self._batched_gradient()(params, buffers, int_buffers, stacked)
             if losses.dim() != 1:
                 raise TypeError(f"loss() must return a scalar tensor (a mean over the batch), got shape "
                                 f"{tuple(losses.shape[1:])}")
@@ -427,10 +415,10 @@ class ModelTask:
     def batch_problem(self) -> str | None:
         """Why this task's gradients cannot be batched (None when they can): one batched gradient of two requests at
         ``params0`` on the minibatches of workers 0 and 1, touching no state."""
-        from .vmapgrad import BatchedGradient, stack_batches
+        from .vmapgrad import stack_batches
 
         try:
-            batched = BatchedGradient(self.model, self.loss)
+            batched = self._batched_gradient()
             batches = stack_batches([self.batch(w, 0, 0) for w in (0, 1)])
             two = torch.stack([self.params0, self.params0])
             grads, losses = batched(two, torch.stack([self.initial_buffers] * 2),
@@ -440,6 +428,23 @@ class ModelTask:
         except Exception as e:  # noqa: BLE001 - the reason is reported, the run goes on one message at a time
             return f"{type(self).__name__}.loss() does not run under torch.func.vmap: {_failure(e)}"
         return None
+
+    def _batch_of(self, worker: int, index: int, step: int) -> Any:
+        """:meth:`batch`, its failure one line naming the method and where it failed (the task's own code)."""
+        try:
+            return self.batch(worker, index, step)
+        except Exception as e:
+            raise TaskError(f"{type(self).__name__}.batch(worker={worker}, index={index}, step={step}) failed: "
+                            f"{_failure(e)}") from e
+
+    def _batched_gradient(self) -> Any:
+        """The vmapped gradient of this task's loss (built once; it holds no state of its own)."""
+        if self._batched is None:
+            from .vmapgrad import BatchedGradient
+
+            # self.loss looked up at each call: a task may replace it after the first batch
+            self._batched = BatchedGradient(self.model, lambda model, batch: self.loss(model, batch))
+        return self._batched
 
     def select_message(self, worker: int) -> None:
         """Batched mode: the engine consumes ``worker``'s message computed ahead; its staged state becomes the one
@@ -453,15 +458,12 @@ class ModelTask:
         """A copy of ``grad`` that the caller owns: the previous one's memory when nothing holds it any more (no
         reference, no view, no numpy alias: a fresh 44 MB allocation per message costs ~1.3x a plain SGD step at 11M
         parameters), else a new tensor. The values are the same either way."""
+        free = _REUSE and self._spare_grad is not None and _unreferenced(self._spare_grad)  # (no local: it would count)
         if self.flat.rebinds and grad is self.flat.grad:  # large tensors: hand the buffer out, bind another
-            if _REUSE and self._spare_grad is not None and _unreferenced(self._spare_grad):
-                fresh = self._spare_grad
-            else:
-                fresh = torch.empty_like(grad)
-            self._spare_grad = out = self.flat.swap_grad(fresh)
+            self._spare_grad = out = self.flat.swap_grad(self._spare_grad if free else torch.empty_like(grad))
             return out
-        if _REUSE and self._spare_grad is not None and _unreferenced(self._spare_grad):  # (no local: it would count)
-            return self._spare_grad.copy_(grad)
+        if free:
+            return self._spare_grad.copy_(grad)  # type: ignore[union-attr]
         self._spare_grad = out = grad.clone()
         return out
 
