@@ -303,7 +303,12 @@ class ModelTask:
         self.server_buffers = self.flat.buffers.clone()
         self.server_int_buffers = self.flat.int_buffers.clone()
         self._staged: int | None = None  # the worker whose message is being computed (its buffers are in the model)
-        self._loss_sum, self._loss_count = 0.0, 0
+        self._loss_sum: float | Tensor = 0.0
+        self._loss_count = 0
+        #: deferred host reads (``train.deferred_checks``): the loss accumulates on the device (in float64, the same
+        #: sum as the Python floats otherwise) and :meth:`commit_message` returns it as a 0-d tensor; a diverged
+        #: BatchNorm statistic is folded into the gradient without reading it
+        self.defer_sync = False
         self._spare_grad: Tensor | None = None  # the last gradient handed out, reused once nobody holds it
         # batched mode: per worker, the message computed ahead and not consumed yet: [index, floating buffers,
         # integer buffers, loss sum, loss count] (its staged state); the consumed one's buffers, until committed
@@ -361,13 +366,19 @@ class ModelTask:
         except Exception as e:
             raise TaskError(f"{type(self).__name__}.loss() failed: {_failure(e)}") from e
         flat.check_bound()
-        self._loss_sum += float(loss.detach())  # one host sync per gradient (CPU: free)
+        if self.defer_sync:
+            self._loss_sum = self._loss_sum + loss.detach().double()
+        else:
+            self._loss_sum += float(loss.detach())  # one host sync per gradient (CPU: free)
         self._loss_count += 1
         g = self._gradient_out(flat.grad)
         if self.weight_decay:
             g.add_(params, alpha=self.weight_decay)
-        if flat.buffers.numel() and not bool(torch.isfinite(flat.buffers.sum())):
-            g.fill_(float("nan"))  # diverged statistics: make the engine reject the message
+        if flat.buffers.numel():  # diverged statistics: make the engine reject the message
+            if self.defer_sync:
+                g.masked_fill_(~torch.isfinite(flat.buffers.sum()), float("nan"))
+            elif not bool(torch.isfinite(flat.buffers.sum())):
+                g.fill_(float("nan"))
         return g
 
     def grad_batch(self, requests: Sequence[tuple[Tensor, int, int, int]]) -> list[Tensor]:
@@ -407,7 +418,8 @@ class ModelTask:
             grads.add_(params, alpha=self.weight_decay)
         if buffers.numel():  # diverged statistics: make the engine reject that message (no host sync)
             grads.masked_fill_(~torch.isfinite(buffers.sum(1, keepdim=True)), float("nan"))
-        for row, (entry, value) in enumerate(zip(staged, losses.tolist(), strict=True)):
+        values = losses.double().unbind(0) if self.defer_sync else losses.tolist()
+        for row, (entry, value) in enumerate(zip(staged, values, strict=True)):
             worker = requests[row][1]
             self._batch_staged[worker] = [entry[0], buffers[row], int_buffers[row], entry[3] + value, entry[4] + 1]
         return list(grads.unbind(0))
@@ -477,11 +489,12 @@ class ModelTask:
 
     def message_loss(self) -> float:
         """The loss of the message just computed (mean over its local steps), without committing anything."""
-        return self._loss_sum / self._loss_count if self._loss_count else math.nan
+        return float(self._loss_sum / self._loss_count) if self._loss_count else math.nan
 
-    def commit_message(self) -> float:
+    def commit_message(self) -> float | Tensor:
         """The engine accepted the message just computed: its worker keeps the staged buffers and the server keeps
-        them as the latest (A14). Returns the message's loss (mean over its local steps)."""
+        them as the latest (A14). Returns the message's loss (mean over its local steps): a float, or with
+        ``defer_sync`` a 0-d float64 tensor on the device, unread."""
         out = self._loss_sum / self._loss_count if self._loss_count else math.nan
         if self._staged is not None:
             w = self._staged
@@ -550,7 +563,8 @@ class ModelTask:
             "server_buffers": self.server_buffers.clone(),
             "server_int_buffers": self.server_int_buffers.clone(),
             # batched mode: the staged state of the messages computed ahead (saved with them by the simulator)
-            "batch_staged": {w: [e[0], e[1].clone(), e[2].clone(), e[3], e[4]] for w, e in self._batch_staged.items()},
+            "batch_staged": {w: [e[0], e[1].clone(), e[2].clone(), float(e[3]), e[4]]
+                             for w, e in self._batch_staged.items()},
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:

@@ -68,3 +68,36 @@ def trajectory(rule, params0, grad_fn, **kw):
 
     res = ormo.simulate(rule, params0, grad_fn, callback=cb, **kw)
     return res, params, states
+
+
+def stopping_interrupt(base, after_reads: int):
+    """A ``DeferredInterrupt`` (``base``) that reports a SIGINT once it has been read ``after_reads`` times: a run
+    loop reads it twice per iteration, so ``2n`` stops the run with a checkpoint at iteration ``n``, as Ctrl-C does."""
+    import signal
+
+    class Stop(base):
+        reads = 0
+
+        @property
+        def requested(self):
+            type(self).reads += 1
+            return signal.SIGINT if type(self).reads > after_reads else None
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    return Stop
+
+
+#: a tiny synthetic image task for run-level tests (``load_config(None, [*SYNTH, ...])``)
+SYNTH = ["data.name=synthetic", "data.options.train_size=256", "data.options.test_size=32",
+         "data.options.image_shape=[3, 8, 8]", "data.batch_size=8", "train.num_workers=4"]
+
+
+def rule_with_local_steps(name: str, **extra):
+    """``ormo.make_rule(name, **extra)``, with 3 local steps for a local method (so its local loop is exercised)."""
+    hp = dict(extra)
+    if "local_steps" in ormo.make_rule(name).describe()["hyperparameters"]:
+        hp["local_steps"] = 3
+    return ormo.make_rule(name, **hp)

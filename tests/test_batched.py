@@ -17,7 +17,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from helpers import Quadratic, random_async_order, random_sync_order
+from helpers import SYNTH, Quadratic, random_async_order, random_sync_order, rule_with_local_steps, stopping_interrupt
 
 import ormo
 from ormo import ConfigError
@@ -31,15 +31,9 @@ from ormo.experiment.run import resolve_batching
 from ormo.experiment.rundir import plain
 
 RULES = ormo.rule_names()
-SYNTH = ["data.name=synthetic", "data.options.train_size=256", "data.options.test_size=32",
-         "data.options.image_shape=[3, 8, 8]", "data.batch_size=8", "train.num_workers=4"]
 
 
-def _rule(name, **extra):
-    hp = dict(extra)
-    if "local_steps" in ormo.make_rule(name).describe()["hyperparameters"]:
-        hp["local_steps"] = 3
-    return ormo.make_rule(name, **hp)
+_rule = rule_with_local_steps
 
 
 def _roundtrip(sd):
@@ -283,20 +277,8 @@ def test_batched_task_runs_are_deterministic_resume_and_replay_bit_for_bit(tmp_p
     # stop mid-run as Ctrl-C does (a checkpoint at the iteration boundary, with messages computed ahead) and resume
     from ormo.experiment import run as run_module
 
-    class StopAtTheFifthIteration(run_module.DeferredInterrupt):
-        reads = 0
-
-        @property
-        def requested(self):
-            type(self).reads += 1
-            return signal.SIGINT if type(self).reads > 8 else None  # read twice per iteration
-
-        @requested.setter
-        def requested(self, value):
-            pass
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_module, "DeferredInterrupt", StopAtTheFifthIteration)
+        mp.setattr(run_module, "DeferredInterrupt", stopping_interrupt(run_module.DeferredInterrupt, 8))
         with pytest.raises(KeyboardInterrupt, match="stopped at iteration 5"):
             train(cfg, tmp_path / "c", progress=False)
     ckpt = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)

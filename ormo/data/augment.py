@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..rules.base import check_int_at_least, invalid
+from .sampler import to_device
 
 
 def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -31,8 +32,8 @@ def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     if c is None or len(mean) != c or len(std) != c:
         raise invalid("mean/std", (tuple(mean), tuple(std)), f"one value per channel of images shaped "
                       f"{tuple(x.shape)} (channels at dim -3)")
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device)[:, None, None]
-    s = torch.tensor(std, dtype=x.dtype, device=x.device)[:, None, None]
+    m = to_device(torch.tensor(mean, dtype=x.dtype), x.device)[:, None, None]
+    s = to_device(torch.tensor(std, dtype=x.dtype), x.device)[:, None, None]
     return (x - m) / s
 
 
@@ -48,14 +49,14 @@ def random_crop_flip(x: Tensor, *, padding: int, flip: bool, generator: torch.Ge
     span = 2 * padding + 1
     gen_device = generator.device
     if padding:
-        oy = torch.randint(0, span, (n,), generator=generator, device=gen_device).to(x.device)
-        ox = torch.randint(0, span, (n,), generator=generator, device=gen_device).to(x.device)
+        oy = to_device(torch.randint(0, span, (n,), generator=generator, device=gen_device), x.device)
+        ox = to_device(torch.randint(0, span, (n,), generator=generator, device=gen_device), x.device)
     else:
         oy = ox = torch.zeros(n, dtype=torch.int64, device=x.device)
     rows = oy[:, None] + torch.arange(h, device=x.device)  # N×H
     cols = ox[:, None] + torch.arange(w, device=x.device)  # N×W
     if flip:
-        flipped = (torch.rand(n, generator=generator, device=gen_device) < 0.5).to(x.device)
+        flipped = to_device(torch.rand(n, generator=generator, device=gen_device) < 0.5, x.device)
         cols = torch.where(flipped[:, None], cols.flip(1), cols)  # mirror of a window = reversed column indices
     padded = F.pad(x, (padding, padding, padding, padding)) if padding else x
     hp, wp = h + 2 * padding, w + 2 * padding

@@ -45,3 +45,12 @@ def minibatch_indices(num_examples: int, batch_size: int, *, seed: int, worker: 
     check_int_at_least("batch_size", batch_size, 1)
     g = minibatch_generator(seed, worker, index, step, INDICES_STREAM)
     return torch.randint(0, num_examples, (batch_size,), generator=g)
+
+
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``x`` moved to ``device``. From the CPU to a CUDA device the copy goes through pinned memory without waiting:
+    a plain (pageable) copy makes the host wait for everything queued on the device, a host sync per minibatch."""
+    device = torch.device(device)
+    if device.type != "cuda" or x.device.type != "cpu":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)

@@ -386,6 +386,7 @@ class Simulator:
         batch: int = 0,
         grad_batch: GradBatchFn | None = None,
         on_consume: Callable[[int], None] | None = None,
+        defer_checks: bool = False,
     ) -> None:
         if not isinstance(rule, Rule):
             raise invalid("rule", type(rule).__name__, "a rule built by ormo.make_rule(name, ...)")
@@ -405,10 +406,21 @@ class Simulator:
         if grad_batch is not None and not callable(grad_batch):
             raise invalid("grad_batch", type(grad_batch).__name__, "a callable grad_batch(requests) -> gradients")
         self.grad_batch, self.on_consume = grad_batch, on_consume
+        if not isinstance(defer_checks, bool):
+            raise invalid("defer_checks", defer_checks, "True or False")
+        #: deferred checks: the NaN/Inf checks fold into a device-side record read by :meth:`flush_checks` (None:
+        #: each check reads its answer at once, a host sync per check on CUDA)
+        self.record: _DeferredRecord | None = _DeferredRecord(self.params0.device) if (
+            defer_checks and check_finite) else None
         #: batched: the computed messages not consumed yet, per worker (a Message, or the error it raised)
         self.computed: dict[int, Message | SimulationError] = {}
         #: batched: workers dispatched whose message is not computed yet
         self.fresh = [True] * K
+        #: batched, deferred checks: the last gradient of a computed message (already checked, as its own update)
+        self._checked: dict[int, Tensor | None] = {}
+        #: batched: workers whose cached message was loaded from a state saved with deferred checks and is checked
+        #: when consumed (its tensors were not read when it was computed)
+        self._unchecked: set[int] = set()
         #: replayed re-dispatches (a real run's restarted workers and rejected messages): t -> [(worker, index)]
         self.redispatches: dict[int, list[tuple[int, int]]] = {}
 
@@ -490,9 +502,12 @@ class Simulator:
             worker_state = self.worker_states[k]
             saved = worker_state.state_dict() if worker_state is not None else None
             try:
-                grad = _CheckedGrad(self.grad_fn, self.params0, t, k, payload.index, self.check_finite)
+                grad = _CheckedGrad(self.grad_fn, self.params0, t, k, payload.index, self.check_finite, record=(
+                    self.record, t))
                 message = rule.work(payload, grad, worker_state)
-                if self.check_finite:
+                if self.record is not None:
+                    self.record.note([x for _, x in message.tensors() if x is not grad.last], t, _MESSAGE)
+                elif self.check_finite:
                     _check_message(message, t, k, already_checked=grad.last)
             except SimulationError as e:
                 self.source.undo(t, k, now)
@@ -532,7 +547,7 @@ class Simulator:
             self.waiting.clear()
         self.t = t + 1
         # checked after the iteration, so a warning turned into an error leaves the simulator consistent at w_{t+1}
-        if not self._growth_warned and growth_check_due(t):
+        if not self._growth_warned and self.record is None and growth_check_due(t):
             self._check_growth(t)
         return event
 
@@ -552,7 +567,18 @@ class Simulator:
         if isinstance(got, Exception):  # the task's or the user's own error, raised as it was
             self.source.undo(t, k, now)
             raise got
+        if k in self._unchecked and self.record is None:
+            try:
+                _check_message(got, t, k, already_checked=None)
+            except SimulationError as e:
+                self.source.undo(t, k, now)
+                e.partial = self.result()
+                raise
+        self._unchecked.discard(k)
         del self.computed[k]
+        if self.record is not None:  # its gradients were checked with its batch; its own tensors now, on the device
+            self.record.note([x for _, x in got.tensors() if x is not self._checked.get(k)], t, _MESSAGE)
+        self._checked.pop(k, None)
         if self.on_consume is not None:
             self.on_consume(k)
         return got
@@ -603,7 +629,9 @@ class Simulator:
         results = run_lockstep(self.rule, [(w, self.snapshots[w], states[w]) for w in chosen], compute)
         for w in chosen:
             got = results[w]
-            if isinstance(got, Message) and self.check_finite:
+            if isinstance(got, Message) and self.record is not None:  # checked when consumed (deferred)
+                self._checked[w] = last.get(w)
+            elif isinstance(got, Message) and self.check_finite:
                 try:
                     _check_message(got, None, w, already_checked=last.get(w))
                 except SimulationError as e:
@@ -682,6 +710,8 @@ class Simulator:
         self.worker_states[worker] = self.rule.init_worker(self.params0)
         self.dispatch_time[worker] = self.now
         self.computed.pop(worker, None)  # a message computed ahead was lost with the worker
+        self._checked.pop(worker, None)
+        self._unchecked.discard(worker)
         self.fresh[worker] = True
         if self.on_redispatch is not None:
             self.on_redispatch(worker)
@@ -696,6 +726,9 @@ class Simulator:
         """The parameters about to be sent must be finite: catches a server update that overflowed (one summing pass
         over the copy, the cost of the NaN check of a gradient)."""
         if not self.check_finite:
+            return
+        if self.record is not None:
+            self.record.note([x for x in (payload.params, payload.momentum) if x is not None], t, _SENT)
             return
         for name, tensor in (("parameters", payload.params), ("momentum", payload.momentum)):
             if tensor is not None and not all_finite(tensor):
@@ -717,7 +750,37 @@ class Simulator:
             event = self.step()
             if callback is not None:
                 callback(event, self.state)
+        self.flush_checks()
         return self
+
+    def check_each_message(self) -> None:
+        """Stop deferring the checks: from now on each reads its answer at once (what is noted and unread is
+        dropped; load a state saved before it, as ``ormo train`` does when a deferred check failed)."""
+        self.record = None
+
+    def flush_checks(self) -> None:
+        """Read the deferred checks (one host sync; nothing without ``defer_checks``): raise :class:`NonFiniteError`
+        naming the first iteration that met a NaN/Inf, its worker and what was not finite, and run the growth check
+        the iterations skipped. The parameters are then those after the last iteration run, past the NaN/Inf: to stop
+        exactly where a run checking every message stops (parameters untouched), run again from a state saved at an
+        earlier flush with ``defer_checks=False`` (``ormo train`` does)."""
+        if self.record is None:
+            return
+        code = self.record.read()
+        if code >= 0:
+            t_bad, kind = divmod(code, _KINDS)
+            event = self.events[t_bad]
+            what = {_GRADIENT: "a gradient of its message", _MESSAGE: "its message",
+                    _SENT: "the server parameters (or momentum) after applying it"}[kind]
+            err = NonFiniteError(
+                f"NaN/Inf values at server iteration t={t_bad}, the message of worker {event.worker} (index "
+                f"{event.index}, delay {t_bad - event.index}): {what} was not finite (found when the deferred checks "
+                f"were read after iteration {self.t - 1}; the run diverged: is the learning rate too large?)",
+                t=t_bad, worker=event.worker, index=event.index)
+            err.partial = self.result()
+            raise err
+        if not self._growth_warned and self.t > 0:
+            self._check_growth(self.t - 1)
 
     def result(self) -> SimulationResult:
         events, K = self.events, self.num_workers
@@ -760,6 +823,7 @@ class Simulator:
             "waiting": list(self.waiting),
             "source": self.source.state_dict(),
             "events": self.events.state_dict(),
+            **({"deferred": self.record.read()} if self.record is not None else {}),
             **({"batch": self.batch,  # an error that is not the simulator's is not saved: recomputed after a load
                 "fresh": [f or isinstance(self.computed.get(w), Exception) and not isinstance(
                     self.computed.get(w), SimulationError) for w, f in enumerate(self.fresh)],
@@ -791,9 +855,14 @@ class Simulator:
         self.waiting = [tuple(w) for w in sd["waiting"]]  # type: ignore[misc]
         self.source.load_state_dict(sd["source"])
         self.events.load_state_dict(sd["events"])
+        if self.record is not None:
+            self.record.reset(int(sd.get("deferred", -1)))
         if self.batch:
             self.fresh = [bool(f) for f in sd["fresh"]]
             self.computed = {int(w): _computed_from_state(m) for w, m in sd["computed"].items()}
+            self._checked = {}  # loaded messages own their tensors: none is a gradient checked on its own
+            self._unchecked = {w for w, m in self.computed.items() if isinstance(m, Message)} if (
+                "deferred" in sd) else set()
 
 
 def simulate(
@@ -812,6 +881,7 @@ def simulate(
     lr_schedule: Callable[[int], float] | None = None,
     batch: int = 0,
     grad_batch: GradBatchFn | None = None,
+    defer_checks: bool = False,
 ) -> SimulationResult:
     """Run ``rule`` on a simulated parameter server with ``num_workers`` workers.
 
@@ -837,6 +907,9 @@ def simulate(
             ``grad_fn`` must then return a new tensor per call.
         grad_batch: ``grad_batch([(params, worker, index, step), ...]) -> [gradient, ...]``, the gradients of a
             batch in one call (default: ``grad_fn`` on each request).
+        defer_checks: the NaN/Inf checks (``check_finite``) queue on the device and are read once, at the end (no
+            host sync per message on CUDA; batched gradients are still checked once per batch). A NaN/Inf then stops
+            the run at the end, naming the first iteration that met one; the parameters are those past it.
 
     Returns:
         :class:`SimulationResult` with ``params`` (= ``w_T``), ``events`` and summary statistics.
@@ -855,6 +928,7 @@ def simulate(
         lr_schedule=lr_schedule,
         batch=batch,
         grad_batch=grad_batch,
+        defer_checks=defer_checks,
     )
     if sim.limit is None:
         raise ConfigError("num_iterations is required when no order= or timing=Replay(...) is given")
@@ -871,6 +945,33 @@ def all_finite(tensor: Tensor) -> bool:
     if bool(torch.isfinite(tensor.sum())):
         return True
     return bool(torch.isfinite(tensor).all())
+
+
+#: what a deferred check noted (the record keeps ``t * _KINDS + kind`` of the first failure)
+_GRADIENT, _MESSAGE, _SENT, _KINDS = 0, 1, 2, 3
+
+
+class _DeferredRecord:
+    """NaN/Inf checks that never wait for the device: each :meth:`note` folds "are these tensors finite" into a
+    device-side int64, ``t * _KINDS + kind`` of the first failure (-1: none), with a few kernels queued and no
+    answer read (the exact elementwise check: a sum's overflow cannot be told from a NaN without reading it);
+    :meth:`read` is the one host sync."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.first = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def note(self, tensors: list[Tensor], t: int, kind: int) -> None:
+        if not tensors:
+            return
+        ok = [torch.isfinite(x).all() for x in tensors]
+        bad = ~(ok[0] if len(ok) == 1 else torch.stack(ok).all())
+        self.first = torch.where(bad & (self.first < 0), t * _KINDS + kind, self.first)
+
+    def read(self) -> int:
+        return int(self.first)
+
+    def reset(self, code: int) -> None:
+        self.first = torch.full((), code, dtype=torch.int64, device=self.first.device)
 
 
 def _finite_flags(grads: list[Any], like: Tensor) -> list[bool | None]:
@@ -890,12 +991,15 @@ class _CheckedGrad:
     """``grad(x, step)`` for one message: calls ``grad_fn`` and validates what it returns. ``t`` is None for a
     message computed before its iteration is known (batched), whose errors say ``t=?`` until it is consumed."""
 
-    __slots__ = ("grad_fn", "params0", "t", "worker", "index", "check_finite", "last", "name")
+    __slots__ = ("grad_fn", "params0", "t", "worker", "index", "check_finite", "last", "name", "record")
 
     def __init__(self, grad_fn: GradFn | None, params0: Tensor, t: int | None, worker: int, index: int,
-                 check_finite: bool, name: str = "grad_fn(params, "):
+                 check_finite: bool, name: str = "grad_fn(params, ",
+                 record: tuple[_DeferredRecord | None, int] | None = None):
         self.grad_fn, self.params0, self.t, self.worker, self.index = grad_fn, params0, t, worker, index
         self.check_finite, self.name = check_finite, name
+        #: deferred checks: (the record, the iteration) a gradient's finiteness is noted under, unread
+        self.record = record if record is not None and record[0] is not None else None
         self.last: Tensor | None = None  # the last gradient returned (already checked)
 
     def __call__(self, x: Tensor, step: int) -> Tensor:
@@ -934,7 +1038,9 @@ class _CheckedGrad:
             )
         if g.requires_grad:
             g = g.detach()
-        if self.check_finite and not (all_finite(g) if finite is None else finite):
+        if self.record is not None and finite is None:
+            self.record[0].note([g], self.record[1], _GRADIENT)
+        elif self.check_finite and not (all_finite(g) if finite is None else finite):
             raise NonFiniteError(
                 f"{self.name}worker={worker}, index={index}, step={step}) returned NaN/Inf values at server "
                 f"iteration t={t}; the run stopped before applying it (parameters untouched)",

@@ -230,6 +230,11 @@ class TrainConfig:
     #: the most messages computed together (default: what 1 GiB of stacked parameters and gradients holds, at most
     #: num_workers); fixed by the config, so a resume and a replay batch alike
     batch_max: int | None = None
+    #: the NaN/Inf checks and the loss read-out queue on the device and are read at each evaluation and checkpoint
+    #: (no host sync per message on CUDA; a NaN/Inf found there runs the iterations since the last checkpoint again,
+    #: checking each message, to stop exactly where a run checking each message stops). "auto": on a CUDA device;
+    #: true; false. The results are the same bits either way; run.json records what ran
+    deferred_checks: bool | str = "auto"
     #: also write TensorBoard event files (needs the tensorboard package)
     tensorboard: bool = False
     #: a label for tables and plots (e.g. "K=16 het."); default: derived from the varied settings
@@ -251,6 +256,8 @@ class TrainConfig:
             raise invalid("train.device", self.device, "'cpu', 'cuda' or 'cuda:N'")
         if not (isinstance(self.batch_workers, bool) or self.batch_workers == "auto"):
             raise invalid("train.batch_workers", self.batch_workers, 'true, false or "auto"')
+        if not (isinstance(self.deferred_checks, bool) or self.deferred_checks == "auto"):
+            raise invalid("train.deferred_checks", self.deferred_checks, 'true, false or "auto"')
         if self.batch_max is not None:
             check_int_at_least("train.batch_max", self.batch_max, 1)
             if self.batch_max >= 2**31:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..data import Dataset, load_dataset
 from ..data.augment import Augment, normalize
 from ..data.base import balanced_subset, seeded_generator
-from ..data.sampler import minibatch_generator, minibatch_indices
+from ..data.sampler import minibatch_generator, minibatch_indices, to_device
 from ..models import build_model
 from ..rules.base import ConfigError
 from ..task import Metric, ModelTask, Task, TaskContext, check_task
@@ -116,8 +116,8 @@ class ImageClassification(ModelTask):
 
     def batch(self, worker: int, index: int, step: int) -> tuple[Tensor, Tensor]:
         """The (augmented, normalized) minibatch of ``worker`` at parameter ``index``, local step ``step``."""
-        idx = minibatch_indices(self.train_size, self.batch_size, seed=self.seed, worker=worker, index=index,
-                                step=step).to(self.device)
+        idx = to_device(minibatch_indices(self.train_size, self.batch_size, seed=self.seed, worker=worker,
+                                          index=index, step=step), self.device)
         x, y = self.train_x[idx], self.train_y[idx]
         if self.augment is not None:
             x = self.augment(x, minibatch_generator(self.seed, worker, index, step, stream=1))

@@ -254,6 +254,49 @@ def resolve_batching(cfg: ExperimentConfig, problem: Task) -> dict[str, Any]:
             "why": "train.batch_workers = true" if wanted is True else f"auto: {cfg.train.device}"}
 
 
+def resolve_deferred(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What ``train.deferred_checks`` means for this run on the simulator: ``{"on": bool, "why": str}``."""
+    wanted = cfg.train.deferred_checks
+    if wanted is True or wanted is False:
+        return {"on": wanted, "why": f"train.deferred_checks = {str(wanted).lower()}"}
+    if cfg.train.device.startswith("cuda"):
+        return {"on": True, "why": f"auto: {cfg.train.device} (no host sync per message)"}
+    return {"on": False, "why": "auto: on a CPU a check costs no wait"}
+
+
+class _PendingLosses:
+    """Message losses left on the device (deferred checks), written into the loss window at a read-out, in order.
+    Compacted on the device every ``COMPACT`` messages (no host sync), so a long evaluation interval holds a few
+    tensors, not one per message."""
+
+    COMPACT = 4096
+
+    def __init__(self) -> None:
+        self.slots: list[int] = []
+        self.values: list[torch.Tensor] = []
+        self.done: list[tuple[list[int], torch.Tensor]] = []
+
+    def add(self, slot: int, value: torch.Tensor) -> None:
+        self.slots.append(slot)
+        self.values.append(value.reshape(()))
+        if len(self.values) >= self.COMPACT:
+            self.done.append((self.slots, torch.stack(self.values)))
+            self.slots, self.values = [], []
+
+    def write(self, losses: np.ndarray) -> None:
+        if self.values:
+            self.done.append((self.slots, torch.stack(self.values)))
+        if self.done:
+            values = torch.cat([v for _, v in self.done]).tolist()  # the one host sync
+            slots = [s for chunk, _ in self.done for s in chunk]
+            for slot, value in zip(slots, values, strict=True):  # in order: a later message overwrites its slot
+                losses[slot] = value
+        self.clear()
+
+    def clear(self) -> None:
+        self.slots, self.values, self.done = [], [], []
+
+
 def _record(run_dir: Path, info: dict[str, Any], **fields: Any) -> None:
     """Best effort: the run's status in run.json. When even that cannot be written (a full disk), the lock tells
     the story: a ``running`` run whose lock is free is reported as ``stopped``."""
@@ -283,12 +326,18 @@ def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any],
             resume and (run_dir / CHECKPOINT).is_file()) else resolve_batching(cfg, problem)
     info["batch_workers"] = batching
     batched = batching["mode"] == "batched"
+    deferring = resolve_deferred(cfg)
+    info["deferred_checks"] = deferring
     sim = Simulator(rule, problem.params0, problem.grad_fn, num_workers=cfg.train.num_workers,
                     num_iterations=total, timing=cfg.timing.build(), seed=cfg.train.seed,
                     lr_schedule=lambda t: cfg.schedule.factor(t / messages_per_epoch),
                     batch=int(batching["max"]) if batched else 0,
                     grad_batch=getattr(problem, "grad_batch", None) if batched else None,
-                    on_consume=getattr(problem, "select_message", None) if batched else None)
+                    on_consume=getattr(problem, "select_message", None) if batched else None,
+                    defer_checks=deferring["on"])
+    if hasattr(problem, "defer_sync"):
+        problem.defer_sync = deferring["on"]
+    pending = _PendingLosses()
     evals = iteration_marks(cfg.train.eval_every, messages_per_epoch, total)
     checkpoints = iteration_marks(cfg.train.checkpoint_every, messages_per_epoch, total)
     window = max(1, math.ceil(messages_per_epoch))  # the last epoch of message losses (A16)
@@ -311,26 +360,61 @@ def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any],
             lr_scale=cfg.schedule.factor(max(t - 1, 0) / messages_per_epoch),
         )
 
+    def flush() -> None:
+        """Read what deferred checks and losses left on the device (one host sync; nothing otherwise)."""
+        sim.flush_checks()
+        pending.write(losses)
+
     def save() -> None:
         state = {"engine": "simulator", "t": sim.t, "sim": sim.state_dict(copy=False), "problem": problem.state_dict(),
                  "losses": losses.copy(), "last_eval": last_eval, "metrics": metrics.rows}
         save_checkpoint(run_dir / CHECKPOINT, state, config_toml=config_toml)
         sim.events.save(run_dir / "events.jsonl")
 
+    def restore(state: dict[str, Any]) -> None:
+        nonlocal last_eval
+        sim.load_state_dict(state["sim"])
+        problem.load_state_dict(state["problem"])
+        losses[:] = np.asarray(state["losses"])
+        last_eval = int(state["last_eval"])
+        metrics.reset(state["metrics"])
+
+    origin: dict[str, Any] | None = None  # deferred checks before the first checkpoint: where to go back to
     if resume and (run_dir / CHECKPOINT).is_file():
         ckpt = load_checkpoint(run_dir, config_toml=config_toml, engine="simulator")
         try:  # defensive: the stamp matched, so this fits unless the file was edited by hand
-            sim.load_state_dict(ckpt["sim"])
-            problem.load_state_dict(ckpt["problem"])
-            losses[:] = np.asarray(ckpt["losses"])
-            last_eval = int(ckpt["last_eval"])
-            metrics.reset(ckpt["metrics"])
+            restore(ckpt)
         except Exception as e:  # noqa: BLE001 - whatever a bad state raises, the fix is the same
             raise CheckpointRefused(f"{run_dir / CHECKPOINT} does not fit this run ({type(e).__name__}: {e}); delete "
                                     f"{CHECKPOINT} to restart the run from scratch") from None
     else:
         metrics.reset([])
         metrics.add(evaluate())  # w_0
+        if sim.record is not None:  # w_0 and the worker states: small at t = 0 (every worker shares one snapshot)
+            origin = {"sim": sim.state_dict(), "problem": problem.state_dict(), "losses": losses.copy(),
+                      "last_eval": 0, "metrics": list(metrics.rows)}
+
+    def check_each_message() -> None:
+        """A deferred check found a NaN/Inf (or a message check did while checks were deferred): go back to the last
+        state known finite (the last checkpoint, written after a clean read-out, or w_0) and run from there checking
+        each message, so the run stops exactly where a run checking each message stops, with its last finite
+        parameters. Costs at most one checkpoint interval of iterations again."""
+        sim.check_each_message()
+        if hasattr(problem, "defer_sync"):
+            problem.defer_sync = False
+        pending.clear()
+        problem.discard_message()
+        if (run_dir / CHECKPOINT).is_file():
+            restore(load_checkpoint(run_dir, config_toml=config_toml, engine="simulator"))
+        else:
+            assert origin is not None
+            restore(origin)
+        info["deferred_checks"] = {**deferring, "on": False, "rerun_from": sim.t,
+                                   "why": f"{deferring['why']}; a NaN/Inf was found, so the iterations from "
+                                          f"{sim.t} were run again checking each message"}
+        if bar is not None:
+            bar.n = sim.t
+            bar.refresh()
 
     info.pop("error", None)  # an earlier failure is history once the run goes on
     info["status"] = "running"
@@ -339,22 +423,37 @@ def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any],
     diverged: str | None = None
     try:
         with DeferredInterrupt() as interrupt:
-            while sim.t < total:
-                sim.step()
-                losses[(sim.t - 1) % window] = problem.commit_message()
-                if sim.t in evals:
-                    row = evaluate()
-                    last_eval = sim.t
-                    metrics.add(row)
-                    if bar is not None:
-                        bar.set_postfix(epoch=f"{row['epoch']:.2f}", sim_s=f"{row['sim_time_s']:.0f}",
-                                        loss=f"{row['train_loss']:.4f}", **shown_metric(row, problem), refresh=False)
-                if sim.t in checkpoints or interrupt.requested:
-                    save()
-                if bar is not None:
-                    bar.update(1)
-                if interrupt.requested:  # checkpointed at this iteration boundary: `--resume` continues from here
-                    raise RunStopped(interrupt.requested, t=sim.t, run_dir=run_dir)
+            while True:
+                try:
+                    while sim.t < total:
+                        sim.step()
+                        loss = problem.commit_message()
+                        if isinstance(loss, torch.Tensor):
+                            pending.add((sim.t - 1) % window, loss)
+                        else:
+                            losses[(sim.t - 1) % window] = loss
+                        if sim.t in evals:
+                            flush()
+                            row = evaluate()
+                            last_eval = sim.t
+                            metrics.add(row)
+                            if bar is not None:
+                                bar.set_postfix(epoch=f"{row['epoch']:.2f}", sim_s=f"{row['sim_time_s']:.0f}",
+                                                loss=f"{row['train_loss']:.4f}", **shown_metric(row, problem),
+                                                refresh=False)
+                        if sim.t in checkpoints or interrupt.requested:
+                            flush()  # a checkpoint is written only where everything before it was checked
+                            save()
+                        if bar is not None:
+                            bar.update(1)
+                        if interrupt.requested:  # checkpointed at this boundary: `--resume` continues from here
+                            raise RunStopped(interrupt.requested, t=sim.t, run_dir=run_dir)
+                    flush()
+                    break
+                except NonFiniteError:
+                    if sim.record is None:
+                        raise
+                    check_each_message()
     except NonFiniteError as e:
         # A diverged run is a result, not a failure (the papers report such runs): the server stopped at w_t, the
         # last finite parameters; its final row has NaN losses and the accuracy of those parameters.
