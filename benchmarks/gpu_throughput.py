@@ -9,6 +9,11 @@
 * ``packed``: R independent sequential simulations in R processes sharing the device (``ormo sweep
   --runs-per-device R``), their rates added.
 
+Each way runs as ``ormo train`` would on that device: on a GPU with the checks and losses deferred
+(``train.deferred_checks = "auto"``: no host sync per message, read every 781 messages, a CIFAR epoch). On a GPU a
+fourth column, ``each-msg``, is the sequential way reading its checks and loss at every message (as before deferred
+checks), and its ratio is what deferring gains.
+
 For MLP, LeNet and ResNet20 at K = 16 and 64, plus the device's utilisation while the sequential loop runs (sampled
 from nvidia-smi; "n/a" on CPU) and the projected device-hours of OrMo Table 1 on CIFAR-10 (6 methods × 4 settings ×
 5 seeds = 120 runs of 160 epochs × 50,000 / 64 = 125,000 ResNet20 gradients, half at K = 16 and half at K = 64).
@@ -71,21 +76,33 @@ def _dataset():
     return load_dataset("synthetic", train_size=4096, test_size=64, image_shape=(3, 32, 32), seed=0)
 
 
+READ_EVERY = 781  # messages between read-outs of the deferred checks (a CIFAR-10 epoch at batch 64)
+
+
 def sequential(model: str, k: int, device: str, seconds: float, *, ready=None,
-               util: Utilisation | None = None, batch: int = 0) -> float:
+               util: Utilisation | None = None, batch: int = 0, defer: bool | None = None) -> float:
     """Messages per second of the simulator (OrMo) on ``model`` with K workers: one gradient at a time, or with
-    ``batch`` > 0 the engine's batched in-flight gradients (``train.batch_workers``)."""
+    ``batch`` > 0 the engine's batched in-flight gradients (``train.batch_workers``). ``defer``: deferred checks
+    (default: on a CUDA device, as ``train.deferred_checks = "auto"``)."""
+    defer = device.startswith("cuda") if defer is None else defer
     cfg = load_config(None, [f'model.name="{model}"', "data.batch_size=64", f"train.num_workers={k}",
                              "method.lr=0.01", "method.momentum=0.9", f'train.device="{device}"'])
     problem = TrainProblem(cfg, dataset=_dataset())
+    problem.defer_sync = defer
     sim = Simulator(cfg.method.build(), problem.params0, problem.grad_fn, num_workers=k, num_iterations=10**9,
                     timing=cfg.timing.build(), seed=0, batch=batch,
                     grad_batch=problem.grad_batch if batch else None,
-                    on_consume=problem.select_message if batch else None)
+                    on_consume=problem.select_message if batch else None, defer_checks=defer)
+    losses: list = []
 
     def step() -> int:
         sim.step()
-        problem.commit_message()
+        losses.append(problem.commit_message())
+        if len(losses) >= READ_EVERY:  # the read-out an evaluation does
+            sim.flush_checks()
+            if defer:
+                torch.stack(losses).tolist()
+            losses.clear()
         return 1
 
     return _timed(step, seconds, device, ready=ready, util=util)
@@ -163,8 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     seconds = args.seconds or (1.5 if args.quick else 4.0)
     name = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; {seconds:g} s per measurement", flush=True)
+    cuda = device == "cuda"
     print(f"{'model':9s} {'K':>3s} {'sequential/s':>13s} {'batched/s':>10s} {'x':>6s} {'packed/s':>9s} {'x':>6s} "
-          f"{'util %':>7s}", flush=True)
+          f"{'util %':>7s}{' each-msg/s      x' if cuda else ''}", flush=True)
     results = []
     for model in MODELS:
         for k in KS:
@@ -172,12 +190,16 @@ def main(argv: list[str] | None = None) -> None:
             seq = sequential(model, k, device, seconds, util=util)
             bat = batched(model, k, device, seconds)
             pk = packed(model, k, device, seconds, args.packed) if args.packed > 1 else None
+            each = sequential(model, k, device, seconds, defer=False) if cuda else None
             r = {"model": model, "k": k, "device": device, "sequential_per_s": seq, "batched_per_s": bat,
-                 "packed_per_s": pk, "packed_runs": args.packed, "utilisation_pct": util.mean()}
+                 "packed_per_s": pk, "packed_runs": args.packed, "utilisation_pct": util.mean(),
+                 "deferred_checks": cuda, "each_message_checked_per_s": each}
             results.append(r)
             u = f"{r['utilisation_pct']:.0f}" if r["utilisation_pct"] is not None else "n/a"
             pk_text = f"{pk:9.1f} {pk / seq:6.2f}" if pk is not None else f"{'-':>9s} {'-':>6s}"
-            print(f"{model:9s} {k:3d} {seq:13.1f} {bat:10.1f} {bat / seq:6.2f} {pk_text} {u:>7s}", flush=True)
+            each_text = f" {each:10.1f} {seq / each:6.2f}" if each is not None else ""
+            print(f"{model:9s} {k:3d} {seq:13.1f} {bat:10.1f} {bat / seq:6.2f} {pk_text} {u:>7s}{each_text}",
+                  flush=True)
     res20 = {r["k"]: r for r in results if r["model"] == "resnet20"}
     total = TABLE1_RUNS * TABLE1_GRADIENTS
     print(f"\nOrMo Table 1 on CIFAR-10 ({TABLE1_RUNS} runs x {TABLE1_GRADIENTS:,} ResNet20 gradients), projected "

@@ -101,3 +101,15 @@ def rule_with_local_steps(name: str, **extra):
     if "local_steps" in ormo.make_rule(name).describe()["hyperparameters"]:
         hp["local_steps"] = 3
     return ormo.make_rule(name, **hp)
+
+
+def roundtrip(sd):
+    """``sd`` through bytes, as a checkpoint file is written and read (the project's plain data, weights_only)."""
+    import io
+
+    from ormo.experiment.rundir import plain
+
+    buf = io.BytesIO()
+    torch.save(plain(sd), buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)

@@ -10,14 +10,21 @@
 
 from __future__ import annotations
 
-import io
 import json
 import signal
 
 import numpy as np
 import pytest
 import torch
-from helpers import SYNTH, Quadratic, random_async_order, random_sync_order, rule_with_local_steps, stopping_interrupt
+from helpers import (
+    SYNTH,
+    Quadratic,
+    random_async_order,
+    random_sync_order,
+    roundtrip,
+    rule_with_local_steps,
+    stopping_interrupt,
+)
 
 import ormo
 from ormo import ConfigError
@@ -28,20 +35,9 @@ from ormo.experiment import load_config, train
 from ormo.experiment.problem import TrainProblem
 from ormo.experiment.replay import replay
 from ormo.experiment.run import resolve_batching
-from ormo.experiment.rundir import plain
 
 RULES = ormo.rule_names()
-
-
 _rule = rule_with_local_steps
-
-
-def _roundtrip(sd):
-    """Through bytes, as a checkpoint file is written and read (the project's plain data, weights_only)."""
-    buf = io.BytesIO()
-    torch.save(plain(sd), buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -120,7 +116,7 @@ def test_resume_with_messages_computed_ahead_is_bit_identical(name):
         first = build().run(stop)
         ahead.append(len(first.computed))
         second = build()
-        second.load_state_dict(_roundtrip(first.state_dict(copy=False)))
+        second.load_state_dict(roundtrip(first.state_dict(copy=False)))
         res = second.run().result()
         assert res.events == full.events and torch.equal(res.params, full.params), f"stopped at {stop}"
     assert max(ahead) > 0  # some checkpoints held messages computed ahead

@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import SYNTH, Quadratic, rule_with_local_steps, stopping_interrupt
+from helpers import SYNTH, Quadratic, roundtrip, rule_with_local_steps, stopping_interrupt
 
 import ormo
 from ormo.engine import Simulator
@@ -28,8 +28,6 @@ from ormo.experiment.run import _PendingLosses, resolve_deferred
 pytestmark = pytest.mark.filterwarnings("ignore::ormo.GrowthWarning")  # the diverging runs warn first, as they should
 
 RULES = ormo.rule_names()
-
-
 _rule = rule_with_local_steps
 
 
@@ -128,6 +126,46 @@ def test_a_state_saved_with_a_failure_noted_keeps_it():
         Simulator(ormo.make_rule("ormo"), problem.w0, grad_fn, num_workers=3, defer_checks="yes")
 
 
+@pytest.mark.parametrize("name", ["ormo", "orlomo"])
+def test_a_batched_state_with_a_bad_message_computed_ahead_resumes_to_the_same_error(name):
+    problem = Quadratic(dim=6, seed=2, dtype=torch.float32)
+    step = 1 if _rule(name).local_steps > 1 else 0
+    bad: list[tuple[int, int]] = []
+
+    def grad_fn(x, w, i, s):
+        g = problem.grad_fn(x, w, i, s)
+        return torch.full_like(g, float("nan")) if (w, i, s) == (*bad[0], step) else g
+
+    make = lambda defer: Simulator(_rule(name), problem.w0, grad_fn, num_workers=4, num_iterations=60,  # noqa: E731
+                                   seed=1, batch=4, defer_checks=defer)
+    probe, stop = make(True), None
+    bad.append((-1, -1))
+    while stop is None:  # a message computed ahead and not consumed at the end of an iteration (t >= 5)
+        probe.step()
+        ahead = [w for w in probe.computed if probe.t >= 5]
+        if ahead:
+            bad[0], stop = (ahead[0], probe.snapshots[ahead[0]].index), probe.t
+    with pytest.raises(NonFiniteError) as strict:
+        make(False).run()
+    deferred = make(True)
+    while deferred.t < stop:
+        deferred.step()
+    assert deferred.t <= strict.value.t and strict.value.worker == bad[0][0]
+    saved = roundtrip(deferred.state_dict())
+    assert saved["computed"][bad[0][0]]["bad_step"] == step
+    again = make(False)  # as `ormo train` goes back to a checkpoint to check each message
+    again.load_state_dict(saved)
+    with pytest.raises(NonFiniteError) as resumed:
+        again.run()
+    assert str(resumed.value) == str(strict.value) and resumed.value.t == strict.value.t
+    assert torch.equal(resumed.value.partial.params, strict.value.partial.params)
+    still = make(True)
+    still.load_state_dict(saved)
+    with pytest.raises(NonFiniteError) as late:
+        still.run()
+    assert (late.value.t, late.value.worker) == (strict.value.t, strict.value.worker)
+
+
 class _NoReads:
     """Every way a tensor's value reaches Python fails while this is active (a host read on a CUDA device)."""
 
@@ -149,14 +187,16 @@ class _NoReads:
         return read
 
 
-@pytest.mark.parametrize("model,method", [("resnet20", "ormo"), ("mlp", "orlomo")])
-def test_the_hot_path_reads_nothing_from_the_device(model, method):
+@pytest.mark.parametrize("model,method,batch", [("resnet20", "ormo", 0), ("mlp", "orlomo", 0),
+                                                ("resnet20", "orlomo", 3), ("mlp", "ormo", 4)])
+def test_the_hot_path_reads_nothing_from_the_device(model, method, batch):
     cfg = load_config(None, [*SYNTH, f"model.name={model}", f"method.name={method}", "method.local_steps=2",
                              "train.weight_decay=1e-4", "data.augment=true"])
     problem = TrainProblem(cfg)
     problem.defer_sync = True
     sim = Simulator(cfg.method.build(), problem.params0, problem.grad_fn, num_workers=4, num_iterations=40, seed=0,
-                    defer_checks=True)
+                    defer_checks=True, batch=batch, grad_batch=problem.grad_batch if batch else None,
+                    on_consume=problem.select_message if batch else None)
     losses = []
     with pytest.MonkeyPatch.context() as mp:
         guard = _NoReads(mp)

@@ -3,12 +3,10 @@ bit-identical events and parameters; and the per-iteration learning-rate schedul
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
-from helpers import Quadratic, max_rel_diff, random_async_order
+from helpers import Quadratic, max_rel_diff, random_async_order, roundtrip
 
 import ormo
 from ormo.engine import Simulator
@@ -26,13 +24,6 @@ def _rule(name, extra):
     if "local_steps" in ormo.make_rule(name).describe()["hyperparameters"]:
         hp["local_steps"] = 2
     return ormo.make_rule(name, **hp)
-
-
-def _roundtrip(sd):
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
 
 
 @pytest.mark.parametrize(("name", "extra"), CASES, ids=[f"{n}{'-' + '-'.join(map(str, e.values())) if e else ''}"
@@ -55,7 +46,7 @@ def test_resume_at_any_iteration_is_bit_identical(name, extra, source):
     full = build().run(total).result()
     for stop in (1, 17, 31):
         first = build().run(stop)
-        saved = _roundtrip(first.state_dict())
+        saved = roundtrip(first.state_dict())
         second = build()
         second.load_state_dict(saved)
         res = second.run(total).result()
@@ -71,7 +62,7 @@ def test_resume_from_a_replay():
     replay = ormo.Replay(first.events)
     part = Simulator(ormo.make_rule("ormo"), problem.w0, problem.grad_fn, num_workers=3, timing=replay).run(12)
     rest = Simulator(ormo.make_rule("ormo"), problem.w0, problem.grad_fn, num_workers=3, timing=replay)
-    rest.load_state_dict(_roundtrip(part.state_dict()))
+    rest.load_state_dict(roundtrip(part.state_dict()))
     assert torch.equal(rest.run().result().params, first.params)
 
 

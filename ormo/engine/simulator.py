@@ -331,11 +331,12 @@ def _owned(x: Tensor | None, copy: bool) -> Tensor | None:
     return x
 
 
-def _computed_state(m: Message | SimulationError, copy: bool) -> dict[str, Any]:
+def _computed_state(m: Message | SimulationError, copy: bool, bad_step: Tensor | None = None) -> dict[str, Any]:
     if isinstance(m, SimulationError):
         return {"error": type(m).__name__, "text": str(m), "worker": m.worker, "index": m.index, "step": m.step}
     return {"index": m.index, "update": _owned(m.update, copy), "momentum": _owned(m.momentum, copy),
-            "local_lr_scale": m.local_lr_scale}
+            "local_lr_scale": m.local_lr_scale,
+            **({"bad_step": int(bad_step)} if bad_step is not None else {})}  # deferred checks: read here
 
 
 def _computed_from_state(d: dict[str, Any]) -> Message | SimulationError:
@@ -418,6 +419,8 @@ class Simulator:
         self.fresh = [True] * K
         #: batched, deferred checks: the last gradient of a computed message (already checked, as its own update)
         self._checked: dict[int, Tensor | None] = {}
+        #: batched, deferred checks: per computed message, its first local step with a NaN/Inf gradient (device)
+        self._bad_step: dict[int, Tensor] = {}
         #: batched: workers whose cached message was loaded from a state saved with deferred checks and is checked
         #: when consumed (its tensors were not read when it was computed)
         self._unchecked: set[int] = set()
@@ -576,7 +579,10 @@ class Simulator:
                 raise
         self._unchecked.discard(k)
         del self.computed[k]
-        if self.record is not None:  # its gradients were checked with its batch; its own tensors now, on the device
+        if self.record is not None:  # its gradients, then its own tensors, noted under this iteration
+            bad_step = self._bad_step.pop(k, None)
+            if bad_step is not None:
+                self.record.note_bad(bad_step >= 0, t, _GRADIENT)
             self.record.note([x for _, x in got.tensors() if x is not self._checked.get(k)], t, _MESSAGE)
         self._checked.pop(k, None)
         if self.on_consume is not None:
@@ -594,6 +600,8 @@ class Simulator:
                 chosen.append(w)
         states = {w: self.worker_states[w] for w in chosen}
         saved = {w: s.state_dict() if s is not None else None for w, s in states.items()}
+        for w in chosen:
+            self._bad_step.pop(w, None)
         last: dict[int, Tensor] = {}
 
         name = "grad_batch(requests) for (" if self.grad_batch is not None else "grad_fn(params, "
@@ -604,7 +612,10 @@ class Simulator:
             versions = [x._version for _, x, _ in asked]
             requests = [(x.detach(), w, self.snapshots[w].index, step) for w, x, step in asked]
             grads = self._gradients(requests)
-            finite = _finite_flags(grads, self.params0) if self.check_finite else [None] * len(grads)
+            if self.record is not None:  # folded into each message's first bad step, on the device
+                finite = self._fold_bad_steps(grads, asked)
+            else:
+                finite = _finite_flags(grads, self.params0) if self.check_finite else [None] * len(grads)
             held = {m.update.data_ptr() for m in self.computed.values() if isinstance(m, Message)}
             out: list[Tensor | BaseException] = []
             for (w, x, step), g, version, check, ok in zip(asked, grads, versions, checks, finite, strict=True):
@@ -638,10 +649,32 @@ class Simulator:
                     got = e
             if not isinstance(got, Message | Exception):  # an interrupt: nothing of this batch is kept
                 raise got
-            if isinstance(got, Exception) and states[w] is not None:
-                states[w].load_state_dict(saved[w])  # type: ignore[union-attr]
+            if isinstance(got, Exception):
+                self._bad_step.pop(w, None)
+                if states[w] is not None:
+                    states[w].load_state_dict(saved[w])  # type: ignore[union-attr]
             self.computed[w] = got  # a message, or the error it raised: raised when it is consumed
             self.fresh[w] = False
+
+    def _fold_bad_steps(self, grads: list[Any], asked: list[tuple[int, Tensor, int]]) -> list[bool | None]:
+        """Deferred checks in a batch: each gradient's finiteness folds into its message's first bad local step
+        (a device-side int64, -1: none), noted when the message is consumed; nothing is read. Returns the
+        ``finite`` argument of the per-request check (True: settled here; None: not a tensor like the parameters,
+        which that check reports)."""
+        like = self.params0
+        fit = [i for i, g in enumerate(grads) if isinstance(g, Tensor) and g.shape == like.shape
+               and g.dtype == like.dtype and g.device == like.device]
+        out: list[bool | None] = [None] * len(grads)
+        if fit:
+            ok = torch.stack([grads[i].detach().isfinite().all() for i in fit])
+            for j, i in enumerate(fit):
+                w, _, step = asked[i]
+                first = self._bad_step.get(w)
+                if first is None:
+                    first = torch.full((), -1, dtype=torch.int64, device=like.device)
+                self._bad_step[w] = torch.where(~ok[j] & (first < 0), step, first)
+                out[i] = True
+        return out
 
     def _gradients(self, requests: list[tuple[Tensor, int, int, int]]) -> list[Any]:
         """Each request's gradient, or the exception computing it raised (held with its message, raised only if
@@ -712,6 +745,7 @@ class Simulator:
         self.computed.pop(worker, None)  # a message computed ahead was lost with the worker
         self._checked.pop(worker, None)
         self._unchecked.discard(worker)
+        self._bad_step.pop(worker, None)
         self.fresh[worker] = True
         if self.on_redispatch is not None:
             self.on_redispatch(worker)
@@ -827,7 +861,7 @@ class Simulator:
             **({"batch": self.batch,  # an error that is not the simulator's is not saved: recomputed after a load
                 "fresh": [f or isinstance(self.computed.get(w), Exception) and not isinstance(
                     self.computed.get(w), SimulationError) for w, f in enumerate(self.fresh)],
-                "computed": {w: _computed_state(m, copy) for w, m in self.computed.items()
+                "computed": {w: _computed_state(m, copy, self._bad_step.get(w)) for w, m in self.computed.items()
                              if isinstance(m, Message | SimulationError)}} if self.batch else {}),
         }
 
@@ -860,6 +894,14 @@ class Simulator:
         if self.batch:
             self.fresh = [bool(f) for f in sd["fresh"]]
             self.computed = {int(w): _computed_from_state(m) for w, m in sd["computed"].items()}
+            self._bad_step = {}
+            name = "grad_batch(requests) for (" if self.grad_batch is not None else "grad_fn(params, "
+            for w, m in sd["computed"].items():
+                bad = int(m.get("bad_step", -1)) if "error" not in m else -1
+                if bad >= 0 and self.record is None:  # what checking each gradient would have held for it
+                    self.computed[int(w)] = _nan_gradient(name, None, int(w), int(m["index"]), bad)
+                elif "bad_step" in m and self.record is not None:
+                    self._bad_step[int(w)] = torch.full((), bad, dtype=torch.int64, device=self.params0.device)
             self._checked = {}  # loaded messages own their tensors: none is a gradient checked on its own
             self._unchecked = {w for w, m in self.computed.items() if isinstance(m, Message)} if (
                 "deferred" in sd) else set()
@@ -964,7 +1006,9 @@ class _DeferredRecord:
         if not tensors:
             return
         ok = [torch.isfinite(x).all() for x in tensors]
-        bad = ~(ok[0] if len(ok) == 1 else torch.stack(ok).all())
+        self.note_bad(~(ok[0] if len(ok) == 1 else torch.stack(ok).all()), t, kind)
+
+    def note_bad(self, bad: Tensor, t: int, kind: int) -> None:
         self.first = torch.where(bad & (self.first < 0), t * _KINDS + kind, self.first)
 
     def read(self) -> int:
@@ -1041,16 +1085,17 @@ class _CheckedGrad:
         if self.record is not None and finite is None:
             self.record[0].note([g], self.record[1], _GRADIENT)
         elif self.check_finite and not (all_finite(g) if finite is None else finite):
-            raise NonFiniteError(
-                f"{self.name}worker={worker}, index={index}, step={step}) returned NaN/Inf values at server "
-                f"iteration t={t}; the run stopped before applying it (parameters untouched)",
-                t=-1 if self.t is None else self.t,
-                worker=worker,
-                index=index,
-                step=step,
-            )
+            raise _nan_gradient(self.name, self.t, worker, index, step)
         self.last = g
         return g
+
+
+def _nan_gradient(name: str, t: int | None, worker: int, index: int, step: int) -> NonFiniteError:
+    """The error of a gradient with NaN/Inf values (``t`` None: computed ahead, its iteration not known yet)."""
+    return NonFiniteError(
+        f"{name}worker={worker}, index={index}, step={step}) returned NaN/Inf values at server iteration "
+        f"t={'?' if t is None else t}; the run stopped before applying it (parameters untouched)",
+        t=-1 if t is None else t, worker=worker, index=index, step=step)
 
 
 def _check_message(message: Message, t: int | None, worker: int, *, already_checked: Tensor | None) -> None:

@@ -379,7 +379,6 @@ def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any],
         last_eval = int(state["last_eval"])
         metrics.reset(state["metrics"])
 
-    origin: dict[str, Any] | None = None  # deferred checks before the first checkpoint: where to go back to
     if resume and (run_dir / CHECKPOINT).is_file():
         ckpt = load_checkpoint(run_dir, config_toml=config_toml, engine="simulator")
         try:  # defensive: the stamp matched, so this fits unless the file was edited by hand
@@ -390,13 +389,12 @@ def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any],
     else:
         metrics.reset([])
         metrics.add(evaluate())  # w_0
-        if sim.record is not None:  # w_0 and the worker states: small at t = 0 (every worker shares one snapshot)
-            origin = {"sim": sim.state_dict(), "problem": problem.state_dict(), "losses": losses.copy(),
-                      "last_eval": 0, "metrics": list(metrics.rows)}
+        if sim.record is not None:  # deferred checks: a checkpoint at w_0, where a NaN/Inf before the next one goes
+            save()
 
     def check_each_message() -> None:
         """A deferred check found a NaN/Inf (or a message check did while checks were deferred): go back to the last
-        state known finite (the last checkpoint, written after a clean read-out, or w_0) and run from there checking
+        state known finite (the last checkpoint, written after a clean read-out; the first is at w_0) and run checking
         each message, so the run stops exactly where a run checking each message stops, with its last finite
         parameters. Costs at most one checkpoint interval of iterations again."""
         sim.check_each_message()
@@ -404,11 +402,7 @@ def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any],
             problem.defer_sync = False
         pending.clear()
         problem.discard_message()
-        if (run_dir / CHECKPOINT).is_file():
-            restore(load_checkpoint(run_dir, config_toml=config_toml, engine="simulator"))
-        else:
-            assert origin is not None
-            restore(origin)
+        restore(load_checkpoint(run_dir, config_toml=config_toml, engine="simulator"))
         info["deferred_checks"] = {**deferring, "on": False, "rerun_from": sim.t,
                                    "why": f"{deferring['why']}; a NaN/Inf was found, so the iterations from "
                                           f"{sim.t} were run again checking each message"}
