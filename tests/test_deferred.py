@@ -122,11 +122,16 @@ def test_a_state_saved_with_a_failure_noted_keeps_it():
     with pytest.raises(NonFiniteError) as err:
         other.flush_checks()
     assert err.value.worker == 1 and err.value.index == 4
+    strict = Simulator(ormo.make_rule("ormo"), problem.w0, grad_fn, num_workers=3, num_iterations=30, seed=0)
+    with pytest.raises(ormo.ConfigError, match=f"NaN/Inf at server iteration t={err.value.t} .*Load a state saved "
+                                               f"before"):
+        strict.load_state_dict(saved)  # it would go on from parameters past the NaN and name a later iteration
+    assert strict.t == 0  # refused before anything was loaded
     with pytest.raises(ormo.ConfigError, match="defer_checks"):
         Simulator(ormo.make_rule("ormo"), problem.w0, grad_fn, num_workers=3, defer_checks="yes")
 
 
-@pytest.mark.parametrize("name", ["ormo", "orlomo"])
+@pytest.mark.parametrize("name", ["ormo", "asgd", "orlomo"])
 def test_a_batched_state_with_a_bad_message_computed_ahead_resumes_to_the_same_error(name):
     problem = Quadratic(dim=6, seed=2, dtype=torch.float32)
     step = 1 if _rule(name).local_steps > 1 else 0
@@ -152,7 +157,10 @@ def test_a_batched_state_with_a_bad_message_computed_ahead_resumes_to_the_same_e
         deferred.step()
     assert deferred.t <= strict.value.t and strict.value.worker == bad[0][0]
     saved = roundtrip(deferred.state_dict())
-    assert saved["computed"][bad[0][0]]["bad_step"] == step
+    if step == 0:  # a one-step message carries its flag, unread
+        assert saved["computed"][bad[0][0]]["bad_step"] == 0
+    else:  # a local method reads its flags per lock-step round: the error is held, as checking each gradient does
+        assert saved["computed"][bad[0][0]]["error"] == "NonFiniteError"
     again = make(False)  # as `ormo train` goes back to a checkpoint to check each message
     again.load_state_dict(saved)
     with pytest.raises(NonFiniteError) as resumed:
@@ -188,7 +196,7 @@ class _NoReads:
 
 
 @pytest.mark.parametrize("model,method,batch", [("resnet20", "ormo", 0), ("mlp", "orlomo", 0),
-                                                ("resnet20", "orlomo", 3), ("mlp", "ormo", 4)])
+                                                ("resnet20", "ormo", 3), ("mlp", "asgd", 4)])
 def test_the_hot_path_reads_nothing_from_the_device(model, method, batch):
     cfg = load_config(None, [*SYNTH, f"model.name={model}", f"method.name={method}", "method.local_steps=2",
                              "train.weight_decay=1e-4", "data.augment=true"])
@@ -284,6 +292,54 @@ def test_a_run_with_deferred_checks_is_the_run_checking_each_message(tmp_path, l
         assert jd["deferred_checks"] == {"on": True, "why": "train.deferred_checks = true"}
 
 
+@pytest.mark.parametrize("epochs", [0.5625, 2.0])
+def test_a_nan_in_the_middle_of_a_batched_lockstep_leaves_the_batchmates_as_checking_each_gradient_does(
+        tmp_path, monkeypatch, epochs):
+    # A NaN at worker 1's first local step drops it from the lock-step (checking each gradient); its batchmates'
+    # second round is then a batch of 2, whose ResNet20 rounding differs from a batch of 3. With 0.5625 epochs
+    # that message is never consumed, with 2 it is (a divergence): both must end as the run that checks each one.
+    original = TrainProblem.grad_batch
+
+    def grad_batch(self, requests):
+        grads = original(self, requests)
+        return [torch.full_like(g, float("nan")) if (w, i, s) == (1, 5, 0) else g
+                for g, (_, w, i, s) in zip(grads, requests, strict=True)]
+
+    monkeypatch.setattr(TrainProblem, "grad_batch", grad_batch)
+    args = [*SYNTH, "model.name=resnet20", "method.name=orlomo", "method.local_steps=2", f"train.epochs={epochs}",
+            "train.checkpoint_every=0.1", "train.eval_every=0.5", "train.batch_workers=true", "train.batch_max=3"]
+    strict = train(load_config(None, [*args, "train.deferred_checks=false"]), tmp_path / "s", progress=False)
+    deferred = train(load_config(None, [*args, "train.deferred_checks=true"]), tmp_path / "d", progress=False)
+    assert (strict.diverged is not None) == (epochs > 1) and deferred.diverged == strict.diverged
+    _same_runs(tmp_path / "s", tmp_path / "d")
+
+
+def test_a_kill_right_after_the_first_checkpoint_of_a_batched_deferred_run_resumes(tmp_path, monkeypatch):
+    # the checkpoint at w_0 holds batch=N: run.json must say so before it exists, or a resume would refuse it
+    from ormo.experiment import run as run_module
+
+    class Killed(BaseException):
+        pass
+
+    def save_then_die(*args, **kwargs):
+        original(*args, **kwargs)
+        raise Killed  # as SIGKILL: nothing after the save runs (run.json is not written on the way out)
+
+    original = run_module.save_checkpoint
+    monkeypatch.setattr(run_module, "save_checkpoint", save_then_die)
+    args = [*SYNTH, "model.name=mlp", "train.epochs=0.5", "train.batch_workers=true", "train.batch_max=3",
+            "train.deferred_checks=true"]
+    cfg = load_config(None, args)
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "k", progress=False)
+    monkeypatch.setattr(run_module, "save_checkpoint", original)
+    info = json.loads((tmp_path / "k" / "run.json").read_text())
+    assert info["batch_workers"]["mode"] == "batched" and info["status"] == "running"
+    resumed = train(None, tmp_path / "k", resume=True, progress=False)
+    whole = train(cfg, tmp_path / "w", progress=False)
+    assert torch.equal(resumed.params, whole.params)
+
+
 def test_batched_and_deferred_diverges_as_batched_alone(tmp_path):
     args = [*SYNTH, "model.name=mlp", "method.name=orlomo", "method.local_steps=2", "method.lr=5.0",
             "method.local_lr=5.0", "train.epochs=3", "train.checkpoint_every=0.5", "train.batch_workers=true",
@@ -311,8 +367,9 @@ def test_a_deferred_run_stopped_and_resumed_is_bit_identical(tmp_path):
 
 
 def test_the_setting_is_validated_and_auto_defers_on_cuda_only(tmp_path):
-    with pytest.raises(ormo.ConfigError, match=r"train\.deferred_checks.*true, false or \"auto\""):
-        load_config(None, [*SYNTH, "train.deferred_checks='sometimes'"])
+    for bad in ("'sometimes'", "1", "[true]"):
+        with pytest.raises(ormo.ConfigError, match=r"train\.deferred_checks.*true, false or \"auto\""):
+            load_config(None, [*SYNTH, f"train.deferred_checks={bad}"])
     assert resolve_deferred(load_config(None, SYNTH)) == {"on": False, "why": "auto: on a CPU a check costs no wait"}
     assert resolve_deferred(load_config(None, [*SYNTH, "train.device='cuda:1'"]))["on"] is True
     cfg = load_config(None, [*SYNTH, "model.name=mlp", "train.epochs=0.1"])

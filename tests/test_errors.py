@@ -30,10 +30,14 @@ def test_unknown_hyperparameter_is_named():
         ormo.make_rule("prsgdm", lr=0.1)
 
 
+RATE_LIMIT = (r"<= 1e\+30: an update multiplies it by up to 1/\(1 - momentum\), and float32 arithmetic overflows at "
+              r"3\.4e38")
 BAD_VALUES = [
     ("lr", [0, -0.1, math.nan, math.inf, "0.1", True, None], "a finite number > 0"),
     ("momentum", [-0.1, 1.0, 1.2, math.nan, "0.9"], r"a number in \[0, 1\)"),
     ("local_lr", [0.0, -1.0, math.inf], "a finite number > 0"),
+    ("lr", [1e31, 3e38], RATE_LIMIT),  # float32 kernels cannot take it times 1/(1 - β)
+    ("local_lr", [1e31], RATE_LIMIT),
     ("local_steps", [0, -3, 1.5, True, "8"], "an integer >= 1"),
     ("delay_rule", ["bogus", 3], "one of 'inverse', 'drop_above', 'none' or a callable"),
     ("delay_threshold", [0.0, -1.0], "a finite number > 0"),
@@ -188,10 +192,10 @@ def test_non_finite_gradient_stops_the_run_and_names_it(name, bad_value):
 
 def test_overflow_inside_a_local_loop_is_caught_in_the_message():
     """Finite gradients whose local sum overflows: the message check stops the run before the server applies it."""
-    rule = ormo.make_rule("al-sgd", local_lr=1e308, local_steps=3)
+    rule = ormo.make_rule("al-sgd", local_lr=1e30, local_steps=3)
     w0 = torch.ones(3, dtype=torch.float64)
     with pytest.raises(NonFiniteError):
-        ormo.simulate(rule, w0, lambda p, *a: torch.ones_like(p), num_workers=1, num_iterations=2)
+        ormo.simulate(rule, w0, lambda p, *a: torch.full_like(p, 1e300), num_workers=1, num_iterations=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------

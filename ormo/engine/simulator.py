@@ -612,7 +612,7 @@ class Simulator:
             versions = [x._version for _, x, _ in asked]
             requests = [(x.detach(), w, self.snapshots[w].index, step) for w, x, step in asked]
             grads = self._gradients(requests)
-            if self.record is not None:  # folded into each message's first bad step, on the device
+            if self.record is not None and self._steps == 1:  # folded into each message's flag, on the device
                 finite = self._fold_bad_steps(grads, asked)
             else:
                 finite = _finite_flags(grads, self.params0) if self.check_finite else [None] * len(grads)
@@ -657,10 +657,15 @@ class Simulator:
             self.fresh[w] = False
 
     def _fold_bad_steps(self, grads: list[Any], asked: list[tuple[int, Tensor, int]]) -> list[bool | None]:
-        """Deferred checks in a batch: each gradient's finiteness folds into its message's first bad local step
-        (a device-side int64, -1: none), noted when the message is consumed; nothing is read. Returns the
-        ``finite`` argument of the per-request check (True: settled here; None: not a tensor like the parameters,
-        which that check reports)."""
+        """Deferred checks in a batch of one-step messages: each gradient's finiteness folds into its message's
+        first bad step (a device-side int64, -1: none), noted when the message is consumed; nothing is read.
+        Returns the ``finite`` argument of the per-request check (True: settled here; None: not a tensor like the
+        parameters, which that check reports).
+
+        Local methods read their flags once per lock-step round instead (``_finite_flags``): a worker whose gradient
+        is NaN/Inf leaves the lock-step there, and the rounds after it are smaller. A batched gradient's rounding
+        can depend on the batch's size (ResNet20's does on a CPU), so a worker kept in would change its batchmates'
+        messages, and the run would no longer be the run that checks each gradient."""
         like = self.params0
         fit = [i for i, g in enumerate(grads) if isinstance(g, Tensor) and g.shape == like.shape
                and g.dtype == like.dtype and g.device == like.device]
@@ -866,6 +871,13 @@ class Simulator:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        noted = int(sd.get("deferred", -1))
+        if noted >= 0 and self.record is None:  # before anything is loaded
+            t_bad = noted // _KINDS
+            raise ConfigError(f"the state was saved with deferred checks after a NaN/Inf at server iteration t={t_bad} "
+                              f"(not read yet): its parameters are past it, and checking each message from there "
+                              f"would name a later iteration. Load a state saved before t={t_bad} (as ormo train "
+                              f"does), or load it into a Simulator(defer_checks=True) and call flush_checks()")
         if int(sd.get("batch", 0)) != self.batch:  # before anything is loaded
             raise ConfigError(f"the state was saved with batch={sd.get('batch', 0)} (batched in-flight gradients) and "
                               f"this simulator has batch={self.batch}: continue it with the same setting")

@@ -410,6 +410,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
                 return _check_type(key, value, a)
             except ConfigError as e:
                 errors.append(e)
+        if set(args) == {bool, str}:  # the switches with an "auto" (their own check names the strings they take)
+            raise ConfigError(f'{key}: expected true, false or "auto", got {value!r} ({type(value).__name__})')
         raise errors[0]
     if annotation is Any:
         return value

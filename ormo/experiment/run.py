@@ -390,6 +390,7 @@ def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any],
         metrics.reset([])
         metrics.add(evaluate())  # w_0
         if sim.record is not None:  # deferred checks: a checkpoint at w_0, where a NaN/Inf before the next one goes
+            write_json(run_dir / "run.json", info)  # first: a resume reads the batching it was written with there
             save()
 
     def check_each_message() -> None:

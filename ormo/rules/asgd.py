@@ -14,7 +14,7 @@ from .base import (
     ServerState,
     check_choice,
     check_momentum,
-    check_positive,
+    check_rate,
     register,
     zeros_like,
 )
@@ -34,7 +34,7 @@ class ASGD(Rule):
     lr: float = 0.1
 
     def __post_init__(self) -> None:
-        check_positive("lr", self.lr)
+        check_rate("lr", self.lr)
 
     def apply(self, state: ServerState, message: Message, *, t: int, worker: int) -> None:
         state.params.add_(message.update, alpha=-self.lr * state.lr_scale)
@@ -56,7 +56,7 @@ class DAASGD(DelayAdaptive, Rule):
     delay_threshold: float = 1.0
 
     def __post_init__(self) -> None:
-        check_positive("lr", self.lr)
+        check_rate("lr", self.lr)
         self._check_delay()
 
     def apply(self, state: ServerState, message: Message, *, t: int, worker: int) -> None:
@@ -83,7 +83,7 @@ class NaiveASGDm(Rule):
     convention: str = "scaled"
 
     def __post_init__(self) -> None:
-        check_positive("lr", self.lr)
+        check_rate("lr", self.lr)
         check_momentum("momentum", self.momentum)
         check_choice("convention", self.convention, CONVENTIONS)
 
@@ -126,7 +126,7 @@ class ShiftedMomentum(Rule):
     momentum: float = 0.9
 
     def __post_init__(self) -> None:
-        check_positive("lr", self.lr)
+        check_rate("lr", self.lr)
         check_momentum("momentum", self.momentum)
 
     def init(self, params0: Tensor, *, num_workers: int) -> PerWorkerMomentumState:

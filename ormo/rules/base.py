@@ -54,6 +54,20 @@ def check_positive(field: str, value: Any) -> float:
     return float(value)
 
 
+#: the largest learning rate a rule takes: an update multiplies its rate by coefficients up to ~1/(1 - β), and the
+#: product is passed to float32 kernels, whose largest value is 3.4e38
+MAX_RATE = 1e30
+
+
+def check_rate(field: str, value: Any) -> float:
+    """A learning rate: a finite number > 0, at most ``MAX_RATE``."""
+    rate = check_positive(field, value)
+    if rate > MAX_RATE:
+        raise invalid(field, value, f"<= {MAX_RATE:g}: an update multiplies it by up to 1/(1 - momentum), and float32 "
+                                    f"arithmetic overflows at 3.4e38")
+    return rate
+
+
 def check_momentum(field: str, value: Any) -> float:
     if not _is_real(value) or not (0.0 <= value < 1.0):
         raise invalid(field, value, "a number in [0, 1)")

@@ -19,7 +19,7 @@ from .base import (
     ServerState,
     WorkerState,
     check_int_at_least,
-    check_positive,
+    check_rate,
     register,
     zeros_like,
 )
@@ -83,8 +83,8 @@ class ALSGD(DelayAdaptive, Rule):
     delay_threshold: float = 1.0
 
     def __post_init__(self) -> None:
-        check_positive("lr", self.lr)
-        check_positive("local_lr", self.local_lr)
+        check_rate("lr", self.lr)
+        check_rate("local_lr", self.local_lr)
         check_int_at_least("local_steps", self.local_steps, 1)
         self._check_delay()
 

@@ -34,7 +34,7 @@ from .base import (
     check_choice,
     check_int_at_least,
     check_momentum,
-    check_positive,
+    check_rate,
     group_of,
     register,
     zeros_like,
@@ -128,7 +128,7 @@ class OrMo(_Ordered):
     momentum: float = 0.9
 
     def __post_init__(self) -> None:
-        check_positive("lr", self.lr)
+        check_rate("lr", self.lr)
         check_momentum("momentum", self.momentum)
 
 
@@ -150,7 +150,7 @@ class OrMoDA(DelayAdaptive, _Ordered):
     delay_threshold: float = 1.0
 
     def __post_init__(self) -> None:
-        check_positive("lr", self.lr)
+        check_rate("lr", self.lr)
         check_momentum("momentum", self.momentum)
         self._check_delay()
 
@@ -176,7 +176,7 @@ class OrMoVanilla(_Ordered):
     step: str = "sgd"
 
     def __post_init__(self) -> None:
-        check_positive("lr", self.lr)
+        check_rate("lr", self.lr)
         check_momentum("momentum", self.momentum)
         check_choice("step", self.step, VANILLA_STEPS)
 
@@ -222,9 +222,9 @@ class LocalOrMoDA(DelayAdaptive, _Ordered):
     lr_scaling: str = "none"
 
     def __post_init__(self) -> None:
-        check_positive("lr", self.lr)
+        check_rate("lr", self.lr)
         check_momentum("momentum", self.momentum)
-        check_positive("local_lr", self.local_lr)
+        check_rate("local_lr", self.local_lr)
         check_int_at_least("local_steps", self.local_steps, 1)
         check_choice("delta_scale", self.delta_scale, DELTA_SCALES)
         check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
@@ -272,9 +272,9 @@ class OrLoMo(DelayAdaptive, _Ordered):
     lr_scaling: str = "none"
 
     def __post_init__(self) -> None:
-        check_positive("lr", self.lr)
+        check_rate("lr", self.lr)
         check_momentum("momentum", self.momentum)
-        check_positive("local_lr", self.local_lr)
+        check_rate("local_lr", self.local_lr)
         check_int_at_least("local_steps", self.local_steps, 1)
         check_choice("group_decay", self.group_decay, GROUP_DECAYS)
         check_choice("local_momentum_init", self.local_momentum_init, MOMENTUM_INITS)

@@ -16,7 +16,7 @@ from .base import (
     ServerState,
     check_choice,
     check_momentum,
-    check_positive,
+    check_rate,
     register,
     zeros_like,
 )
@@ -58,7 +58,7 @@ class SMEGA2(Rule):
     estimate: str = "advanced"
 
     def __post_init__(self) -> None:
-        check_positive("lr", self.lr)
+        check_rate("lr", self.lr)
         check_momentum("momentum", self.momentum)
         check_choice("estimate", self.estimate, ESTIMATES)
 

@@ -20,7 +20,7 @@ from .base import (
     check_choice,
     check_int_at_least,
     check_momentum,
-    check_positive,
+    check_rate,
     register,
     zeros_like,
 )
@@ -51,7 +51,7 @@ class SSGD(Rule):
     lr: float = 0.1
 
     def __post_init__(self) -> None:
-        check_positive("lr", self.lr)
+        check_rate("lr", self.lr)
 
     def apply(self, state: ServerState, message: Message, *, t: int, worker: int) -> None:
         state.params.add_(message.update, alpha=-self.lr * state.lr_scale)
@@ -79,7 +79,7 @@ class SSGDm(Rule):
     convention: str = "scaled"
 
     def __post_init__(self) -> None:
-        check_positive("lr", self.lr)
+        check_rate("lr", self.lr)
         check_momentum("momentum", self.momentum)
         check_choice("convention", self.convention, CONVENTIONS)
 
@@ -132,7 +132,7 @@ class PRSGDm(Rule):
     average_momentum: bool = True
 
     def __post_init__(self) -> None:
-        check_positive("local_lr", self.local_lr)
+        check_rate("local_lr", self.local_lr)
         check_momentum("momentum", self.momentum)
         check_int_at_least("local_steps", self.local_steps, 1)
         check_bool("average_momentum", self.average_momentum)
