@@ -33,12 +33,12 @@ def test_overflowing_server_parameters_stop_the_run_with_the_iteration_named(nam
     w0 = torch.ones(4, dtype=torch.float64)
 
     def grad_fn(params, worker, index, step):
-        return torch.full_like(params, 1e200)  # finite, but one step of lr 1e200 overflows
+        return torch.full_like(params, 1e300)  # finite, but one step of lr 1e30 overflows float64
 
     with pytest.raises(NonFiniteError, match=r"the server parameters became NaN/Inf at iteration t=\d+, after "
                                              r"applying the message of worker \d \(index \d+, delay \d+\): the run "
                                              r"diverged") as info:
-        ormo.simulate(ormo.make_rule(name, lr=1e200), w0, grad_fn, num_workers=2, num_iterations=10)
+        ormo.simulate(ormo.make_rule(name, lr=1e30), w0, grad_fn, num_workers=2, num_iterations=10)
     assert info.value.partial is not None
 
 
