@@ -382,7 +382,7 @@ def test_a_hand_edited_tuning_record_never_breaks_the_table(tuned_sweep, tmp_pat
 
 def test_a_cell_whose_candidates_all_diverge_is_reported_and_its_real_runs_do_not_start(tmp_path, capsys):
     cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["asgd"]\nseeds = [0]\n'
-                 '[sweep.tune]\ngrid = {"method.lr" = [1e30, 1e35]}\nseeds = [11]\n')
+                 '[sweep.tune]\ngrid = {"method.lr" = [1e25, 1e30]}\nseeds = [11]\n')
     out = tmp_path / "out"
     assert main(["sweep", str(cfg), "--out", str(out), "--quiet"]) == 1
     err = capsys.readouterr().err
