@@ -11,6 +11,8 @@
 # column; the projected GPU-hours of OrMo Table 1). Each step has its own time limit, so a hang in one still returns
 # the others' results.
 set -u
+# Cut off (a time limit's TERM, or Ctrl-C): take the steps still running along, so nothing outlives this script.
+trap 'trap - INT TERM; kill 0' INT TERM
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -171,9 +171,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter measurements")
     parser.add_argument("--seconds", type=float, default=None, help="length of each measurement")
-    parser.add_argument("--packed", type=int, default=4, help="runs packed on the device (default 4)")
+    parser.add_argument("--packed", type=int, default=4, help="runs packed on the device (default 4; 1: none)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    if args.seconds is not None and not (0 < args.seconds < float("inf")):
+        parser.error(f"--seconds {args.seconds}: must be a finite number > 0")
+    if args.packed < 1:
+        parser.error(f"--packed {args.packed}: must be >= 1 (1: no packed runs)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":  # as each packed run: one thread each, so the three ways compare on the same footing
         torch.set_num_threads(1)

@@ -20,13 +20,18 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import ConfigError  # light: torch is imported inside the commands, where a Ctrl-C is handled
+
+if TYPE_CHECKING:
+    from .experiment import ExperimentConfig
 
 
 def _csv(text: str | None, cast=str, *, flag: str = "") -> list | None:
@@ -77,7 +82,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.print_config:  # the resolved config, exactly as the run directory would record it
             print(to_toml(cfg), end="")
             return 0
-        run_dir = args.run_dir or Path("runs") / f"{cfg.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = args.run_dir or _default_run_dir(cfg)
         print(f"run directory: {run_dir}", file=sys.stderr)
         result = train(cfg, run_dir, progress=not args.quiet, engine=args.engine)
     if result.diverged:  # a result, not a failure: exit 0, but say so on stderr and in the JSON
@@ -298,6 +303,17 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     for name in names:
         print(f"preset:{name:<{width}}  {preset_description(name)}")
     return 0
+
+
+def _default_run_dir(cfg: ExperimentConfig) -> Path:
+    """``runs/NAME-METHOD-TIMESTAMP``, the name made a single folder name (no separators, no leading dot), with a
+    suffix when a run started in the same second already took it."""
+    stem = re.sub(r"[^A-Za-z0-9._=+-]+", "_", f"{cfg.name}-{cfg.method.name}").lstrip(".") or "run"
+    base = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir, n = base, 2
+    while run_dir.exists():
+        run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:

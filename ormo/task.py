@@ -283,7 +283,8 @@ class ModelTask:
         self.context = context
         self.device = torch.device(context.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"train.device={context.device!r} but CUDA is not available on this machine")
+            raise ConfigError(f"invalid train.device: {context.device!r} (CUDA is not available on this machine); set "
+                              f"train.device = \"cpu\", or run where torch sees a GPU")
         unknown = [s for s in splits if s not in SPLITS]
         if unknown:
             raise ConfigError(f"unknown split {unknown[0]!r}: a task evaluates 'test' and/or 'val'")

@@ -510,3 +510,25 @@ def test_a_run_from_before_these_settings_existed_resumes_one_message_at_a_time(
     resumed = train(None, run_dir, resume=True, progress=False)
     assert torch.equal(resumed.params, reference.params)
     assert json.loads((run_dir / "run.json").read_text())["batch_workers"]["mode"] == "sequential"
+
+
+def test_a_run_stopped_before_its_first_checkpoint_takes_the_batching_of_its_edited_config(tmp_path):
+    # an adversarial read: the error of a loss vmap cannot run says "set train.batch_workers = false"; a resume after
+    # that edit reused the recorded batched mode although no checkpoint held it
+    cfg = load_config(None, [*SYNTH, "model.name=mlp", "train.epochs=0.25", "train.batch_workers=true"])
+    run_dir = tmp_path / "r"
+    from ormo.experiment import run as run_module
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TrainProblem, "grad_batch", lambda self, requests: (_ for _ in ()).throw(RuntimeError("no vmap")))
+        with pytest.raises(Exception, match="no vmap"):
+            run_module.train(cfg, run_dir, progress=False)
+    assert not (run_dir / "checkpoint.pt").exists()
+    text = (run_dir / "config.toml").read_text().replace("batch_workers = true", "batch_workers = false")
+    (run_dir / "config.toml").write_text(text)
+    resumed = train(None, run_dir, resume=True, progress=False)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["batch_workers"] == {"mode": "sequential", "why": "train.batch_workers = false"}
+    whole = train(load_config(None, [*SYNTH, "model.name=mlp", "train.epochs=0.25", "train.batch_workers=false"]),
+                  tmp_path / "w", progress=False)
+    assert torch.equal(resumed.params, whole.params)

@@ -69,3 +69,12 @@ def test_a_run_on_cuda_trains_like_the_cpu_run(tmp_path):
         finals.append(train(cfg, tmp_path / device, progress=False).final)
     assert abs(finals[0]["test_acc"] - finals[1]["test_acc"]) < 2.0
     assert abs(finals[0]["train_loss"] - finals[1]["train_loss"]) < 0.05
+
+
+@pytest.mark.parametrize("args", [["--seconds", "-1"], ["--seconds", "nan"], ["--seconds", "0"], ["--packed", "0"]])
+def test_gpu_throughput_refuses_bad_arguments_in_one_line(capsys, monkeypatch, args):
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    bench = importlib.import_module("gpu_throughput")
+    with pytest.raises(SystemExit) as info:
+        bench.main(args)
+    assert info.value.code == 2 and "must be" in capsys.readouterr().err

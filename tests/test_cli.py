@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import ormo
@@ -34,3 +36,17 @@ def test_demo_runs_the_packaged_quickstart_into_out(tmp_path, monkeypatch):
     assert all(r.run_dir.is_relative_to(out) for r in planned)
     assert reported == [out]
     assert not (tmp_path / "runs").exists()  # nothing went to the default folder
+
+
+def test_the_default_run_directory_is_one_folder_under_runs_and_never_taken(tmp_path, monkeypatch):
+    # an adversarial read: a name with "../" put the run outside runs/; two runs in one second took one folder
+    from ormo.cli import _default_run_dir
+    from ormo.experiment import load_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("preset:quickstart", ['name="../../../tmp/escape"'])
+    first = _default_run_dir(cfg)
+    assert first.parent == Path("runs") and "/" not in first.name and not first.name.startswith(".")
+    first.mkdir(parents=True)
+    second = _default_run_dir(cfg)
+    assert second != first and second.parent == Path("runs") and second.name.startswith(first.name)

@@ -67,6 +67,13 @@ def test_every_preset_is_valid(preset):
         (["method.options.lr=0.1"], r"method.options.lr: set it as method.lr"),
         (["method.options.bogus=1"], r"rule 'ormo' has no hyperparameter 'bogus'"),
         (["train.num_workers=0"], r"invalid train.num_workers: 0 \(must be an integer >= 1\)"),
+        (["train.num_workers=1000000"], r"invalid train.num_workers: 1000000 \(must be <= 100,000"),
+        (["train.threads=100000"], r"invalid train.threads: 100000 \(must be <= 1024"),  # torch segfaults there
+        (["schedule.milestones=[nan]"], r"invalid schedule.milestones: \[nan\] \(must be increasing finite positive"),
+        (["schedule.milestones=[1.0, inf]"], r"invalid schedule.milestones: \[1.0, inf\]"),
+        (["schedule.warmup_epochs=inf"], r"invalid schedule.warmup_epochs: inf \(must be a finite number >= 0\)"),
+        (["schedule.warmup_epochs=nan"], r"invalid schedule.warmup_epochs: nan"),
+        (["train.device='cuda:x'"], r"invalid train.device: 'cuda:x' \(must be 'cpu', 'cuda' or 'cuda:N'\)"),
         (["train.epochs=-1"], r"invalid train.epochs: -1.0 \(must be a finite number > 0\)"),
         (["train.device=tpu"], r"invalid train.device: 'tpu'"),
         (["data.batch_size=0"], r"invalid data.batch_size: 0"),

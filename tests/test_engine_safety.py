@@ -4,11 +4,12 @@ state on failure, and inputs that are numbers of another type."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
-from helpers import Quadratic, max_rel_diff, random_async_order, random_sync_order
+from helpers import Quadratic, max_rel_diff, random_async_order, random_sync_order, roundtrip
 
 import ormo
 from ormo import ConfigError, GradFnError, NonFiniteError
@@ -171,3 +172,60 @@ def test_numpy_scalars_are_accepted_where_numbers_are():
     assert len(res.events) == 6
     with pytest.raises(ConfigError, match="invalid momentum: np.True_"):
         ormo.make_rule("ormo", momentum=np.bool_(True))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# an adversarial read: a state loaded into a simulator it does not fit, and loose arguments
+
+
+def _saved_ormo_state():
+    problem = Quadratic()
+    sim = Simulator(ormo.make_rule("ormo"), problem.w0, problem.grad_fn, num_workers=3, num_iterations=20, seed=0)
+    sim.run(10)
+    return problem, roundtrip(sim.state_dict())
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"rule": "orlomo"}, "rule 'ormo' (this simulator: 'orlomo')"),
+    ({"scheduler": "sync"}, "scheduler 'async' (this simulator: 'sync')"),
+    ({"num_workers": 5}, "num_workers 3 (this simulator: 5)"),
+    ({"params0": "longer"}, "params [[5], 'float64'] (this simulator: [[11], 'float64'])"),
+    ({"params0": "float32"}, "params [[5], 'float64'] (this simulator: [[5], 'float32'])"),
+])
+def test_a_state_that_does_not_fit_the_simulator_is_refused_naming_what_differs(change, named):
+    problem, saved = _saved_ormo_state()
+    w0 = problem.w0
+    if change.get("params0") == "longer":
+        w0 = torch.zeros(11, dtype=w0.dtype)
+    elif change.get("params0") == "float32":
+        w0 = w0.float()
+    other = Simulator(ormo.make_rule(change.get("rule", "ormo")), w0, problem.grad_fn,
+                      num_workers=change.get("num_workers", 3), num_iterations=20, seed=0,
+                      scheduler=change.get("scheduler"))
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        other.load_state_dict(saved)
+    assert other.t == 0  # nothing was loaded
+    # a state from before the record existed: what can be read from it is still checked
+    old = {k: v for k, v in saved.items() if k != "made_by"}
+    if "num_workers" in change or "params0" in change:
+        with pytest.raises(ConfigError, match="the state was saved by a simulator with"):
+            other.load_state_dict(old)
+
+
+@pytest.mark.parametrize("state", [None, {}, "state", {"t": 3}])
+def test_what_is_not_a_state_is_refused_in_one_line(state):
+    problem = Quadratic()
+    sim = Simulator(ormo.make_rule("ormo"), problem.w0, problem.grad_fn, num_workers=3, num_iterations=20)
+    with pytest.raises(ConfigError, match="Simulator.state_dict"):
+        sim.load_state_dict(state)
+
+
+def test_loose_arguments_are_refused():
+    problem = Quadratic()
+    with pytest.raises(ConfigError, match=r"invalid check_finite: 'no' \(must be True or False\)"):
+        Simulator(ormo.make_rule("ormo"), problem.w0, problem.grad_fn, num_workers=3, check_finite="no")
+    sim = Simulator(ormo.make_rule("ormo"), problem.w0, problem.grad_fn, num_workers=3, num_iterations=20)
+    for until in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="invalid until"):
+            sim.run(until)
+    assert sim.run(4).t == 4

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import Quadratic
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ormo
 from ormo.cli import main
@@ -387,6 +389,33 @@ def test_warnings_for_a_batch_larger_than_the_data_and_more_workers_than_message
 
 
 # -- the last evaluation is taken once ---------------------------------------------------------------------------------
+def _marks_as_before(every, per_epoch, total):
+    """The marks as a loop over every interval computed them (slow for tiny intervals: the reference)."""
+    interval = every * per_epoch
+    marks, k = {total}, 1
+    while (t := round(k * interval)) < total:
+        if t > 0 and total - t >= interval / 2:
+            marks.add(t)
+        k += 1
+    return marks
+
+
+@settings(max_examples=300)
+@given(every=st.floats(0.001, 20.0), per_epoch=st.floats(0.5, 1000.0), total=st.integers(1, 3000))
+def test_marks_are_those_of_the_loop_and_answer_at_once(every, per_epoch, total):
+    marks = iteration_marks(every, per_epoch, total)
+    expected = _marks_as_before(every, per_epoch, total)
+    assert list(marks) == sorted(expected)
+    assert {t for t in range(-1, total + 3) if t in marks} == expected
+
+
+def test_tiny_intervals_and_huge_runs_cost_nothing_to_plan():
+    # an adversarial read: eval_every = 1e-9 looped ~2e8 times before the first message, deaf to SIGTERM
+    marks = iteration_marks(1e-9, 45.0, 10**18)
+    assert 1 in marks and 10**18 - 1 in marks and 10**18 in marks and 0 not in marks
+    assert 10**6 + 3 in iteration_marks(1.0, 1.0, 10**18) and 2.5 not in marks
+
+
 def test_no_periodic_mark_within_half_an_interval_of_the_end():
     # 10.3 messages an epoch, every 0.5 epochs, one epoch: round(10.3) = 10 is one message before the end (11)
     assert iteration_marks(0.5, 10.3, 11) == {5, 11}
@@ -500,3 +529,23 @@ def test_config_differences_are_named_briefly():
     made_by, says = config_diff(base, many)
     assert made_by.endswith("and 2 more settings") and made_by.count(" = ") == 6 and len(made_by) < 300
     assert config_diff(base, base.replace("channels_last = false\n", "")) == ("", "")  # absent = the default
+
+
+def test_resuming_a_run_whose_run_json_is_gone_says_what_to_do(tmp_path):
+    cfg = load_config(None, ["data.name=synthetic", "data.options.train_size=64", "data.options.test_size=16",
+                             "data.options.image_shape=[1, 4, 4]", "data.batch_size=8", "train.num_workers=2",
+                             "model.name=mlp", "train.epochs=0.25"])
+    train(cfg, tmp_path / "r", progress=False)
+    (tmp_path / "r" / "run.json").unlink()
+    with pytest.raises(ormo.ConfigError, match=r"its run.json is missing \(config.toml is there\); restore run.json, "
+                                               r"or delete the directory"):
+        train(None, tmp_path / "r", resume=True, progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_one_line_naming_the_fix(tmp_path):
+    cfg = load_config(None, ["data.name=synthetic", "data.options.train_size=64", "data.options.test_size=16",
+                             "data.options.image_shape=[1, 4, 4]", "model.name=mlp", "train.device='cuda'"])
+    with pytest.raises(ormo.ConfigError, match=r"invalid train.device: 'cuda' \(CUDA is not available on this "
+                                               r"machine\); set train.device = \"cpu\""):
+        train(cfg, tmp_path / "r", progress=False)

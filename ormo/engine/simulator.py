@@ -400,6 +400,8 @@ class Simulator:
         if num_iterations is not None:
             check_int_at_least("num_iterations", num_iterations, 0)
         timing = check_timing(timing if timing is not None else Homogeneous())
+        if not isinstance(check_finite, bool):
+            raise invalid("check_finite", check_finite, "True or False")
         self.rule, self.grad_fn, self.check_finite, self.lr_schedule = rule, grad_fn, check_finite, lr_schedule
         self.on_redispatch = on_redispatch
         #: batched in-flight gradients: at most this many messages computed together (0: one at a time, lazily)
@@ -782,7 +784,7 @@ class Simulator:
 
     def run(self, until: int | None = None, callback: Callback | None = None) -> Simulator:
         """Step until ``t == until`` (default: the end of the order/replay), calling ``callback(event, state)``."""
-        until = self.limit if until is None else until
+        until = self.limit if until is None else check_int_at_least("until", until, 0)
         if until is None:
             raise ConfigError("num_iterations is required when no order= or timing=Replay(...) is given")
         while self.t < until:
@@ -853,6 +855,7 @@ class Simulator:
         return {
             "t": self.t,
             "now": self.now,
+            "made_by": self._made_by(),
             "rule_state": self.state.state_dict(),
             "worker_states": [_worker_state_dict(w, copy) for w in self.worker_states],
             "snapshots": [(p.index, same(p.params), same(p.momentum), p.lr_scale) for p in self.snapshots],
@@ -870,7 +873,36 @@ class Simulator:
                              if isinstance(m, Message | SimulationError)}} if self.batch else {}),
         }
 
+    def _made_by(self) -> dict[str, Any]:
+        """What a state must match to continue in this simulator (checked by :meth:`load_state_dict`)."""
+        p = self.params0
+        return {"rule": self.rule.name, "scheduler": self.scheduler, "num_workers": self.num_workers,
+                "params": [list(p.shape), str(p.dtype).removeprefix("torch.")]}
+
+    def _check_fits(self, sd: Any) -> None:
+        """One line naming what does not fit, before anything is loaded."""
+        if not isinstance(sd, dict):
+            raise ConfigError(f"load_state_dict needs a dict from Simulator.state_dict(), got {type(sd).__name__}")
+        missing = [k for k in ("t", "now", "rule_state", "worker_states", "snapshots", "own", "dispatch_time", "idle",
+                               "waiting", "source", "events") if k not in sd]
+        if missing:
+            raise ConfigError(f"the state has no {', '.join(missing)}: it is not a Simulator.state_dict() (or it was "
+                              f"damaged)")
+        mine, theirs = self._made_by(), sd.get("made_by")
+        if not isinstance(theirs, dict):  # a state from before it was recorded: what can be read from it
+            snap = sd["snapshots"][0] if isinstance(sd["snapshots"], list) and sd["snapshots"] else None
+            p = snap[1] if isinstance(snap, list | tuple) and len(snap) > 1 else None
+            theirs = {"num_workers": len(sd["snapshots"]) if isinstance(sd["snapshots"], list) else None,
+                      "params": [list(p.shape), str(p.dtype).removeprefix("torch.")] if isinstance(p, Tensor) else
+                      mine["params"]}
+        differ = [f"{k} {theirs[k]!r} (this simulator: {mine[k]!r})" for k in mine if k in theirs
+                  and theirs[k] != mine[k]]
+        if differ:
+            raise ConfigError(f"the state was saved by a simulator with {'; '.join(differ)}: build the simulator with "
+                              f"the same rule, scheduler, num_workers and params0 shape and dtype to continue it")
+
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self._check_fits(sd)
         noted = int(sd.get("deferred", -1))
         if noted >= 0 and self.record is None:  # before anything is loaded
             t_bad = noted // _KINDS

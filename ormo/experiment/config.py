@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -126,12 +127,12 @@ class ScheduleConfig:
     decay: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.warmup_epochs < 0:
-            raise invalid("schedule.warmup_epochs", self.warmup_epochs, ">= 0")
+        if not (0 <= self.warmup_epochs < math.inf):
+            raise invalid("schedule.warmup_epochs", self.warmup_epochs, "a finite number >= 0")
         check_positive("schedule.warmup_start", self.warmup_start)
         check_positive("schedule.decay", self.decay)
-        if list(self.milestones) != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
-            raise invalid("schedule.milestones", list(self.milestones), "increasing positive epochs")
+        if any(not (0 < m < math.inf) for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            raise invalid("schedule.milestones", list(self.milestones), "increasing finite positive epochs")
 
     def factor(self, epoch: float) -> float:
         """The learning-rate factor after ``epoch`` epochs of samples."""
@@ -196,6 +197,12 @@ class TimingConfig:
         return cls(**kw)
 
 
+#: the most torch threads a run takes (torch itself crashes far above it)
+MAX_THREADS = 1024
+#: the most workers a run simulates (each holds a snapshot of the parameters)
+MAX_WORKERS = 100_000
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How long, how many workers, and the run's bookkeeping."""
@@ -243,6 +250,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_positive("train.epochs", self.epochs)
         check_int_at_least("train.num_workers", self.num_workers, 1)
+        if self.num_workers > MAX_WORKERS:
+            raise invalid("train.num_workers", self.num_workers, f"<= {MAX_WORKERS:,} (each worker holds a copy of the "
+                                                                 f"parameters; the papers use at most 64)")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise invalid("train.weight_decay", self.weight_decay, "a finite number >= 0")
         check_positive("train.eval_every", self.eval_every)
@@ -251,8 +261,10 @@ class TrainConfig:
         check_bool("train.channels_last", self.channels_last)
         if self.threads is not None:
             check_int_at_least("train.threads", self.threads, 1)
+            if self.threads > MAX_THREADS:  # torch crashes (a segfault) at 100,000
+                raise invalid("train.threads", self.threads, f"<= {MAX_THREADS} (one per core is the most that helps)")
         check_int_at_least("train.seed", self.seed, 0)
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+        if not (self.device == "cpu" or self.device == "cuda" or re.fullmatch(r"cuda:[0-9]+", self.device)):
             raise invalid("train.device", self.device, "'cpu', 'cuda' or 'cuda:N'")
         if not (isinstance(self.batch_workers, bool) or self.batch_workers == "auto"):
             raise invalid("train.batch_workers", self.batch_workers, 'true, false or "auto"')

@@ -78,7 +78,8 @@ class ImageClassification(ModelTask):
     def __init__(self, cfg: ExperimentConfig, *, dataset: Dataset | None = None) -> None:
         self.cfg = cfg
         if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():  # before any data is read
-            raise ValueError(f"train.device={cfg.train.device!r} but CUDA is not available on this machine")
+            raise ConfigError(f"invalid train.device: {cfg.train.device!r} (CUDA is not available on this machine); "
+                              f"set train.device = \"cpu\", or run where torch sees a GPU")
         device = torch.device(cfg.train.device)
         d = cfg.data
         ds = dataset or load_dataset(

@@ -155,7 +155,11 @@ def _train_locked(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, 
                   built: tuple[Task, Rule] | None) -> RunResult:
     if resume:
         cfg = load_config(run_dir / "config.toml")
-        info = read_run_info(run_dir)
+        try:
+            info = read_run_info(run_dir)
+        except FileNotFoundError:
+            raise ConfigError(f"cannot resume {str(run_dir)!r}: its run.json is missing (config.toml is there); "
+                              f"restore run.json, or delete the directory to start the run over") from None
         engine = info.get("engine", "simulator")
         if info.get("status") == "finished":
             return _finished_result(run_dir, info)
@@ -320,10 +324,12 @@ def _warn_about_the_size(cfg: ExperimentConfig, *, train_size: int, local_steps:
 
 def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any], *, problem: Task, rule: Rule,
                      total: int, messages_per_epoch: float, resume: bool, progress: bool) -> RunResult:
-    batching = info.get("batch_workers") if resume else None
+    # A checkpoint continues with the batching it was written with; without one, the config decides (as edited)
+    checkpointed = resume and (run_dir / CHECKPOINT).is_file()
+    batching = info.get("batch_workers") if checkpointed else None
     if batching is None:  # a run checkpointed before batching existed continues as it ran: one at a time
         batching = {"mode": "sequential", "why": "resumed from a checkpoint written one message at a time"} if (
-            resume and (run_dir / CHECKPOINT).is_file()) else resolve_batching(cfg, problem)
+            checkpointed) else resolve_batching(cfg, problem)
     info["batch_workers"] = batching
     batched = batching["mode"] == "batched"
     deferring = resolve_deferred(cfg)

@@ -3,8 +3,10 @@ stops a run (:class:`RunStopped`), and the progress bar."""
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,17 +97,48 @@ class StopOnSignal:
         self._old = {}
 
 
-def iteration_marks(every_epochs: float, messages_per_epoch: float, total: int) -> set[int]:
-    """The iterations at which to act every ``every_epochs`` epochs, and ``total`` (the end). A periodic mark within
-    half an interval of ``total`` is dropped: the end's own evaluation follows it within a message or so, and the
-    curve would end on two points taken one message apart."""
-    interval = every_epochs * messages_per_epoch
-    marks, k = {total}, 1
-    while (t := round(k * interval)) < total:
-        if t > 0 and total - t >= interval / 2:
-            marks.add(t)
-        k += 1
-    return marks
+class Marks:
+    """The iterations at which to act every ``every_epochs`` epochs, and ``total`` (the end): a set answered in O(1)
+    whatever the interval (a run may evaluate every message, or every 1e-9 epochs, over any number of iterations).
+    A periodic mark within half an interval of ``total`` is dropped: the end's own evaluation follows it within a
+    message or so, and the curve would end on two points taken one message apart."""
+
+    def __init__(self, every_epochs: float, messages_per_epoch: float, total: int) -> None:
+        self.interval, self.total = every_epochs * messages_per_epoch, total
+
+    def __contains__(self, t: object) -> bool:
+        if not isinstance(t, int) or isinstance(t, bool):
+            return False
+        if t == self.total:
+            return True
+        if not 0 < t < self.total or self.total - t < self.interval / 2:
+            return False
+        if self.interval < 1:  # steps under one message: every iteration is round(k * interval) for some k
+            return True
+        k0 = math.floor(t / self.interval)
+        return any(k >= 1 and round(k * self.interval) == t for k in range(k0 - 1, k0 + 3))
+
+    def __iter__(self) -> Iterator[int]:  # ascending
+        if self.interval < 1:
+            yield from (t for t in range(1, self.total) if t in self)
+        else:
+            k, seen = 1, 0
+            while (t := round(k * self.interval)) < self.total:
+                if t > seen and t in self:
+                    yield t
+                    seen = t
+                k += 1
+        yield self.total
+
+    def __eq__(self, other: object) -> bool:
+        return set(self) == other if isinstance(other, set | frozenset) else NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def iteration_marks(every_epochs: float, messages_per_epoch: float, total: int) -> Marks:
+    """:class:`Marks` of a run of ``total`` iterations."""
+    return Marks(every_epochs, messages_per_epoch, total)
 
 
 def progress_bar(total: int, initial: int, name: str, enabled: bool):
