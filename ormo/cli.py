@@ -92,8 +92,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = {"run_dir": str(result.run_dir), "status": result.status, "epoch": final["epoch"],
            "train_loss": final["train_loss"], f"test_{primary}": final.get(f"test_{primary}"),
            "sim_time_s": final["sim_time_s"], "delay": result.summary.get("delay")}
-    if final.get(f"val_{primary}") is not None:
-        out[f"val_{primary}"] = final[f"val_{primary}"]
+    val = final.get(f"val_{primary}")
+    if val is not None and val == val:  # a run without a validation split: no key (a resumed one reads NaN back)
+        out[f"val_{primary}"] = val
     print(json.dumps(_finite_or_null(out), default=str, allow_nan=False))  # valid JSON: NaN/Inf become null
     return 0
 

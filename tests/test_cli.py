@@ -50,3 +50,15 @@ def test_the_default_run_directory_is_one_folder_under_runs_and_never_taken(tmp_
     first.mkdir(parents=True)
     second = _default_run_dir(cfg)
     assert second != first and second.parent == Path("runs") and second.name.startswith(first.name)
+
+
+def test_resuming_a_finished_run_prints_the_same_json_as_the_run(tmp_path, capsys):
+    # an adversarial read: the resumed run's JSON gained "val_acc": null (NaN read back from metrics.jsonl)
+    import json
+
+    sets = ["--set", "train.epochs=0.1", "--quiet", "--run-dir", str(tmp_path / "r")]
+    assert main(["train", "preset:quickstart", *sets]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["train", "--resume", str(tmp_path / "r")]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again == first and "val_acc" not in again
