@@ -602,8 +602,6 @@ class Simulator:
                 chosen.append(w)
         states = {w: self.worker_states[w] for w in chosen}
         saved = {w: s.state_dict() if s is not None else None for w, s in states.items()}
-        for w in chosen:
-            self._bad_step.pop(w, None)
         last: dict[int, Tensor] = {}
 
         name = "grad_batch(requests) for (" if self.grad_batch is not None else "grad_fn(params, "
@@ -659,27 +657,22 @@ class Simulator:
             self.fresh[w] = False
 
     def _fold_bad_steps(self, grads: list[Any], asked: list[tuple[int, Tensor, int]]) -> list[bool | None]:
-        """Deferred checks in a batch of one-step messages: each gradient's finiteness folds into its message's
-        first bad step (a device-side int64, -1: none), noted when the message is consumed; nothing is read.
-        Returns the ``finite`` argument of the per-request check (True: settled here; None: not a tensor like the
-        parameters, which that check reports).
+        """Deferred checks in a batch of one-step messages: each gradient's finiteness becomes its message's bad
+        step on the device (-1: finite), noted when the message is consumed; nothing is read. Returns the ``finite``
+        argument of the per-request check (True: settled here; None: not a tensor like the parameters, which that
+        check reports).
 
         Local methods read their flags once per lock-step round instead (``_finite_flags``): a worker whose gradient
         is NaN/Inf leaves the lock-step there, and the rounds after it are smaller. A batched gradient's rounding
         can depend on the batch's size (ResNet20's does on a CPU), so a worker kept in would change its batchmates'
         messages, and the run would no longer be the run that checks each gradient."""
-        like = self.params0
-        fit = [i for i, g in enumerate(grads) if isinstance(g, Tensor) and g.shape == like.shape
-               and g.dtype == like.dtype and g.device == like.device]
+        fit = _like_params(grads, self.params0)
         out: list[bool | None] = [None] * len(grads)
         if fit:
             ok = torch.stack([grads[i].detach().isfinite().all() for i in fit])
             for j, i in enumerate(fit):
                 w, _, step = asked[i]
-                first = self._bad_step.get(w)
-                if first is None:
-                    first = torch.full((), -1, dtype=torch.int64, device=like.device)
-                self._bad_step[w] = torch.where(~ok[j] & (first < 0), step, first)
+                self._bad_step[w] = torch.where(ok[j], -1, step)
                 out[i] = True
         return out
 
@@ -1062,11 +1055,16 @@ class _DeferredRecord:
         self.first = torch.full((), code, dtype=torch.int64, device=self.first.device)
 
 
+def _like_params(grads: list[Any], like: Tensor) -> list[int]:
+    """The positions of the gradients that are tensors of ``like``'s shape, dtype and device."""
+    return [i for i, g in enumerate(grads) if isinstance(g, Tensor) and g.shape == like.shape and g.dtype == like.dtype
+            and g.device == like.device]
+
+
 def _finite_flags(grads: list[Any], like: Tensor) -> list[bool | None]:
     """Whether each gradient of a batch is finite, read in one host sync (None for what is not a tensor like
     ``like``: its own check reports it). A sum propagates NaN/Inf; a non-finite sum gets the exact check."""
-    fit = [i for i, g in enumerate(grads) if isinstance(g, Tensor) and g.shape == like.shape and g.dtype == like.dtype
-           and g.device == like.device]
+    fit = _like_params(grads, like)
     out: list[bool | None] = [None] * len(grads)
     if fit:
         sums = torch.stack([grads[i].detach().sum() for i in fit]).isfinite().tolist()
