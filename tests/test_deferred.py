@@ -276,11 +276,13 @@ QUICK = ["train.epochs=4", "train.checkpoint_every=1.0"]
 
 
 @pytest.mark.parametrize("lr,checkpoint_every,diverges", [(0.05, 1.0, False), (1.0, 1.0, True), (3.0, 10.0, True)])
-def test_a_run_with_deferred_checks_is_the_run_checking_each_message(tmp_path, lr, checkpoint_every, diverges):
+@pytest.mark.parametrize("setting", ["true", "'auto'"])  # the record; on a CPU "auto" checks the state at read-outs
+def test_a_run_with_deferred_checks_is_the_run_checking_each_message(tmp_path, lr, checkpoint_every, diverges,
+                                                                      setting):
     args = ["train.epochs=4", f"train.checkpoint_every={checkpoint_every}", f"method.lr={lr}"]
     strict = train(load_config("preset:quickstart", [*args, "train.deferred_checks=false"]), tmp_path / "s",
                    progress=False)
-    deferred = train(load_config("preset:quickstart", [*args, "train.deferred_checks=true"]), tmp_path / "d",
+    deferred = train(load_config("preset:quickstart", [*args, f"train.deferred_checks={setting}"]), tmp_path / "d",
                      progress=False)
     assert (strict.diverged is not None) == diverges and deferred.diverged == strict.diverged
     _, jd = _same_runs(tmp_path / "s", tmp_path / "d")
@@ -288,8 +290,11 @@ def test_a_run_with_deferred_checks_is_the_run_checking_each_message(tmp_path, l
         assert jd["deferred_checks"]["on"] is False and "run again checking each message" in jd["deferred_checks"][
             "why"]
         assert jd["deferred_checks"]["rerun_from"] == (0 if checkpoint_every > 4 else 90)
+        assert jd["deferred_checks"]["checks"] == ("record" if setting == "true" else "state")
+    elif setting == "true":
+        assert jd["deferred_checks"] == {"on": True, "checks": "record", "why": "train.deferred_checks = true"}
     else:
-        assert jd["deferred_checks"] == {"on": True, "why": "train.deferred_checks = true"}
+        assert jd["deferred_checks"]["on"] is True and jd["deferred_checks"]["checks"] == "state"
 
 
 @pytest.mark.parametrize("epochs", [0.5625, 2.0])
@@ -366,13 +371,193 @@ def test_a_deferred_run_stopped_and_resumed_is_bit_identical(tmp_path):
     assert (tmp_path / "c" / "metrics.csv").read_text() == (tmp_path / "a" / "metrics.csv").read_text()
 
 
-def test_the_setting_is_validated_and_auto_defers_on_cuda_only(tmp_path):
+def test_the_setting_is_validated_and_auto_picks_by_device_and_batching(tmp_path):
     for bad in ("'sometimes'", "1", "[true]"):
         with pytest.raises(ormo.ConfigError, match=r"train\.deferred_checks.*true, false or \"auto\""):
             load_config(None, [*SYNTH, f"train.deferred_checks={bad}"])
-    assert resolve_deferred(load_config(None, SYNTH)) == {"on": False, "why": "auto: on a CPU a check costs no wait"}
-    assert resolve_deferred(load_config(None, [*SYNTH, "train.device='cuda:1'"]))["on"] is True
+    cpu = load_config(None, SYNTH)
+    assert resolve_deferred(cpu)["checks"] == "state"  # one at a time: the state at read-outs
+    assert resolve_deferred(cpu, batched=True)["on"] is False  # batched: checked per batch, no wait on a CPU
+    cuda = load_config(None, [*SYNTH, "train.device='cuda:1'"])
+    assert resolve_deferred(cuda)["checks"] == resolve_deferred(cuda, batched=True)["checks"] == "record"
+    assert resolve_deferred(load_config(None, [*SYNTH, "train.deferred_checks=false"])) == {
+        "on": False, "why": "train.deferred_checks = false"}
     cfg = load_config(None, [*SYNTH, "model.name=mlp", "train.epochs=0.1"])
     train(cfg, tmp_path / "r", progress=False)
     info = json.loads((tmp_path / "r" / "run.json").read_text())
-    assert info["deferred_checks"]["on"] is False
+    assert info["deferred_checks"]["on"] is True and info["deferred_checks"]["checks"] == "state"
+    assert info["batch_workers"]["mode"] == "sequential"
+
+
+@pytest.mark.parametrize("setting", ["true", "'auto'"])
+def test_a_deferred_run_diverging_after_a_resume_is_the_run_checking_each_message(tmp_path, setting):
+    # stopped before the divergence, resumed: the read-out that finds it goes back to a checkpoint of the resumed run
+    args = ["train.epochs=4", "train.checkpoint_every=0.5", "method.lr=1.0"]
+    strict = train(load_config("preset:quickstart", [*args, "train.deferred_checks=false"]), tmp_path / "s",
+                   progress=False)
+    assert strict.diverged is not None
+    cfg = load_config("preset:quickstart", [*args, f"train.deferred_checks={setting}"])
+    from ormo.experiment import run as run_module
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_module, "DeferredInterrupt", stopping_interrupt(run_module.DeferredInterrupt, 30))
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tmp_path / "d", progress=False)
+    resumed = train(None, tmp_path / "d", resume=True, progress=False)
+    assert resumed.diverged == strict.diverged
+    _same_runs(tmp_path / "s", tmp_path / "d")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# defer_checks="state": nothing checked per message, the state at each read-out (what "auto" does on a CPU)
+
+
+def _faulty(problem, nth, step, value):
+    """``problem.grad_fn``, except that its ``nth`` call at local step ``step`` returns ``value`` in one element
+    (``"big"``: every element 3e38, finite, so the step overflows)."""
+    calls = [0]
+
+    def grad_fn(x, w, i, s):
+        g = problem.grad_fn(x, w, i, s)
+        if s == step:
+            calls[0] += 1
+            if calls[0] == nth:
+                g = g.clone()
+                if value == "big":
+                    g.fill_(3e38)
+                else:
+                    g[1] = value
+        return g
+    return grad_fn
+
+
+def _first_failures(rule, grad_fn_of, *, lr_schedule=None, K=4, T=36):
+    """(the strict run's failure: (t, iterations it applied) or None, the first read-out after which the state
+    check fails, reading after every iteration)."""
+    strict = Simulator(rule(), QUAD.w0, grad_fn_of(), num_workers=K, num_iterations=T, seed=1, lr_schedule=lr_schedule)
+    failed, n = None, 0
+    try:
+        while n < T:
+            strict.step()
+            n += 1
+    except NonFiniteError as e:
+        failed = (e.t, n)  # n: the iterations run before it (its own applied or not, as the check stops)
+    sim = Simulator(rule(), QUAD.w0, grad_fn_of(), num_workers=K, num_iterations=T, seed=1, lr_schedule=lr_schedule,
+                    defer_checks="state")
+    for n in range(1, T + 1):
+        sim.step()
+        try:
+            sim.flush_checks()
+        except NonFiniteError as e:
+            assert e.t == -1 and "names no iteration" in str(e)
+            return failed, n
+    return failed, None
+
+
+QUAD = Quadratic(dim=6, seed=2, dtype=torch.float32)
+_DROPS = {"delay_rule": "drop_above", "delay_threshold": 0.5}  # drops every message delayed more than K/2
+
+
+@pytest.mark.parametrize("name,hp", [*((n, {}) for n in RULES),
+                                     *((n, _DROPS) for n in ("da-asgd", "ormo-da", "local-ormo-da", "orlomo",
+                                                             "al-sgd")),
+                                     ("ormo-vanilla", {"step": "momentum_increment", "momentum": 0.0}),
+                                     ("ormo", {"momentum": 0.0}), ("orlomo", {"momentum": 0.0})])
+@pytest.mark.parametrize("zero_rate", [False, True])
+def test_the_state_check_finds_every_failure_a_check_per_message_finds_by_the_next_read_out(name, hp, zero_rate):
+    # Soundness of checking the state instead of each message: whatever the rule, a NaN, an Inf or a finite step
+    # that overflows, at any iteration or local step, with the rate at 0 there (a warm-up from 0) or a message dropped
+    # for its delay, is in the state right after the iteration where checking each message stops, never before.
+    rule = lambda: _rule(name, **hp)  # noqa: E731
+    zeros = {3, 4, 11, 12, 20, 21}
+    schedule = (lambda t: 0.0 if t in zeros else 1.0) if zero_rate else None
+    steps = sorted({0, rule().local_steps - 1})
+    found = 0
+    for value in (float("nan"), float("inf"), -float("inf"), "big"):
+        for nth in (1, 4, 12, 21):
+            for step in steps:
+                failed, first = _first_failures(rule, lambda v=value, n=nth, s=step: _faulty(QUAD, n, s, v),
+                                                lr_schedule=schedule)
+                assert first == (None if failed is None else failed[1] + 1), (value, nth, step, failed)
+                found += failed is not None
+    assert found >= 12  # the faults did stop the runs that check each message
+
+
+def test_rules_say_which_messages_they_ignore_and_the_nan_of_any_other_reaches_the_state():
+    # Rule.ignores: the engine checks such a message itself. An ignored message leaves the state untouched, bit for
+    # bit; the NaN of a message not ignored reaches the state.
+    seen = {True: 0, False: 0}
+    for name, hp in [("ormo", {}), ("ormo-da", _DROPS), ("da-asgd", _DROPS), ("al-sgd", _DROPS),
+                     ("orlomo", _DROPS), ("local-ormo-da", _DROPS),
+                     ("ormo-vanilla", {"step": "momentum_increment", "momentum": 0.0}), ("asgd", {}), ("ssgdm", {})]:
+        rule = _rule(name, **hp)
+        for t, rate in [(5, 1.0), (9, 0.0), (14, 1.0)]:
+            sim = Simulator(rule, QUAD.w0, QUAD.grad_fn, num_workers=4, num_iterations=40, seed=3,
+                            lr_schedule=lambda t_, r=rate, at=t: r if t_ == at else 1.0)
+            sim.run(t)
+            k, _ = sim.source.next(t, sim.now)
+            payload = sim.snapshots[k]
+            message = rule.work(payload, lambda x, s, k=k, i=payload.index: QUAD.grad_fn(x, k, i, s) + 0.5,
+                                sim.worker_states[k])
+            sim._set_rate(t)
+            rule.begin_iteration(sim.state, t=t, waiting_empty=not sim.waiting)
+            before = sim.state.state_dict()
+            bad = ormo.Message(index=message.index, update=message.update.clone(), momentum=message.momentum,
+                               local_lr_scale=message.local_lr_scale)
+            bad.update[2] = float("nan")
+            rule.apply(sim.state, bad, t=t, worker=k)
+            ignored = rule.ignores(sim.state, bad, t=t)
+            after = sim.state.state_dict()
+            tensors = [f for f in before if isinstance(before[f], torch.Tensor)]
+            if ignored:  # untouched, bit for bit
+                assert all(torch.equal(before[f], after[f]) for f in tensors), (name, t, rate)
+            else:  # its NaN reached the state
+                assert not all(torch.isfinite(after[f]).all() for f in tensors), (name, t, rate)
+            seen[ignored] += 1
+    assert seen[True] >= 5 and seen[False] >= 5
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_state_checks_change_nothing_and_check_nothing_per_message(name, monkeypatch):
+    from ormo.engine import simulator as simulator_module
+
+    kw = {"num_workers": 5, "num_iterations": 60, "timing": SlowFraction(fraction=0.4, slowdown=3.0), "seed": 4}
+    one = ormo.simulate(_rule(name), QUAD.w0, QUAD.grad_fn, **kw)
+    calls = []
+    original = simulator_module.all_finite
+    monkeypatch.setattr(simulator_module, "all_finite", lambda x: calls.append(1) or original(x))
+    state = ormo.simulate(_rule(name), QUAD.w0, QUAD.grad_fn, defer_checks="state", **kw)
+    assert state.events == one.events and torch.equal(state.params, one.params)
+    assert not calls  # read once, at the end, over the state (not through the per-message check)
+    ormo.simulate(_rule(name), QUAD.w0, QUAD.grad_fn, **kw)
+    assert len(calls) >= 60  # the check per message does call it, so the assertion above can fail
+
+
+def test_state_checks_refuse_batches_and_bad_values_and_states_with_an_unread_nan():
+    with pytest.raises(ormo.ConfigError, match=r"defer_checks.*True, False or \"state\""):
+        Simulator(_rule("ormo"), QUAD.w0, QUAD.grad_fn, num_workers=2, defer_checks="yes")
+    with pytest.raises(ormo.ConfigError, match=r"defer_checks.*batched gradients"):
+        Simulator(_rule("ormo"), QUAD.w0, QUAD.grad_fn, num_workers=2, batch=2, defer_checks="state")
+    sim = Simulator(_rule("ormo"), QUAD.w0, _faulty(QUAD, 3, 0, float("nan")), num_workers=3, num_iterations=20,
+                    defer_checks="state")
+    sim.run(2)
+    clean = sim.state_dict()  # a clean read-out at t=2
+    for _ in range(6):
+        sim.step()
+    saved = roundtrip(sim.state_dict())  # saved without reading: the NaN is in it
+    with pytest.raises(NonFiniteError, match="the run diverged at an iteration from 2 to 7"):
+        sim.flush_checks()
+    for strict in (Simulator(_rule("ormo"), QUAD.w0, QUAD.grad_fn, num_workers=3, num_iterations=20),
+                   Simulator(_rule("ormo"), QUAD.w0, QUAD.grad_fn, num_workers=3, num_iterations=20,
+                             defer_checks=True)):
+        with pytest.raises(ormo.ConfigError, match="defer_checks='state' after a NaN/Inf"):
+            strict.load_state_dict(saved)
+    again = Simulator(_rule("ormo"), QUAD.w0, QUAD.grad_fn, num_workers=3, num_iterations=20, defer_checks="state")
+    again.load_state_dict(saved)
+    with pytest.raises(NonFiniteError, match="the run diverged at iteration 7 or before"):
+        again.flush_checks()
+    # the clean state, continued checking each message, names it exactly
+    strict = Simulator(_rule("ormo"), QUAD.w0, _faulty(QUAD, 1, 0, float("nan")), num_workers=3, num_iterations=20)
+    strict.load_state_dict(roundtrip(clean))
+    with pytest.raises(NonFiniteError, match="returned NaN/Inf"):
+        strict.run(20)

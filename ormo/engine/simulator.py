@@ -22,7 +22,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 import numpy as np
@@ -387,7 +387,7 @@ class Simulator:
         batch: int = 0,
         grad_batch: GradBatchFn | None = None,
         on_consume: Callable[[int], None] | None = None,
-        defer_checks: bool = False,
+        defer_checks: bool | str = False,
     ) -> None:
         if not isinstance(rule, Rule):
             raise invalid("rule", type(rule).__name__, "a rule built by ormo.make_rule(name, ...)")
@@ -409,12 +409,19 @@ class Simulator:
         if grad_batch is not None and not callable(grad_batch):
             raise invalid("grad_batch", type(grad_batch).__name__, "a callable grad_batch(requests) -> gradients")
         self.grad_batch, self.on_consume = grad_batch, on_consume
-        if not isinstance(defer_checks, bool):
-            raise invalid("defer_checks", defer_checks, "True or False")
+        if not isinstance(defer_checks, bool) and defer_checks != "state":
+            raise invalid("defer_checks", defer_checks, 'True, False or "state"')
+        if defer_checks == "state" and self.batch:
+            raise invalid("defer_checks", defer_checks, 'True or False with batched gradients (batch > 0): the state '
+                          'check is for messages computed one at a time')
         #: deferred checks: the NaN/Inf checks fold into a device-side record read by :meth:`flush_checks` (None:
-        #: each check reads its answer at once, a host sync per check on CUDA)
-        self.record: _DeferredRecord | None = _DeferredRecord(self.params0.device) if (
-            defer_checks and check_finite) else None
+        #: each check reads its answer at once, a host sync per check on CUDA); "state": nothing is noted, and
+        #: :meth:`flush_checks` checks the simulator's state instead
+        self.record: _DeferredRecord | _StateCheck | None = None
+        if check_finite and defer_checks == "state":
+            self.record = _StateCheck(self)
+        elif check_finite and defer_checks:
+            self.record = _DeferredRecord(self.params0.device)
         #: batched: the computed messages not consumed yet, per worker (a Message, or the error it raised)
         self.computed: dict[int, Message | SimulationError] = {}
         #: batched: workers dispatched whose message is not computed yet
@@ -525,6 +532,8 @@ class Simulator:
             self._set_rate(t)
         rule.begin_iteration(state, t=t, waiting_empty=not self.waiting)
         rule.apply(state, message, t=t, worker=k)
+        if isinstance(self.record, _StateCheck) and rule.ignores(state, message, t=t):
+            self.record.check_ignored(message)  # its NaN/Inf would not reach the state
         event = self.events.append(
             t=t, worker=k, index=payload.index, sim_time=now, dispatch_time=self.dispatch_time[k]
         )
@@ -552,7 +561,8 @@ class Simulator:
             self.waiting.clear()
         self.t = t + 1
         # checked after the iteration, so a warning turned into an error leaves the simulator consistent at w_{t+1}
-        if not self._growth_warned and self.record is None and growth_check_due(t):
+        if not self._growth_warned and (self.record is None or isinstance(self.record, _StateCheck)) and (
+                growth_check_due(t)):
             self._check_growth(t)
         return event
 
@@ -801,6 +811,18 @@ class Simulator:
         if self.record is None:
             return
         code = self.record.read()
+        if code == _UNKNOWN:
+            since = self.record.clean_at if isinstance(self.record, _StateCheck) else None
+            when = f"at iteration {self.t - 1} or before" if since is None else (
+                f"at an iteration from {since} to {self.t - 1}")
+            err = NonFiniteError(
+                f"NaN/Inf values in the simulator's state (the server's parameters or momentum, or a worker's state) "
+                f"found when the checks were read after iteration {self.t - 1}: the run diverged {when} (checking "
+                f"the state at read-outs names no iteration: run again from a state saved at an earlier read-out "
+                f"with defer_checks=False to stop exactly there; ormo train does)",
+                t=-1, worker=-1, index=-1)
+            err.partial = self.result()
+            raise err
         if code >= 0:
             t_bad, kind = divmod(code, _KINDS)
             event = self.events[t_bad]
@@ -813,8 +835,32 @@ class Simulator:
                 t=t_bad, worker=event.worker, index=event.index)
             err.partial = self.result()
             raise err
-        if not self._growth_warned and self.t > 0:
+        if not self._growth_warned and self.t > 0 and not isinstance(self.record, _StateCheck):
             self._check_growth(self.t - 1)
+
+    def _state_tensors(self) -> list[Tensor]:
+        """Every floating tensor a NaN/Inf can live in between messages (one at a time): the server state, the
+        workers' states and what they were sent, each once."""
+        seen: dict[int, Tensor] = {}
+
+        def walk(x: Any) -> None:
+            if isinstance(x, Tensor):
+                if x.is_floating_point():
+                    seen.setdefault(id(x), x)
+            elif isinstance(x, list | tuple):
+                for v in x:
+                    walk(v)
+            elif isinstance(x, dict):
+                for v in x.values():
+                    walk(v)
+            elif is_dataclass(x) and not isinstance(x, type):
+                for f in fields(x):
+                    walk(getattr(x, f.name))
+
+        walk(self.state)
+        walk(self.worker_states)
+        walk(self.snapshots)
+        return list(seen.values())
 
     def result(self) -> SimulationResult:
         events, K = self.events, self.num_workers
@@ -897,6 +943,10 @@ class Simulator:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self._check_fits(sd)
         noted = int(sd.get("deferred", -1))
+        if noted == _UNKNOWN and not isinstance(self.record, _StateCheck):  # before anything is loaded
+            raise ConfigError("the state was saved with defer_checks='state' after a NaN/Inf (not read yet, iteration "
+                              "unknown): load a state saved at an earlier read-out (as ormo train does), or load it "
+                              "into a Simulator(defer_checks='state') and call flush_checks()")
         if noted >= 0 and self.record is None:  # before anything is loaded
             t_bad = noted // _KINDS
             raise ConfigError(f"the state was saved with deferred checks after a NaN/Inf at server iteration t={t_bad} "
@@ -960,7 +1010,7 @@ def simulate(
     lr_schedule: Callable[[int], float] | None = None,
     batch: int = 0,
     grad_batch: GradBatchFn | None = None,
-    defer_checks: bool = False,
+    defer_checks: bool | str = False,
 ) -> SimulationResult:
     """Run ``rule`` on a simulated parameter server with ``num_workers`` workers.
 
@@ -986,9 +1036,12 @@ def simulate(
             ``grad_fn`` must then return a new tensor per call.
         grad_batch: ``grad_batch([(params, worker, index, step), ...]) -> [gradient, ...]``, the gradients of a
             batch in one call (default: ``grad_fn`` on each request).
-        defer_checks: the NaN/Inf checks (``check_finite``) queue on the device and are read once, at the end (no
-            host sync per message on CUDA; batched gradients are still checked once per batch). A NaN/Inf then stops
-            the run at the end, naming the first iteration that met one; the parameters are those past it.
+        defer_checks: True: the NaN/Inf checks (``check_finite``) queue on the device and are read once, at the end
+            (no host sync per message on CUDA; batched gradients are still checked once per batch). A NaN/Inf then
+            stops the run at the end, naming the first iteration that met one; the parameters are those past it.
+            ``"state"`` (``batch=0`` only): nothing is checked per message; at the end the server's and workers'
+            state is checked once (a NaN/Inf never leaves it), and a NaN/Inf stops the run without naming the
+            iteration: rerun with ``defer_checks=False`` to name it.
 
     Returns:
         :class:`SimulationResult` with ``params`` (= ``w_T``), ``events`` and summary statistics.
@@ -1028,6 +1081,50 @@ def all_finite(tensor: Tensor) -> bool:
 
 #: what a deferred check noted (the record keeps ``t * _KINDS + kind`` of the first failure)
 _GRADIENT, _MESSAGE, _SENT, _KINDS = 0, 1, 2, 3
+#: a state check found a NaN/Inf: the iteration is not known
+_UNKNOWN = -2
+
+
+class _StateCheck:
+    """``defer_checks="state"``: nothing is checked per message; :meth:`read` checks the simulator's state once.
+
+    Sound because a NaN/Inf never leaves the state once it is in: a message is applied to the server's tensors by
+    additions and products (``0 * NaN`` is NaN), a worker's local steps carry their NaN/Inf into the message they send,
+    and nothing overwrites a server tensor with finite values without reading the NaN first. So every check that
+    checking each message would have failed leaves a NaN/Inf in the state by the next read-out (tested for every rule,
+    NaN, Inf and overflow, at every iteration). A NaN/Inf found names no iteration: run again from the last clean
+    read-out checking each message."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+        self.code = -1  # _UNKNOWN once found (or a code loaded with a state)
+        self.clean_at: int | None = 0  # the iteration of the last clean read-out (None: not known)
+
+    def note(self, tensors: list[Tensor], t: int, kind: int) -> None:
+        pass
+
+    def note_bad(self, bad: Tensor, t: int, kind: int) -> None:
+        pass
+
+    def check_ignored(self, message: Message) -> None:
+        """A message the rule did not apply (see :meth:`Rule.ignores`) is checked on its own."""
+        if self.code == -1 and not all(all_finite(x) for _, x in message.tensors()):
+            self.code = _UNKNOWN
+
+    def read(self) -> int:
+        if self.code == -1:
+            tensors = self.sim._state_tensors()
+            sums = [x.sum().double() for x in tensors]  # a NaN/Inf makes its sum so (an overflow too: exact check)
+            if sums and not bool(torch.isfinite(torch.stack(sums)).all()) and not all(
+                    bool(torch.isfinite(x).all()) for x in tensors):
+                self.code = _UNKNOWN
+            else:
+                self.clean_at = self.sim.t
+        return self.code
+
+    def reset(self, code: int) -> None:
+        self.code = code
+        self.clean_at = self.sim.t if code == -1 else None
 
 
 class _DeferredRecord:

@@ -258,14 +258,22 @@ def resolve_batching(cfg: ExperimentConfig, problem: Task) -> dict[str, Any]:
             "why": "train.batch_workers = true" if wanted is True else f"auto: {cfg.train.device}"}
 
 
-def resolve_deferred(cfg: ExperimentConfig) -> dict[str, Any]:
-    """What ``train.deferred_checks`` means for this run on the simulator: ``{"on": bool, "why": str}``."""
+def resolve_deferred(cfg: ExperimentConfig, *, batched: bool = False) -> dict[str, Any]:
+    """What ``train.deferred_checks`` means for this run on the simulator: ``{"on": bool, "why": str}``, plus
+    ``"checks"`` when on: ``"record"`` (each check queued on the device into a record of the first failure) or
+    ``"state"`` (nothing per message: the server's and workers' state is checked at each read-out)."""
     wanted = cfg.train.deferred_checks
-    if wanted is True or wanted is False:
-        return {"on": wanted, "why": f"train.deferred_checks = {str(wanted).lower()}"}
+    if wanted is False:
+        return {"on": False, "why": "train.deferred_checks = false"}
+    if wanted is True:
+        return {"on": True, "checks": "record", "why": "train.deferred_checks = true"}
     if cfg.train.device.startswith("cuda"):
-        return {"on": True, "why": f"auto: {cfg.train.device} (no host sync per message)"}
-    return {"on": False, "why": "auto: on a CPU a check costs no wait"}
+        return {"on": True, "checks": "record", "why": f"auto: {cfg.train.device} (no host sync per message)"}
+    if batched:
+        return {"on": False, "why": "auto: on a CPU a check costs no wait (batched gradients check each batch)"}
+    return {"on": True, "checks": "state",
+            "why": "auto: on a CPU, one message at a time: nothing is checked per message; the parameters, momenta "
+                   "and worker states are checked at each read-out"}
 
 
 class _PendingLosses:
@@ -332,17 +340,18 @@ def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any],
             checkpointed) else resolve_batching(cfg, problem)
     info["batch_workers"] = batching
     batched = batching["mode"] == "batched"
-    deferring = resolve_deferred(cfg)
+    deferring = resolve_deferred(cfg, batched=batched)
     info["deferred_checks"] = deferring
+    how = deferring.get("checks") if deferring["on"] else None
     sim = Simulator(rule, problem.params0, problem.grad_fn, num_workers=cfg.train.num_workers,
                     num_iterations=total, timing=cfg.timing.build(), seed=cfg.train.seed,
                     lr_schedule=lambda t: cfg.schedule.factor(t / messages_per_epoch),
                     batch=int(batching["max"]) if batched else 0,
                     grad_batch=getattr(problem, "grad_batch", None) if batched else None,
                     on_consume=getattr(problem, "select_message", None) if batched else None,
-                    defer_checks=deferring["on"])
-    if hasattr(problem, "defer_sync"):
-        problem.defer_sync = deferring["on"]
+                    defer_checks={"record": True, "state": "state"}.get(how, False))
+    if hasattr(problem, "defer_sync"):  # the losses and BatchNorm checks stay on the device with the record
+        problem.defer_sync = how == "record"
     pending = _PendingLosses()
     evals = iteration_marks(cfg.train.eval_every, messages_per_epoch, total)
     checkpoints = iteration_marks(cfg.train.checkpoint_every, messages_per_epoch, total)

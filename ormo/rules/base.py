@@ -215,6 +215,12 @@ class Rule:
         """UPDATE(t): consume one message in place."""
         raise NotImplementedError
 
+    def ignores(self, state: ServerState, message: Message, *, t: int) -> bool:
+        """Whether :meth:`apply` at iteration ``t`` leaves the state untouched by ``message`` (a zero rate, a message
+        dropped for its delay), judged on the state :meth:`apply` sees. An engine that finds NaN/Inf by checking the
+        state at read-outs checks such a message itself. Default: False (every message reaches the state)."""
+        return False
+
     def payload(self, state: ServerState, *, index: int) -> Payload:
         """What SCHEDULE sends after iteration ``index − 1`` (aliases the state; the engine copies it)."""
         return Payload(index=index, params=state.params, lr_scale=state.local_lr_scale)

@@ -93,3 +93,6 @@ class ALSGD(DelayAdaptive, Rule):
 
     def apply(self, state: ServerState, message: Message, *, t: int, worker: int) -> None:
         self.sgd_step(state, message, t=t, lr=self.lr)
+
+    def ignores(self, state: ServerState, message: Message, *, t: int) -> bool:
+        return self.sgd_ignores(state, message, t=t, lr=self.lr)

@@ -60,6 +60,10 @@ class DelayAdaptive:
     def lr_at(self, lr: float, tau: int, num_workers: int) -> float:
         return lr * delay_factor(self.delay_rule, self.delay_threshold, tau, num_workers)
 
+    def sgd_ignores(self, state: ServerState, message: Message, *, t: int, lr: float) -> bool:
+        """Whether :meth:`sgd_step` skips ``message`` (its ``η_t`` is 0)."""
+        return self.lr_at(lr * state.lr_scale, t - message.index, state.num_workers) == 0.0
+
     def sgd_step(self, state: ServerState, message: Message, *, t: int, lr: float) -> None:
         """``w ← w − η_t · message.update`` with ``η_t = lr · factor(t − s)`` (skipped when ``η_t = 0``)."""
         eta = self.lr_at(lr * state.lr_scale, t - message.index, state.num_workers)

@@ -107,6 +107,9 @@ class _Ordered(Rule):
         if eta != 0.0:
             self._consume(state, message, n, eta)
 
+    def ignores(self, state: OrderedState, message: Message, *, t: int) -> bool:  # type: ignore[override]
+        return self._eta(state, message, t - message.index) == 0.0
+
     def _consume(self, state: OrderedState, message: Message, n: int, eta: float) -> None:
         """OrMo's UPDATE: ``u += β^n η g``, ``w −= S(n) η g``."""
         g, beta = message.update, self.momentum
@@ -187,6 +190,10 @@ class OrMoVanilla(_Ordered):
         coef = 1.0 if self.step == "sgd" else weight
         if coef != 0.0:
             state.params.add_(g, alpha=-coef * eta)
+
+    def ignores(self, state: OrderedState, message: Message, *, t: int) -> bool:  # type: ignore[override]
+        weight = self.momentum ** self.lateness(state, message.index)
+        return super().ignores(state, message, t=t) or (weight == 0.0 and self.step != "sgd")
 
 
 DELTA_SCALES: tuple[str, ...] = ("none", "inverse_lr", "inverse_steps")
