@@ -83,8 +83,12 @@ def sequential(model: str, k: int, device: str, seconds: float, *, ready=None,
                util: Utilisation | None = None, batch: int = 0, defer: bool | None = None) -> float:
     """Messages per second of the simulator (OrMo) on ``model`` with K workers: one gradient at a time, or with
     ``batch`` > 0 the engine's batched in-flight gradients (``train.batch_workers``). ``defer``: deferred checks
-    (default: on a CUDA device, as ``train.deferred_checks = "auto"``)."""
-    defer = device.startswith("cuda") if defer is None else defer
+    (default: as ``train.deferred_checks = "auto"``: the device record on CUDA; on a CPU the state at read-outs one
+    message at a time, each batch checked when batched; False: each message checked)."""
+    checks: bool | str = device.startswith("cuda") if defer is None else defer
+    if defer is None and not checks and not batch:
+        checks = "state"
+    defer = checks is True
     cfg = load_config(None, [f'model.name="{model}"', "data.batch_size=64", f"train.num_workers={k}",
                              "method.lr=0.01", "method.momentum=0.9", f'train.device="{device}"'])
     problem = TrainProblem(cfg, dataset=_dataset())
@@ -92,7 +96,7 @@ def sequential(model: str, k: int, device: str, seconds: float, *, ready=None,
     sim = Simulator(cfg.method.build(), problem.params0, problem.grad_fn, num_workers=k, num_iterations=10**9,
                     timing=cfg.timing.build(), seed=0, batch=batch,
                     grad_batch=problem.grad_batch if batch else None,
-                    on_consume=problem.select_message if batch else None, defer_checks=defer)
+                    on_consume=problem.select_message if batch else None, defer_checks=checks)
     losses: list = []
 
     def step() -> int:

@@ -7,10 +7,10 @@ at K = 16. Everything runs on one torch thread and is timed on the process's CPU
 both sides alike. The plain loop is what a user would write: sample, forward,
 backward, ``torch.optim.SGD(momentum=0.9).step()``. The simulator side is ``ormo.experiment.TrainProblem`` driven by
 the OrMo rule with K simulated workers: per message it also loads the worker's snapshot into the flat model, keeps
-each worker's BatchNorm statistics, checks the gradient for NaN/Inf, applies the ordered update, copies the new
-parameters for the worker and logs the event. As ``ormo train`` runs on a CPU (``train.deferred_checks = "auto"``),
-the NaN/Inf checks are made on the state at each read-out (each evaluation and checkpoint): each block pays for one
-read-out in proportion to its share of a CIFAR-10 epoch (782 messages).
+each worker's BatchNorm statistics, applies the ordered update, copies the new parameters for the worker and logs
+the event. As ``ormo train`` runs on a CPU (``train.deferred_checks = "auto"``), the NaN/Inf checks are made on the
+state at each read-out (each evaluation and checkpoint), not per message: each block pays for one read-out in
+proportion to its share of a CIFAR-10 epoch (782 messages).
 
 Blocks of ``--steps`` gradients alternate between the two (which goes first alternates too) after a warm-up, and the
 ratio is the median over pairs of adjacent blocks, so the shared machine's load hits both sides alike. Goal: ≤ 1.05.

@@ -19,7 +19,7 @@ from helpers import SYNTH, Quadratic, roundtrip, rule_with_local_steps, stopping
 
 import ormo
 from ormo.engine import Simulator
-from ormo.engine.simulator import NonFiniteError
+from ormo.engine.simulator import NonFiniteError, state_checks_sound
 from ormo.engine.timing import SlowFraction
 from ormo.experiment import load_config, train
 from ormo.experiment.problem import TrainProblem
@@ -528,9 +528,12 @@ def test_state_checks_change_nothing_and_check_nothing_per_message(name, monkeyp
     monkeypatch.setattr(simulator_module, "all_finite", lambda x: calls.append(1) or original(x))
     state = ormo.simulate(_rule(name), QUAD.w0, QUAD.grad_fn, defer_checks="state", **kw)
     assert state.events == one.events and torch.equal(state.params, one.params)
-    assert not calls  # read once, at the end, over the state (not through the per-message check)
+    # read once, at the end, over the state; only SMEGA2's look-ahead, which is not the server's own tensors and which
+    # the next payload overwrites, is checked as it is sent
+    assert len(calls) == (60 if name == "smega2" else 0)
+    calls.clear()
     ormo.simulate(_rule(name), QUAD.w0, QUAD.grad_fn, **kw)
-    assert len(calls) >= 60  # the check per message does call it, so the assertion above can fail
+    assert len(calls) >= 60 + (60 if name == "smega2" else 0)  # checking each message calls it: the above can fail
 
 
 def test_state_checks_refuse_batches_and_bad_values_and_states_with_an_unread_nan():
@@ -561,3 +564,87 @@ def test_state_checks_refuse_batches_and_bad_values_and_states_with_an_unread_na
     strict.load_state_dict(roundtrip(clean))
     with pytest.raises(NonFiniteError, match="returned NaN/Inf"):
         strict.run(20)
+
+
+def test_the_state_check_finds_overflows_of_bounded_gradients_no_later_than_a_check_per_message():
+    # A gradient that stays finite at ±Inf (a clamped, Huber-like loss) does not carry an overflow on by itself. SMEGA2
+    # sends a look-ahead that can overflow while its parameters and momentum stay finite, and the next payload
+    # overwrites it: it is checked as it is sent (an adversarial read found it missed before that).
+    found = 0
+    for name in RULES:
+        local = rule_with_local_steps(name).local_steps > 1
+        for bound, k, zero in ((1e7, 1, False), (1e9, 8, False), (1e7, 8, True)):
+            hp = {"local_lr": 1e30} if local else {"lr": 1e30}
+            if local and "lr" in _rule(name).describe()["hyperparameters"]:
+                hp["lr"] = 1.0
+            rule = lambda n=name, h=hp: _rule(n, **h)  # noqa: E731
+            grad = lambda b=bound: (lambda x, w, i, s: torch.clamp(x, -b, b))  # noqa: E731
+            schedule = (lambda t: 0.0 if t % 5 == 2 else 1.0) if zero else None
+            failed, first = _first_failures(rule, grad, lr_schedule=schedule, K=k, T=60)
+            if failed is not None:
+                found += 1
+                assert first is not None and first <= failed[1] + 1, (name, bound, k, zero, failed, first)
+    assert found >= 15
+
+
+def test_smega2_look_ahead_overflowing_alone_is_found():
+    w0 = torch.tensor([1.0, -2.0, 0.5])
+    kw = {"num_workers": 8, "num_iterations": 60, "seed": 1}
+    grad = lambda x, w, i, s: torch.clamp(x, -2e7, 2e7)  # noqa: E731
+    with pytest.raises(NonFiniteError, match="server parameters became NaN/Inf") as strict:
+        ormo.simulate(ormo.make_rule("smega2", lr=1e30, momentum=0.9), w0, grad, **kw)
+    with pytest.raises(NonFiniteError, match="names no iteration"):
+        ormo.simulate(ormo.make_rule("smega2", lr=1e30, momentum=0.9), w0, grad, defer_checks="state", **kw)
+    assert strict.value.t == 35
+
+
+def test_a_rule_that_does_not_declare_state_checks_is_checked_per_message():
+    base = type(ormo.make_rule("asgd"))
+
+    class SkipsLargeGradients(base):  # a plugin's rule: skips what it deems too large, NaN included
+        def apply(self, state, message, *, t, worker):
+            if bool(torch.isfinite(message.update).all()) and float(message.update.abs().max()) < 1e3:
+                super().apply(state, message, t=t, worker=worker)
+
+    rule = SkipsLargeGradients(lr=0.1)
+    assert ormo.make_rule("asgd").state_checks and not state_checks_sound(rule) and state_checks_sound(
+        ormo.make_rule("asgd"))
+    with pytest.raises(ormo.ConfigError, match=r"defer_checks.*does not declare.*Rule\.state_checks"):
+        Simulator(rule, QUAD.w0, QUAD.grad_fn, num_workers=2, defer_checks="state")
+    Simulator(rule, QUAD.w0, QUAD.grad_fn, num_workers=2, defer_checks=True)  # the record names what it meets
+    cfg = load_config(None, SYNTH)
+    assert resolve_deferred(cfg, rule=rule) == {
+        "on": False, "why": "auto: on a CPU a check costs no wait (the rule 'asgd' does not declare "
+                            "Rule.state_checks, so each message is checked)"}
+    assert resolve_deferred(cfg, rule=ormo.make_rule("asgd"))["checks"] == "state"
+
+
+@pytest.mark.parametrize("name", ["da-asgd", "ormo-da", "orlomo"])
+def test_a_callable_delay_rule_is_called_once_per_message(name):
+    # it may keep state (here a generator): asking whether a message was dropped must not call it again
+    def run(defer):
+        rng = np.random.default_rng(0)
+        calls = []
+
+        def drop_some(tau, k):
+            calls.append(tau)
+            return float(rng.random() < 0.7)
+
+        res = ormo.simulate(_rule(name, delay_rule=drop_some), QUAD.w0, QUAD.grad_fn, num_workers=4,
+                            num_iterations=50, seed=2, defer_checks=defer)
+        return res, calls
+
+    strict, strict_calls = run(False)
+    state, state_calls = run("state")
+    assert state_calls == strict_calls and torch.equal(state.params, strict.params)
+    nan = _faulty(QUAD, 9, 0, float("nan"))  # and a NaN in a message it may have dropped is still found
+    with pytest.raises(NonFiniteError, match="names no iteration"):
+        ormo.simulate(_rule(name, delay_rule=lambda tau, k: 0.0), QUAD.w0, nan, num_workers=4, num_iterations=50,
+                      defer_checks="state")
+
+
+def test_inverse_lr_at_a_zero_local_rate_is_a_clear_error():
+    rule = ormo.make_rule("local-ormo-da", delta_scale="inverse_lr", local_steps=2)
+    with pytest.raises(ormo.ConfigError, match=r"delta_scale = 'inverse_lr'.*local rate of 0"):
+        ormo.simulate(rule, QUAD.w0, QUAD.grad_fn, num_workers=3, num_iterations=20,
+                      lr_schedule=lambda t: 0.0 if t == 0 else 1.0)

@@ -414,6 +414,9 @@ class Simulator:
         if defer_checks == "state" and self.batch:
             raise invalid("defer_checks", defer_checks, 'True or False with batched gradients (batch > 0): the state '
                           'check is for messages computed one at a time')
+        if defer_checks == "state" and check_finite and not state_checks_sound(rule):
+            raise invalid("defer_checks", defer_checks, f"True or False for the rule {rule.name!r}: it does not "
+                          f"declare that checking its state finds every NaN/Inf (Rule.state_checks; ormo's rules do)")
         #: deferred checks: the NaN/Inf checks fold into a device-side record read by :meth:`flush_checks` (None:
         #: each check reads its answer at once, a host sync per check on CUDA); "state": nothing is noted, and
         #: :meth:`flush_checks` checks the simulator's state instead
@@ -540,17 +543,17 @@ class Simulator:
         self.waiting.append((k, now))
 
         if self.scheduler == "async":
-            self.snapshots[k], self.own_buffers[k] = _copy_payload(
-                rule.payload(state, index=t + 1), self.own_buffers[k]
-            )
-            self._check_sent(self.snapshots[k], t, k, payload.index)
+            sent = rule.payload(state, index=t + 1)
+            self.snapshots[k], self.own_buffers[k] = _copy_payload(sent, self.own_buffers[k])
+            self._check_sent(self.snapshots[k], t, k, payload.index, sent)
             self.dispatch_time[k] = now
             self.source.dispatch(k, now, self._steps)
             self.fresh[k] = True
             self.waiting.clear()
         elif len(self.waiting) == self.num_workers:
-            shared, _ = _copy_payload(rule.payload(state, index=t + 1), None)
-            self._check_sent(shared, t, k, payload.index)
+            sent = rule.payload(state, index=t + 1)
+            shared, _ = _copy_payload(sent, None)
+            self._check_sent(shared, t, k, payload.index, sent)
             for j, arrived in self.waiting:
                 self.idle[j] += now - arrived
             for j in range(self.num_workers):
@@ -766,10 +769,18 @@ class Simulator:
             raise invalid(f"lr_schedule({t})", f, "a finite number >= 0")
         set_rate_factor(self.rule, self.state, f)
 
-    def _check_sent(self, payload: Payload, t: int, worker: int, index: int) -> None:
+    def _check_sent(self, payload: Payload, t: int, worker: int, index: int, sent: Payload | None = None) -> None:
         """The parameters about to be sent must be finite: catches a server update that overflowed (one summing pass
-        over the copy, the cost of the NaN check of a gradient)."""
+        over the copy, the cost of the NaN check of a gradient). ``sent``: the rule's payload before its copy."""
         if not self.check_finite:
+            return
+        if isinstance(self.record, _StateCheck):  # what is not the server's own tensors is checked as it goes
+            state = self.state
+            own = {x.data_ptr() for x in (state.params, getattr(state, "momentum", None)) if isinstance(x, Tensor)}
+            origin = sent if sent is not None else payload
+            for x, y in ((payload.params, origin.params), (payload.momentum, origin.momentum)):
+                if x is not None and not (isinstance(y, Tensor) and y.data_ptr() in own) and not all_finite(x):
+                    self.record.code = _UNKNOWN
             return
         if self.record is not None:
             self.record.note([x for x in (payload.params, payload.momentum) if x is not None], t, _SENT)
@@ -1085,20 +1096,29 @@ _GRADIENT, _MESSAGE, _SENT, _KINDS = 0, 1, 2, 3
 _UNKNOWN = -2
 
 
-class _StateCheck:
-    """``defer_checks="state"``: nothing is checked per message; :meth:`read` checks the simulator's state once.
+def state_checks_sound(rule: Rule) -> bool:
+    """Whether ``rule``'s own class declares ``state_checks`` (see :attr:`Rule.state_checks`)."""
+    return bool(type(rule).__dict__.get("state_checks", False))
 
-    Sound because a NaN/Inf never leaves the state once it is in: a message is applied to the server's tensors by
-    additions and products (``0 * NaN`` is NaN), a worker's local steps carry their NaN/Inf into the message they send,
-    and nothing overwrites a server tensor with finite values without reading the NaN first. So every check that
-    checking each message would have failed leaves a NaN/Inf in the state by the next read-out (tested for every rule,
-    NaN, Inf and overflow, at every iteration). A NaN/Inf found names no iteration: run again from the last clean
-    read-out checking each message."""
+
+class _StateCheck:
+    """``defer_checks="state"``: the checks per message are left out; :meth:`read` checks the simulator's state once.
+
+    Sound for a rule that declares :attr:`Rule.state_checks`: a NaN/Inf never leaves the server's parameters and
+    momentum once it is in (a message reaches them by additions and products, and ``0 * NaN`` is NaN), a worker's local
+    steps carry their NaN/Inf into the message they send, and the rest is checked as it goes: a message the rule
+    skipped (:meth:`Rule.ignores`) and a payload that is not the server's own tensors (SMEGA2's look-ahead, which a
+    later payload overwrites). So every failure that checking each message meets is in the state by the next read-out
+    (tested for every rule, with NaN, Inf and overflow at several iterations). It can also find one that checking
+    each message has not met yet (a synchronous round's sums overflowing before the round ends, a momentum the rule
+    does not use). A NaN/Inf found names no iteration: run again from the last clean read-out checking each message
+    (``ormo train`` does, and then ends exactly as checking each message does)."""
 
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
         self.code = -1  # _UNKNOWN once found (or a code loaded with a state)
         self.clean_at: int | None = 0  # the iteration of the last clean read-out (None: not known)
+        self.walked_at: int | None = None  # the iteration the state was last read clean at (by this object)
 
     def note(self, tensors: list[Tensor], t: int, kind: int) -> None:
         pass
@@ -1112,19 +1132,20 @@ class _StateCheck:
             self.code = _UNKNOWN
 
     def read(self) -> int:
-        if self.code == -1:
+        if self.code == -1 and self.walked_at != self.sim.t:  # (walked clean at this iteration already: unchanged)
             tensors = self.sim._state_tensors()
             sums = [x.sum().double() for x in tensors]  # a NaN/Inf makes its sum so (an overflow too: exact check)
             if sums and not bool(torch.isfinite(torch.stack(sums)).all()) and not all(
                     bool(torch.isfinite(x).all()) for x in tensors):
                 self.code = _UNKNOWN
             else:
-                self.clean_at = self.sim.t
+                self.clean_at = self.walked_at = self.sim.t
         return self.code
 
     def reset(self, code: int) -> None:
         self.code = code
         self.clean_at = self.sim.t if code == -1 else None
+        self.walked_at = None
 
 
 class _DeferredRecord:

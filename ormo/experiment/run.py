@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..engine import NonFiniteError, Simulator
+from ..engine.simulator import state_checks_sound
 from ..rules import Rule
 from ..rules.base import ConfigError
 from ..task import Task, describe_task, evaluate_all
@@ -258,7 +259,7 @@ def resolve_batching(cfg: ExperimentConfig, problem: Task) -> dict[str, Any]:
             "why": "train.batch_workers = true" if wanted is True else f"auto: {cfg.train.device}"}
 
 
-def resolve_deferred(cfg: ExperimentConfig, *, batched: bool = False) -> dict[str, Any]:
+def resolve_deferred(cfg: ExperimentConfig, *, batched: bool = False, rule: Rule | None = None) -> dict[str, Any]:
     """What ``train.deferred_checks`` means for this run on the simulator: ``{"on": bool, "why": str}``, plus
     ``"checks"`` when on: ``"record"`` (each check queued on the device into a record of the first failure) or
     ``"state"`` (nothing per message: the server's and workers' state is checked at each read-out)."""
@@ -271,6 +272,9 @@ def resolve_deferred(cfg: ExperimentConfig, *, batched: bool = False) -> dict[st
         return {"on": True, "checks": "record", "why": f"auto: {cfg.train.device} (no host sync per message)"}
     if batched:
         return {"on": False, "why": "auto: on a CPU a check costs no wait (batched gradients check each batch)"}
+    if rule is not None and not state_checks_sound(rule):
+        return {"on": False, "why": f"auto: on a CPU a check costs no wait (the rule {rule.name!r} does not declare "
+                                    f"Rule.state_checks, so each message is checked)"}
     return {"on": True, "checks": "state",
             "why": "auto: on a CPU, one message at a time: nothing is checked per message; the parameters, momenta "
                    "and worker states are checked at each read-out"}
@@ -340,7 +344,7 @@ def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any],
             checkpointed) else resolve_batching(cfg, problem)
     info["batch_workers"] = batching
     batched = batching["mode"] == "batched"
-    deferring = resolve_deferred(cfg, batched=batched)
+    deferring = resolve_deferred(cfg, batched=batched, rule=rule)
     info["deferred_checks"] = deferring
     how = deferring.get("checks") if deferring["on"] else None
     sim = Simulator(rule, problem.params0, problem.grad_fn, num_workers=cfg.train.num_workers,

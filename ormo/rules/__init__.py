@@ -15,6 +15,9 @@ from .base import (
 )
 from .lr import DELAY_RULES, delay_factor
 
+for _name in rule_names():  # each built-in rule passes the state-check soundness test (tests/test_deferred.py)
+    rule_class(_name).state_checks = True
+
 __all__ = [
     "DELAY_RULES",
     "ConfigError",

@@ -193,6 +193,12 @@ class Rule:
     worker_sends: ClassVar[str]
     server_sends: ClassVar[str] = "(w, t+1)"
     scheduled_rate: ClassVar[str] = "lr"
+    #: Whether checking the state at read-outs finds every NaN/Inf that checking each message finds (the engine's
+    #: ``defer_checks="state"``, what ``ormo train`` does on a CPU): a NaN/Inf in a message stays in the server's
+    #: tensors unless :meth:`ignores` says the message was skipped, and what :meth:`payload` sends either aliases
+    #: ``state.params``/``state.momentum`` or is checked per message. Read from the class's own namespace, so a
+    #: subclass (a plugin's rule) must declare it itself; ormo's rules do (tested for each).
+    state_checks: ClassVar[bool] = False
 
     @property
     def local_steps(self) -> int:
@@ -216,9 +222,9 @@ class Rule:
         raise NotImplementedError
 
     def ignores(self, state: ServerState, message: Message, *, t: int) -> bool:
-        """Whether :meth:`apply` at iteration ``t`` leaves the state untouched by ``message`` (a zero rate, a message
-        dropped for its delay), judged on the state :meth:`apply` sees. An engine that finds NaN/Inf by checking the
-        state at read-outs checks such a message itself. Default: False (every message reaches the state)."""
+        """Whether :meth:`apply` at iteration ``t`` may have left the state untouched by ``message`` (a zero rate, a
+        message dropped for its delay), asked right after that :meth:`apply`. An engine that finds NaN/Inf by checking
+        the state at read-outs checks such a message itself. Default: False (every message reaches the state)."""
         return False
 
     def payload(self, state: ServerState, *, index: int) -> Payload:

@@ -61,7 +61,10 @@ class DelayAdaptive:
         return lr * delay_factor(self.delay_rule, self.delay_threshold, tau, num_workers)
 
     def sgd_ignores(self, state: ServerState, message: Message, *, t: int, lr: float) -> bool:
-        """Whether :meth:`sgd_step` skips ``message`` (its ``η_t`` is 0)."""
+        """Whether :meth:`sgd_step` may have skipped ``message`` (its ``η_t`` is 0). A callable ``delay_rule`` is not
+        called a second time to tell (it may keep state): True."""
+        if callable(self.delay_rule):
+            return True
         return self.lr_at(lr * state.lr_scale, t - message.index, state.num_workers) == 0.0
 
     def sgd_step(self, state: ServerState, message: Message, *, t: int, lr: float) -> None:

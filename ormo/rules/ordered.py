@@ -108,6 +108,8 @@ class _Ordered(Rule):
             self._consume(state, message, n, eta)
 
     def ignores(self, state: OrderedState, message: Message, *, t: int) -> bool:  # type: ignore[override]
+        if callable(getattr(self, "delay_rule", None)):  # not called a second time to tell: it may keep state
+            return True
         return self._eta(state, message, t - message.index) == 0.0
 
     def _consume(self, state: OrderedState, message: Message, n: int, eta: float) -> None:
@@ -240,6 +242,12 @@ class LocalOrMoDA(DelayAdaptive, _Ordered):
     def _eta(self, state: OrderedState, message: Message, tau: int) -> float:
         eta = self.lr_at(_global_lr(self.lr, self.lr_scaling, state) * state.lr_scale, tau, state.num_workers)
         if self.delta_scale == "inverse_lr":  # Δ/γ with the γ this worker used (its factor at dispatch)
+            if message.local_lr_scale == 0.0:
+                raise ConfigError(
+                    f"delta_scale = 'inverse_lr' divides a message's displacement by the local rate it was computed "
+                    f"with, and the message of index {message.index} was computed at a local rate of 0 (the "
+                    f"schedule's factor was 0 then): use a schedule whose factor stays above 0, or delta_scale = "
+                    f"'none' or 'inverse_steps'")
             return eta / (self.local_lr * message.local_lr_scale)
         if self.delta_scale == "inverse_steps":
             return eta / self.local_steps
