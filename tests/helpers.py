@@ -72,7 +72,8 @@ def trajectory(rule, params0, grad_fn, **kw):
 
 def stopping_interrupt(base, after_reads: int):
     """A ``DeferredInterrupt`` (``base``) that reports a SIGINT once it has been read ``after_reads`` times: a run
-    loop reads it twice per iteration, so ``2n`` stops the run with a checkpoint at iteration ``n``, as Ctrl-C does."""
+    loop reads it once per iteration, so ``n`` stops the run with a checkpoint at iteration ``n + 1``, as Ctrl-C
+    does."""
     import signal
 
     class Stop(base):

@@ -274,7 +274,7 @@ def test_batched_task_runs_are_deterministic_resume_and_replay_bit_for_bit(tmp_p
     from ormo.experiment import run as run_module
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_module, "DeferredInterrupt", stopping_interrupt(run_module.DeferredInterrupt, 8))
+        mp.setattr(run_module, "DeferredInterrupt", stopping_interrupt(run_module.DeferredInterrupt, 4))
         with pytest.raises(KeyboardInterrupt, match="stopped at iteration 5"):
             train(cfg, tmp_path / "c", progress=False)
     ckpt = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)

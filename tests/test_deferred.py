@@ -363,7 +363,7 @@ def test_a_deferred_run_stopped_and_resumed_is_bit_identical(tmp_path):
     from ormo.experiment import run as run_module
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_module, "DeferredInterrupt", stopping_interrupt(run_module.DeferredInterrupt, 12))
+        mp.setattr(run_module, "DeferredInterrupt", stopping_interrupt(run_module.DeferredInterrupt, 6))
         with pytest.raises(KeyboardInterrupt, match="stopped at iteration 7"):
             train(cfg, tmp_path / "c", progress=False)
     resumed = train(None, tmp_path / "c", resume=True, progress=False)
@@ -400,7 +400,7 @@ def test_a_deferred_run_diverging_after_a_resume_is_the_run_checking_each_messag
     from ormo.experiment import run as run_module
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_module, "DeferredInterrupt", stopping_interrupt(run_module.DeferredInterrupt, 30))
+        mp.setattr(run_module, "DeferredInterrupt", stopping_interrupt(run_module.DeferredInterrupt, 15))
         with pytest.raises(KeyboardInterrupt):
             train(cfg, tmp_path / "d", progress=False)
     resumed = train(None, tmp_path / "d", resume=True, progress=False)
@@ -643,8 +643,59 @@ def test_a_callable_delay_rule_is_called_once_per_message(name):
                       defer_checks="state")
 
 
-def test_inverse_lr_at_a_zero_local_rate_is_a_clear_error():
+@pytest.mark.parametrize("factor", [0.0, 1e-200, 1e-40])
+def test_inverse_lr_at_a_zero_or_tiny_local_rate_is_a_clear_error(factor):
     rule = ormo.make_rule("local-ormo-da", delta_scale="inverse_lr", local_steps=2)
-    with pytest.raises(ormo.ConfigError, match=r"delta_scale = 'inverse_lr'.*local rate of 0"):
+    with pytest.raises(ormo.ConfigError, match=r"delta_scale = 'inverse_lr'.*local rate of .*over 1e30"):
         ormo.simulate(rule, QUAD.w0, QUAD.grad_fn, num_workers=3, num_iterations=20,
-                      lr_schedule=lambda t: 0.0 if t == 0 else 1.0)
+                      lr_schedule=lambda t: factor if t == 0 else 1.0)
+    ormo.simulate(rule, QUAD.w0, QUAD.grad_fn, num_workers=3, num_iterations=20,  # a small factor is fine
+                  lr_schedule=lambda t: 1e-6 if t == 0 else 1.0)
+
+
+@pytest.mark.parametrize("reads", [5, 6, 7])
+def test_a_stop_names_the_iteration_of_the_checkpoint_it_wrote(tmp_path, reads):
+    # the loop read the flag twice per iteration: a signal landing between the two reads stopped the run without a
+    # checkpoint at the iteration its message named (an adversarial read found it)
+    from ormo.experiment import run as run_module
+
+    cfg = load_config(None, [*SYNTH, "model.name=mlp", "train.epochs=0.5", "train.checkpoint_every=10"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_module, "DeferredInterrupt", stopping_interrupt(run_module.DeferredInterrupt, reads))
+        with pytest.raises(KeyboardInterrupt, match=f"stopped at iteration {reads + 1}"):
+            train(cfg, tmp_path / "c", progress=False)
+    assert torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)["t"] == reads + 1
+
+
+def test_rows_run_again_after_going_back_to_a_checkpoint_are_not_logged_twice_to_tensorboard(tmp_path, monkeypatch):
+    # a NaN/Inf found at a read-out reruns the evaluations since the last checkpoint: TensorBoard cannot take rows
+    # back, so a row logged already (same iteration, same values) is not logged again
+    import sys
+    import types
+
+    from ormo.experiment.metrics import MetricsWriter
+
+    logged = []
+
+    class FakeWriter:
+        def __init__(self, path):
+            pass
+
+        def add_scalar(self, key, value, step):
+            logged.append((key, value, step))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    writer = MetricsWriter(tmp_path, fields=["iteration", "epoch", "sim_time_s", "lr_scale", "train_loss"],
+                           tensorboard=True)
+    rows = [{"iteration": t, "train_loss": 1.0 / (t + 1)} for t in range(4)]
+    for r in rows:
+        writer.add(r)
+    writer.reset(rows[:2])
+    for r in rows[2:]:
+        writer.add(r)
+    assert [s for _, _, s in logged] == [0, 1, 2, 3]
+    writer.add({"iteration": 3, "train_loss": float("nan")})  # a diverged run's final row at the same iteration
+    assert len(logged) == 5

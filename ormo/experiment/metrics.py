@@ -70,6 +70,7 @@ class MetricsWriter:
         self.fields = tuple(fields)
         self.rows: list[dict[str, Any]] = []
         self._tb = None
+        self._tb_logged: dict[Any, dict[str, Any]] = {}  # iteration -> the scalars logged there
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -86,9 +87,12 @@ class MetricsWriter:
         self.rows.append(dict(row))
         self._flush()
         if self._tb is not None:
-            for key in self.fields[4:]:  # everything but the progress columns
-                if row.get(key) is not None:
-                    self._tb.add_scalar(key, row[key], row["iteration"])
+            scalars = {key: row[key] for key in self.fields[4:] if row.get(key) is not None}  # not progress columns
+            if self._tb_logged.get(row["iteration"]) == scalars:  # a row run again (after a reset): logged already
+                return
+            self._tb_logged[row["iteration"]] = scalars
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, row["iteration"])
             self._tb.flush()
 
     def _flush(self) -> None:

@@ -455,13 +455,14 @@ def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any],
                                 bar.set_postfix(epoch=f"{row['epoch']:.2f}", sim_s=f"{row['sim_time_s']:.0f}",
                                                 loss=f"{row['train_loss']:.4f}", **shown_metric(row, problem),
                                                 refresh=False)
-                        if sim.t in checkpoints or interrupt.requested:
+                        stop = interrupt.requested  # read once: a signal between two reads stopped unsaved
+                        if sim.t in checkpoints or stop:
                             flush()  # a checkpoint is written only where everything before it was checked
                             save()
                         if bar is not None:
                             bar.update(1)
-                        if interrupt.requested:  # checkpointed at this boundary: `--resume` continues from here
-                            raise RunStopped(interrupt.requested, t=sim.t, run_dir=run_dir)
+                        if stop:  # checkpointed at this boundary: `--resume` continues from here
+                            raise RunStopped(stop, t=sim.t, run_dir=run_dir)
                     flush()
                     break
                 except NonFiniteError:

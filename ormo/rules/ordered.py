@@ -17,6 +17,7 @@ with ``ρ = β``, ``c_shift = β`` and ``S(n) = 1 + β + … + β^n`` (for OrLoM
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -242,13 +243,16 @@ class LocalOrMoDA(DelayAdaptive, _Ordered):
     def _eta(self, state: OrderedState, message: Message, tau: int) -> float:
         eta = self.lr_at(_global_lr(self.lr, self.lr_scaling, state) * state.lr_scale, tau, state.num_workers)
         if self.delta_scale == "inverse_lr":  # Δ/γ with the γ this worker used (its factor at dispatch)
-            if message.local_lr_scale == 0.0:
+            gamma = self.local_lr * message.local_lr_scale
+            if gamma == 0.0 or eta / gamma > 1e30:
                 raise ConfigError(
                     f"delta_scale = 'inverse_lr' divides a message's displacement by the local rate it was computed "
-                    f"with, and the message of index {message.index} was computed at a local rate of 0 (the "
-                    f"schedule's factor was 0 then): use a schedule whose factor stays above 0, or delta_scale = "
-                    f"'none' or 'inverse_steps'")
-            return eta / (self.local_lr * message.local_lr_scale)
+                    f"with, and the message of index {message.index} was computed at a local rate of {gamma:.3g} "
+                    f"(local_lr times the schedule's factor {message.local_lr_scale:.3g}; a decay can underflow to "
+                    f"0): the server's step eta/gamma = {eta / gamma if gamma else math.inf:.3g} is over 1e30. Start "
+                    f"a new run with a schedule whose factor stays larger, or with delta_scale = 'none' or "
+                    f"'inverse_steps'")
+            return eta / gamma
         if self.delta_scale == "inverse_steps":
             return eta / self.local_steps
         return eta
