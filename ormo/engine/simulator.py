@@ -775,6 +775,8 @@ class Simulator:
         if not self.check_finite:
             return
         if isinstance(self.record, _StateCheck):  # what is not the server's own tensors is checked as it goes
+            if self.record.code != -1:  # found already (or a failure loaded with the state, which names it)
+                return
             state = self.state
             own = {x.data_ptr() for x in (state.params, getattr(state, "momentum", None)) if isinstance(x, Tensor)}
             origin = sent if sent is not None else payload
