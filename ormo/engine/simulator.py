@@ -780,9 +780,8 @@ class Simulator:
             state = self.state
             own = {x.data_ptr() for x in (state.params, getattr(state, "momentum", None)) if isinstance(x, Tensor)}
             origin = sent if sent is not None else payload
-            for x, y in ((payload.params, origin.params), (payload.momentum, origin.momentum)):
-                if x is not None and not (isinstance(y, Tensor) and y.data_ptr() in own) and not all_finite(x):
-                    self.record.code = _UNKNOWN
+            self.record.fold([x for x, y in ((payload.params, origin.params), (payload.momentum, origin.momentum))
+                              if x is not None and not (isinstance(y, Tensor) and y.data_ptr() in own)])
             return
         if self.record is not None:
             self.record.note([x for x in (payload.params, payload.momentum) if x is not None], t, _SENT)
@@ -1130,7 +1129,11 @@ class _StateCheck:
 
     def check_ignored(self, message: Message) -> None:
         """A message the rule did not apply (see :meth:`Rule.ignores`) is checked on its own."""
-        if self.code == -1 and not all(all_finite(x) for _, x in message.tensors()):
+        self.fold([x for _, x in message.tensors()])
+
+    def fold(self, tensors: list[Tensor]) -> None:
+        """Checked at once: a NaN/Inf in ``tensors`` makes the next read-out fail."""
+        if self.code == -1 and not all(all_finite(x) for x in tensors):
             self.code = _UNKNOWN
 
     def read(self) -> int:
