@@ -532,3 +532,43 @@ def test_a_run_stopped_before_its_first_checkpoint_takes_the_batching_of_its_edi
     whole = train(load_config(None, [*SYNTH, "model.name=mlp", "train.epochs=0.25", "train.batch_workers=false"]),
                   tmp_path / "w", progress=False)
     assert torch.equal(resumed.params, whole.params)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# an audit found batched mode quietly computing one message at a time while run.json said "batched"
+
+
+def test_batching_asked_for_a_task_that_cannot_batch_is_a_one_line_error():
+    cfg = load_config(None, [*SYNTH, "model.name=mlp", "train.batch_workers=true"])
+
+    class Ragged:
+        params0 = torch.zeros(3)
+
+        def grad_batch(self, requests):  # pragma: no cover - never called
+            raise AssertionError
+
+        def batch_problem(self):
+            return "Ragged.batch() gave minibatches that cannot be stacked"
+
+    with pytest.raises(ConfigError, match=r"batch_workers: true \(Ragged.batch\(\) gave .*set it to false") as info:
+        resolve_batching(cfg, Ragged())
+    assert "\n" not in str(info.value)
+    auto = load_config(None, [*SYNTH, "model.name=mlp", "train.device=cpu"])
+    assert resolve_batching(auto, Ragged())["mode"] == "sequential"
+
+
+def test_a_batch_that_fails_only_as_a_batch_stops_the_run_instead_of_going_on_one_at_a_time():
+    problem = Quadratic(dim=3, seed=0)
+    calls = []
+
+    def grad_batch(requests):
+        calls.append(len(requests))
+        if len(requests) > 1:
+            raise ValueError("minibatches of 8 and 9 examples cannot be stacked")
+        return [problem.grad_fn(*r) for r in requests]
+
+    sim = Simulator(_rule("asgd"), problem.w0, problem.grad_fn, num_workers=4, order=[0, 1, 2, 3], batch=4,
+                    grad_batch=grad_batch)
+    with pytest.raises(ValueError, match="cannot be stacked"):
+        sim.step()
+    assert sim.t == 0 and calls == [4, 1, 1, 1, 1]

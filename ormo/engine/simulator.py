@@ -705,7 +705,10 @@ class Simulator:
         except Exception as e:  # noqa: BLE001 - raised when (if) this message is consumed
             if len(requests) == 1:
                 return [e]
-            return [self._gradients([r])[0] for r in requests]
+            alone = [self._gradients([r])[0] for r in requests]
+            # each request computes alone: the batch itself failed (minibatches that cannot be stacked, ...), and a
+            # run that went on one request at a time would not be the batched run it says it is
+            return alone if any(isinstance(g, BaseException) for g in alone) else [e] * len(requests)
         try:
             got = list(got)
         except TypeError:

@@ -250,9 +250,11 @@ def resolve_batching(cfg: ExperimentConfig, problem: Task) -> dict[str, Any]:
                                                  "(benchmarks/gpu_throughput.py)"}
         if k == 1:
             return {"mode": "sequential", "why": "auto: one worker"}
-        reason = problem.batch_problem() if callable(getattr(problem, "batch_problem", None)) else None
-        if reason is not None:
-            return {"mode": "sequential", "why": f"auto: {reason}"}
+    reason = problem.batch_problem() if callable(getattr(problem, "batch_problem", None)) else None
+    if reason is not None:
+        if wanted is True:  # asked for: a run that quietly computed one message at a time would say "batched"
+            raise ConfigError(f"invalid train.batch_workers: true ({reason}); set it to false or \"auto\"")
+        return {"mode": "sequential", "why": f"auto: {reason}"}
     p = problem.params0
     most = min(k, cfg.train.batch_max or max(1, BATCH_BYTES // (3 * p.numel() * p.element_size())))
     return {"mode": "batched", "max": int(most),
