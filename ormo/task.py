@@ -195,8 +195,20 @@ def evaluate_all(task: Task, params: Tensor, *, eval_test: bool) -> dict[str, fl
             if m.name not in values:
                 raise ValueError(f"the task's evaluate(params, {split!r}) returned no {m.name!r} (it returned: "
                                  f"{', '.join(values) or 'nothing'}); return every declared metric")
-            out[f"{split}_{m.name}"] = float(values[m.name])
+            out[f"{split}_{m.name}"] = _metric_value(values[m.name], split, m.name)
     return out
+
+
+def _metric_value(value: Any, split: str, name: str) -> float:
+    """A metric's value as a float: a real number, or a tensor or array of one element."""
+    try:
+        if isinstance(value, bool | str | bytes) or value is None:
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        shown = repr(value) if len(repr(value)) <= 60 else f"a {type(value).__name__}"
+        raise ValueError(f"the task's evaluate(params, {split!r}) returned {name!r} = {shown}, not a number; return "
+                         f"a float (or a one-element tensor) for every declared metric") from None
 
 
 def describe_task(task: Task, *, entry: str | None) -> dict[str, Any]:

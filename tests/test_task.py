@@ -138,6 +138,7 @@ def test_bad_entries_are_one_line_naming_the_value_and_the_fix(tmp_path, capsys)
     not_callable = _module(tmp_path, "X = 3\n")
     wrong_type = _module(tmp_path, "def make_task(context):\n    return {'params0': 1}\n")
     broken = _module(tmp_path, "raise RuntimeError('boom')\n")
+    exits = _module(tmp_path, "import sys\nsys.exit(0)\n")
     cases = [
         ("task.entry=nosuchpkg_xyz.tasks:make_task", "no module named 'nosuchpkg_xyz'; install the package"),
         ("task.entry=missing/nowhere.py:make_task", "file 'missing/nowhere.py' does not exist"),
@@ -145,6 +146,7 @@ def test_bad_entries_are_one_line_naming_the_value_and_the_fix(tmp_path, capsys)
         (f"task.entry={not_callable}:X", ".X = 3 is not a callable"),
         (f"task.entry={wrong_type}:make_task", "returned dict, not a task (it lacks metrics, params0"),
         (f"task.entry={broken}:make_task", "failed: RuntimeError: boom ("),
+        (f"task.entry={exits}:make_task", "called sys.exit(0); a plugin module must not exit at import"),
         ("task.entry=make_task", "expected \"module:callable\""),
     ]
     for override, expected in cases:
@@ -480,3 +482,19 @@ def test_a_failing_task_method_is_one_line_naming_it_and_where(tmp_path, capsys,
     lines = [x for x in err.splitlines() if x.startswith("ormo train: error:")]
     assert code == 1 and len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", [None, "abc", torch.ones(3), True, float("nan")])
+def test_a_metric_that_is_not_a_number_is_one_line_naming_it(value):
+    class T:
+        metrics = (Metric("mse", False),)
+
+        def evaluate(self, params, split):
+            return {"mse": value}
+
+    if isinstance(value, float):  # NaN is a number (a diverged model's metric): kept
+        assert math.isnan(evaluate_all(T(), torch.zeros(1), eval_test=True)["test_mse"])
+        return
+    with pytest.raises(ValueError, match=r"evaluate\(params, 'test'\) returned 'mse' = .*not a number") as info:
+        evaluate_all(T(), torch.zeros(1), eval_test=True)
+    assert "\n" not in str(info.value)

@@ -60,6 +60,9 @@ def _import(name: str, *, field: str, ref: str) -> ModuleType:
         raise ConfigError(f"{field}: importing {ref!r} failed: {e}") from None
     except Exception as e:  # noqa: BLE001 - whatever the user's module raises, the report is the same one line
         raise ConfigError(f"{field}: importing {ref!r} failed: {describe_failure(e)}; fix the module") from None
+    except SystemExit as e:  # sys.exit() at import: not a finished run (it would exit 0 with nothing written)
+        raise ConfigError(f"{field}: importing {ref!r} called sys.exit({e.code!r}); a plugin module must not exit "
+                          f"at import: remove that call (or guard it with `if __name__ == \"__main__\":`)") from None
 
 
 def _import_file(ref: str, *, field: str, base_dir: str | None) -> ModuleType:
