@@ -64,20 +64,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config or args.set or args.imports:
             raise ConfigError("--resume continues a run with its own config: give no CONFIG, --set or --import "
-                              "with it")
+                              "with it (only --address, to continue a Ray run on a cluster at another address)")
         if args.print_config:
             print(to_toml(load_config(args.resume / "config.toml")), end="")
             return 0
-        result = train(None, args.resume, resume=True, progress=not args.quiet)
+        result = train(None, args.resume, resume=True, progress=not args.quiet, address=args.address)
     else:
         if args.config is None and not any(o.split("=", 1)[0].strip() == "task.entry" for o in args.set):
             raise ConfigError("give a CONFIG file (e.g. preset:quickstart or configs/quickstart.toml), a task of "
                               "your own with --set task.entry=path/to/task.py:make_task, or --resume RUN_DIR")
         overrides = _import_overrides(args.config, list(args.set), args.imports)
-        if args.address and args.engine != "ray":
+        if args.address is not None and args.engine != "ray":
             raise ConfigError("--address joins a Ray cluster: use it with --engine ray")
-        if args.address:
-            overrides.append(f'ray.address="{args.address}"')
+        if args.address is not None:
+            overrides.append(f"ray.address={json.dumps(args.address)}")
         cfg = load_config(args.config, overrides)
         if args.print_config:  # the resolved config, exactly as the run directory would record it
             print(to_toml(cfg), end="")

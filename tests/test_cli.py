@@ -62,3 +62,20 @@ def test_resuming_a_finished_run_prints_the_same_json_as_the_run(tmp_path, capsy
     assert main(["train", "--resume", str(tmp_path / "r")]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again == first and "val_acc" not in again
+
+
+def test_address_is_checked_and_moves_only_a_ray_run(tmp_path, capsys):
+    import json
+
+    code = main(["train", "preset:quickstart", "--engine", "ray", "--address", "", "--run-dir", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert code == 2 and "invalid ray.address: ''" in err and "Traceback" not in err
+    assert not (tmp_path / "a").exists()
+    assert main(["train", "preset:quickstart", "--set", "train.epochs=0.1", "--quiet", "--run-dir",
+                 str(tmp_path / "r")]) == 0
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    (tmp_path / "r" / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))  # as if stopped
+    capsys.readouterr()
+    code = main(["train", "--resume", str(tmp_path / "r"), "--address", "10.0.0.5:6379"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a simulator run: resume it without --address" in err and "Traceback" not in err

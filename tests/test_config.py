@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,17 @@ def test_schedule_factor():
     s = C.ScheduleConfig(warmup_epochs=2, warmup_start=0.5, milestones=[10, 20], decay=0.1)
     assert s.factor(0) == 0.5 and s.factor(1) == pytest.approx(0.75) and s.factor(2) == 1.0
     assert s.factor(9.99) == 1.0 and s.factor(10) == pytest.approx(0.1) and s.factor(25) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("address", ["", "garbage", "http://127.0.0.1:8265", "10.0.0.5:0", "10.0.0.5:99999", ":6379",
+                                     "10.0.0.5:port"])
+def test_a_ray_address_that_is_not_host_port_is_one_line(address):
+    with pytest.raises(ConfigError, match=r"invalid ray.address: .*HOST:PORT") as info:
+        C.load_config(None, [f"ray.address={json.dumps(address)}"])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("address", ["auto", "local", "10.0.0.5:6379", "head.example:6379", "ray://10.0.0.5:10001",
+                                     "[::1]:6379"])
+def test_ray_addresses_ray_accepts_are_accepted(address):
+    assert C.load_config(None, [f"ray.address={json.dumps(address)}"]).ray.address == address

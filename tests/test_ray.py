@@ -361,6 +361,12 @@ def test_a_dead_address_is_one_line_within_the_connect_timeout(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "nothing answers there within ray.connect_timeout_s = 2 s" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and time.time() - started < 60
+    # the cluster moved (here: none, a private local instance): the run continues there, recorded for later resumes
+    done = subprocess.run([sys.executable, "-m", "ormo", "train", "--resume", str(tmp_path / "r"), "--address",
+                           "local", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert read_run_info(tmp_path / "r")["status"] == "finished"
+    assert 'address = "local"' in (tmp_path / "r" / "config.toml").read_text()
 
 
 def test_a_worker_that_dies_while_starting_is_replaced(tmp_path):

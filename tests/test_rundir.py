@@ -549,3 +549,17 @@ def test_a_cuda_device_without_cuda_is_one_line_naming_the_fix(tmp_path):
     with pytest.raises(ormo.ConfigError, match=r"invalid train.device: 'cuda' \(CUDA is not available on this "
                                                r"machine\); set train.device = \"cpu\""):
         train(cfg, tmp_path / "r", progress=False)
+
+
+def test_a_checkpoint_continues_at_another_ray_address_but_not_under_another_setting(tmp_path):
+    from ormo.experiment import load_config, to_toml
+    from ormo.experiment.rundir import CheckpointRefused, load_checkpoint, save_checkpoint
+
+    made = to_toml(load_config(None, ['ray.address="10.0.0.5:6379"']))
+    save_checkpoint(tmp_path / "checkpoint.pt", {"t": 3}, config_toml=made)
+    moved = to_toml(load_config(None, ['ray.address="10.0.0.9:6379"']))
+    assert load_checkpoint(tmp_path, config_toml=moved, engine="simulator")["t"] == 3
+    other = to_toml(load_config(None, ['ray.address="10.0.0.9:6379"', "method.lr=0.5"]))
+    with pytest.raises(CheckpointRefused, match=r"method.lr = 0.5") as info:
+        load_checkpoint(tmp_path, config_toml=other, engine="simulator")
+    assert "ray.address" not in str(info.value)

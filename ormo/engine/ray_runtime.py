@@ -612,10 +612,16 @@ def start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str, 
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     if runtime_env:
         kw["runtime_env"] = dict(runtime_env)
-    if address:
+    if address and address != "local":
         _check_reachable(address, connect_timeout_s)
         _check_token(address, connect_timeout_s)
-        ray.init(address=address, **kw)
+        try:
+            ray.init(address=address, **kw)
+        except ConnectionError as e:  # "auto" with no cluster here: Ray's own text starts with a stray "?:"
+            raise ConfigError(f"ray.address = {address!r}: no running Ray cluster was found "
+                              f"({str(e).removeprefix('?:').strip().splitlines()[0]}); start one with `ray start "
+                              f"--head`, give its HOST:PORT, or leave ray.address unset for a private local "
+                              f"instance") from None
     else:  # "local": a private instance, never a cluster that happens to run on this machine
         if os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled":
             _use_private_token()

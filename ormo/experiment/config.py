@@ -276,11 +276,23 @@ class TrainConfig:
                 raise invalid("train.batch_max", self.batch_max, "< 2^31 (a batch is at most num_workers anyway)")
 
 
+def check_ray_address(address: Any) -> None:
+    """``"auto"``, or ``HOST:PORT`` (optionally ``ray://HOST:PORT``, a Ray client server): what `ray start --head`
+    prints; or ``"local"``: a private local instance, as when it is unset. Not a URL of the dashboard, not empty."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":") if isinstance(address, str) else ("", "", "")
+    if address in ("auto", "local") or (sep and host and "/" not in host and port.isdigit() and
+                                        0 < int(port) < 65536):
+        return
+    raise invalid("ray.address", address, '"auto", "local" (a private local instance, as when unset) or the '
+                  'HOST:PORT that `ray start --head` prints, e.g. "10.0.0.5:6379"')
+
+
 @dataclass(frozen=True)
 class RayConfig:
     """The Ray runtime (``ormo train --engine ray``): real worker processes, sleeps for the timing model."""
 
-    #: join an existing cluster ("auto", or the HOST:PORT printed by `ray start --head`); unset = a local instance
+    #: join an existing cluster ("auto", or the HOST:PORT printed by `ray start --head`); unset or "local" = a private
+    #: local instance
     address: str | None = None
     #: CPUs of the local instance (default: the machine's); the server takes none
     num_cpus: int | None = None
@@ -312,6 +324,8 @@ class RayConfig:
     runtime_env: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.address is not None:
+            check_ray_address(self.address)
         if self.num_cpus is not None:
             check_int_at_least("ray.num_cpus", self.num_cpus, 1)
         if self.gpus_per_worker < 0:

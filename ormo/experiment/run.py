@@ -23,6 +23,7 @@ File I/O lives in ``rundir``; the loop's shared pieces (marks, signals, progress
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import platform
@@ -42,7 +43,7 @@ from ..engine.simulator import state_checks_sound
 from ..rules import Rule
 from ..rules.base import ConfigError
 from ..task import Task, describe_task, evaluate_all
-from .config import ExperimentConfig, load_config, to_toml
+from .config import ExperimentConfig, check_ray_address, load_config, to_toml
 from .metrics import MetricsWriter, metric_fields, metrics_row
 from .plugins import check_task_sources, task_sources
 from .problem import build_task
@@ -112,11 +113,13 @@ def train(
     resume: bool = False,
     progress: bool = True,
     engine: str = "simulator",
+    address: str | None = None,
 ) -> RunResult:
     """Run ``cfg`` into ``run_dir`` on the simulator (default) or on Ray (``engine="ray"``, real worker processes;
     see ``ormo.engine.ray_runtime``). With ``resume=True`` continue the run already there (its own config and engine
     are used) from its last checkpoint: bit-identically to an uninterrupted run on the simulator; on Ray every worker
-    restarts from the checkpointed server state.
+    restarts from the checkpointed server state. ``address`` (with ``resume``, a Ray run only): continue on the
+    cluster at this ``ray.address`` instead of the recorded one (where a run runs is not part of what it computes).
 
     The run holds ``run_dir``'s lock from before it looks at the directory to the end: a second process gets a
     ``RunDirError`` naming the holder. SIGINT/SIGTERM stop the run with a checkpoint and raise :class:`RunStopped`.
@@ -129,16 +132,22 @@ def train(
     try:
         if not resume and cfg is not None and cfg.train.threads is not None:
             torch.set_num_threads(cfg.train.threads)  # before the task is built: its arithmetic runs with it too
-        return _train(cfg, run_dir, resume=resume, progress=progress, engine=engine)
+        return _train(cfg, run_dir, resume=resume, progress=progress, engine=engine, address=address)
     finally:
         torch.set_num_threads(previous_threads)  # a caller's own count is untouched
 
 
-def _train(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, progress: bool, engine: str) -> RunResult:
+def _train(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, progress: bool, engine: str,
+           address: str | None = None) -> RunResult:
     built: tuple[Task, Rule] | None = None
+    if address is not None and not resume:
+        raise ConfigError("train(address=...) moves a resumed Ray run to another cluster: give ray.address in the "
+                          "config of a new run")
     if resume:
         if not (run_dir / "config.toml").is_file():
             raise ConfigError(f"cannot resume {str(run_dir)!r}: no config.toml there (not a run directory)")
+        if address is not None:
+            check_ray_address(address)
     else:
         if cfg is None:
             raise ConfigError("train() needs a config unless resume=True")
@@ -149,11 +158,12 @@ def _train(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, progres
             built = _driver_problem(cfg, engine), cfg.method.build()
         make_run_dir(run_dir)
     with RunLock(run_dir):
-        return _train_locked(cfg, run_dir, resume=resume, progress=progress, engine=engine, built=built)
+        return _train_locked(cfg, run_dir, resume=resume, progress=progress, engine=engine, built=built,
+                             address=address)
 
 
 def _train_locked(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, progress: bool, engine: str,
-                  built: tuple[Task, Rule] | None) -> RunResult:
+                  built: tuple[Task, Rule] | None, address: str | None = None) -> RunResult:
     if resume:
         cfg = load_config(run_dir / "config.toml")
         try:
@@ -164,6 +174,12 @@ def _train_locked(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, 
         engine = info.get("engine", "simulator")
         if info.get("status") == "finished":
             return _finished_result(run_dir, info)
+        if address is not None and address != cfg.ray.address:
+            if engine != "ray":
+                raise ConfigError(f"--address moves a Ray run to another cluster, but {str(run_dir)!r} is a "
+                                  f"{engine} run: resume it without --address")
+            cfg = load_config(run_dir / "config.toml", [f"ray.address={json.dumps(address)}"])
+            write_text(run_dir / "config.toml", to_toml(cfg))  # later resumes (and replays) use it too
         if info.get("threads"):
             torch.set_num_threads(int(info["threads"]))  # the same arithmetic as before the interruption
         if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:  # where this part runs (a sweep may pin another GPU)

@@ -304,7 +304,7 @@ def _load_checkpoint(run_dir: str | Path, *, config_toml: str, engine: str) -> d
                           f"{_kv(CODE_VERSION)} (its numerics changed, so the run cannot continue bit-identically); "
                           f"{fix}, or continue it with the ormo version that made it")
     if ckpt.get("config_sha256") != config_stamp(config_toml)["config_sha256"]:
-        made_by, says = config_diff(str(ckpt.get("config", "")), config_toml)
+        made_by, says = config_diff(str(ckpt.get("config", "")), config_toml, ignore=WHERE_IT_RUNS)
         if made_by or says:
             raise RunDirError(f"{path} was made by {made_by} but config.toml says {says}: restore config.toml, or "
                               f"{fix}")
@@ -315,14 +315,19 @@ def _kv(d: Any) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) if isinstance(d, dict) else repr(d)
 
 
-def config_diff(old_toml: str, new_toml: str) -> tuple[str, str]:
+#: settings that say where a run runs, not what it computes: a checkpoint continues under other values of them
+WHERE_IT_RUNS = frozenset({"ray.address"})
+
+
+def config_diff(old_toml: str, new_toml: str, *, ignore: frozenset[str] = frozenset()) -> tuple[str, str]:
     """The settings that differ between two config TOMLs, e.g. ``("method.lr = 0.1", "method.lr = 0.2")``; empty
-    strings when they hold the same values (written differently)."""
+    strings when they hold the same values (written differently), or differ only in ``ignore``."""
     old, new = _flat_toml(old_toml), _flat_toml(new_toml)
     if "(config)" in old or "(config)" in new:  # not TOML (or not text): no setting-by-setting list
         return ("a config that is not valid TOML" if "(config)" in old else "a valid config",
                 "a config that is not valid TOML" if "(config)" in new else "a valid config")
-    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, _UNSET) != new.get(k, _UNSET))
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, _UNSET) != new.get(k, _UNSET)
+                  and k not in ignore)
     more = f" and {len(keys) - _DIFF_SHOWN} more settings" if len(keys) > _DIFF_SHOWN else ""
     keys = keys[:_DIFF_SHOWN]
     return (", ".join(f"{k} = {_show(old.get(k, _UNSET))}" for k in keys) + more,
