@@ -235,7 +235,8 @@ def _cifar_batch(rng: np.random.Generator, n: int, layout: cifar.CifarLayout) ->
     return batch
 
 
-def _write_cifar(root: Path, name: str, *, omit: str | None = None, replace: dict | None = None) -> dict:
+def _write_cifar(root: Path, name: str, *, omit: str | None = None, replace: dict | None = None,
+                 protocol: int = 2) -> dict:
     """Write the extracted folder of ``name`` under ``root`` (2 images per training file, 3 per test file)."""
     layout = _LAYOUTS[name]
     rng = np.random.default_rng(0)
@@ -247,7 +248,7 @@ def _write_cifar(root: Path, name: str, *, omit: str | None = None, replace: dic
         batch.update((replace or {}).get(file, {}))
         batches[file] = batch
         if file != omit:
-            (folder / file).write_bytes(pickle.dumps(batch, protocol=2))
+            (folder / file).write_bytes(pickle.dumps(batch, protocol=protocol))
     return batches
 
 
@@ -362,6 +363,91 @@ def test_cifar_member_that_is_not_a_pickle(tmp_path):
     (tmp_path / "cifar-100-python" / "test").write_bytes(b"not a pickle")
     with pytest.raises(DatasetError, match=r"cifar-100-python/test is not a readable pickle"):
         load_dataset("cifar100", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL, pickle.HIGHEST_PROTOCOL])
+def test_cifar_restricted_unpickler_reads_numpy_arrays_under_every_protocol(tmp_path, protocol):
+    batches = _write_cifar(tmp_path, "cifar10", protocol=protocol,
+                           replace={"test_batch": {b"labels": np.array([1, 2, 3], dtype=np.int32)}})
+    ds = load_dataset("cifar10", data_dir=tmp_path)
+    train_x, train_y = _expected(batches, cifar.CIFAR10.train_files, b"labels")
+    np.testing.assert_allclose(ds.train_x.numpy(), train_x, atol=1e-7)
+    assert ds.train_y.tolist() == train_y.tolist() and ds.test_y.tolist() == [1, 2, 3]
+
+
+def _py2_string(b: bytes) -> bytes:
+    return b"U" + bytes([len(b)]) + b  # SHORT_BINSTRING: how Python 2 wrote a str (read back as bytes)
+
+
+def test_cifar_reads_a_python2_pickle_as_in_the_official_archive(tmp_path):
+    """The official batches were written by Python 2's cPickle: str as SHORT_BINSTRING, numpy 1's module names."""
+    _write_cifar(tmp_path, "cifar10")
+    pixels = bytes(range(256)) * 12  # one image of 3072 bytes
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + _py2_string(b"b") + b"\x87R"
+             b"(K\x01K\x01M\x00\x0c\x86cnumpy\ndtype\n" + _py2_string(b"u1") + b"K\x00K\x01\x87R(K\x03"
+             + _py2_string(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tbI00\nT"
+             + len(pixels).to_bytes(4, "little") + pixels + b"tb")
+    batch = (b"\x80\x02}(" + _py2_string(b"data") + array + _py2_string(b"labels") + b"]K\x07a"
+             + _py2_string(b"batch_label") + _py2_string(b"testing batch 1 of 1") + b"u.")
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(batch)
+    ds = load_dataset("cifar10", data_dir=tmp_path)
+    assert ds.test_y.tolist() == [7]
+    np.testing.assert_allclose(ds.test_x[0].flatten().numpy(), np.frombuffer(pixels, np.uint8) / 255.0, atol=1e-7)
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command (the stand-in for a crafted batch in an extracted folder)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_cifar_refuses_a_pickle_that_would_run_code(tmp_path):
+    marker = tmp_path / "ran"
+    _write_cifar(tmp_path, "cifar10", replace={"data_batch_4": {b"batch_label": _RunsCode(marker)}})
+    with pytest.raises(DatasetError) as info:
+        load_dataset("cifar10", data_dir=tmp_path)
+    message = str(info.value)
+    assert not marker.exists()
+    assert "\n" not in message and f"{tmp_path}/cifar-10-batches-py/data_batch_4 is not a CIFAR batch" in message
+    assert "names 'posix.system'" in message and "extract cifar-10-python.tar.gz again" in message
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"\x80\x02cnumpy\ndtype\n)R.", r"TypeError: .*missing 1 required positional argument"),  # dtype()
+        (b"\x80\x04\x8e" + (2**45).to_bytes(8, "little") + b"x.", r"MemoryError"),  # BINBYTES8 of 32 TiB
+        (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\x00\x00\x40\x85U\x01b\x87R.",
+         r"UnpicklingError: numpy's _reconstruct called with .*1073741824"),  # a 1 GiB array, not numpy's (0,)
+        (b"\x80\x02cnumpy\ndtype\nU\x01O\x85R.", r"UnpicklingError: numpy dtype object holds Python objects"),
+        (b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00xU\x04zlib\x86R.",
+         r"UnpicklingError: _codecs.encode called with a str and b'zlib'"),
+    ],
+    ids=["type error", "huge bytes", "huge array", "object dtype", "other codec"],
+)
+def test_cifar_unreadable_pickle_is_one_line_naming_the_file(tmp_path, content, reason):
+    _write_cifar(tmp_path, "cifar10")
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(content)
+    with pytest.raises(DatasetError, match=rf"^cifar10: {tmp_path}/cifar-10-batches-py/data_batch_1 is not a "
+                                           rf"readable pickle \({reason}.*\); it is truncated, corrupt or not a "
+                                           rf"CIFAR batch: delete it and extract cifar-10-python.tar.gz again") as info:
+        load_dataset("cifar10", data_dir=tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_cifar_dict_with_mixed_key_types_is_described(tmp_path):
+    _write_cifar(tmp_path, "cifar10")
+    batch = {b"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1], 3: "x"}
+    (tmp_path / "cifar-10-batches-py" / "data_batch_5").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(DatasetError, match=r"data_batch_5 should hold a dict with keys b'data' and b'labels'; found "
+                                           r"\['labels', 3, b'data'\]$"):
+        load_dataset("cifar10", data_dir=tmp_path)
 
 
 def test_cifar_download_verifies_and_renames_into_place(tmp_path, monkeypatch):

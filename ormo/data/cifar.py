@@ -8,12 +8,14 @@ extracted, so a read-only data directory works), else, with ``download=True``, a
 
 Each member is a pickle (written by Python 2, hence ``encoding="bytes"``) of a dict with ``b"data"``, an N×3072
 uint8 array whose rows are 3×32×32 images in row-major order (all red, then green, then blue), and the labels
-``b"labels"`` (CIFAR-10) or ``b"fine_labels"`` (CIFAR-100's 100 classes). Unpickling runs code from the file: read
-only archives that pass the checksum, or folders you extracted yourself.
+``b"labels"`` (CIFAR-10) or ``b"fine_labels"`` (CIFAR-100's 100 classes). The pickles are read with a restricted
+unpickler (:class:`_BatchUnpickler`): plain data and numpy arrays only, so a crafted file in an extracted folder is
+refused instead of running code.
 """
 
 from __future__ import annotations
 
+import codecs
 import pickle
 import tarfile
 import zlib
@@ -119,8 +121,12 @@ def _read_from_folder(folder: Path, file: str, layout: CifarLayout) -> tuple[np.
             f"{', '.join(layout.test_files)}); extract {layout.archive} again, or delete the folder so that the "
             f"archive in {folder.parent} is read instead"
         )
-    with open(path, "rb") as f:
-        return _decode(f, source=str(path), layout=layout)
+    try:
+        with open(path, "rb") as f:
+            return _decode(f, source=str(path), layout=layout)
+    except OSError as e:
+        raise DatasetError(f"{layout.name}: could not read {path} ({_one_line(e)}); extract {layout.archive} "
+                           f"again") from e
 
 
 def _read_from_archive(archive: Path, layout: CifarLayout
@@ -152,14 +158,92 @@ def _read_from_archive(archive: Path, layout: CifarLayout
     return train, test
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a global that a CIFAR batch never holds."""
+
+
+def _guarded_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    # numpy pickles an array as _reconstruct(ndarray, (0,), b'b') followed by __setstate__; anything else is crafted
+    if subtype is not np.ndarray or shape != (0,):
+        raise pickle.UnpicklingError(f"numpy's _reconstruct called with {subtype!r}, {shape!r}: not a numpy array")
+    return _NUMPY_RECONSTRUCT(subtype, shape, dtype)
+
+
+def _guarded_dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    dtype = np.dtype(spec, bool(align), bool(copy))
+    if dtype.hasobject:  # an object array would unpickle arbitrary elements; CIFAR holds bytes and numbers only
+        raise pickle.UnpicklingError(f"numpy dtype {dtype} holds Python objects")
+    return dtype
+
+
+def _guarded_frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    if not isinstance(buffer, bytes | bytearray | pickle.PickleBuffer) or not isinstance(dtype, np.dtype):
+        raise pickle.UnpicklingError(f"numpy's _frombuffer called with {type(buffer).__name__}: not a numpy array")
+    return _NUMPY_FROMBUFFER(buffer, dtype, shape, order)
+
+
+def _latin1_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    # protocol 2 written by Python 3 stores bytes as _codecs.encode(str, "latin1"); no other codec is allowed
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode called with a {type(text).__name__} and {encoding!r}")
+    return codecs.encode(text, "latin1")
+
+
+_NUMPY_RECONSTRUCT = np.zeros(1).__reduce__()[0]  # numpy._core.multiarray._reconstruct (numpy.core.… before 2.0)
+_NUMPY_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]  # numpy._core.numeric._frombuffer (protocol 5)
+
+#: The only globals a CIFAR pickle may name: numpy's array and dtype reconstruction (under the module names of
+#: numpy 1 and 2, for protocols 2 to 5), and the bytes encoding of protocol 2 as written by Python 3.
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    **{(module, "_reconstruct"): _guarded_reconstruct
+       for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(module, "_frombuffer"): _guarded_frombuffer for module in ("numpy.core.numeric", "numpy._core.numeric")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _guarded_dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds dicts, lists, tuples, bytes, strings, numbers and numpy arrays, and nothing else:
+    any other global (``os.system``, ``builtins.eval``, a class) is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(f"{module}.{name}") from None
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split())  # one line, however the message was built
+    if not text:
+        return type(e).__name__
+    return f"{type(e).__name__}: {text[:limit]}{'…' if len(text) > limit else ''}"
+
+
+def _describe_keys(batch: dict, limit: int = 8) -> str:
+    # repr, not the keys themselves: a crafted dict may mix bytes, str and int keys, which do not sort together
+    keys = sorted(repr(k) for k in batch)
+    return "[" + ", ".join(keys[:limit]) + (f", … ({len(keys)} keys)" if len(keys) > limit else "") + "]"
+
+
 def _decode(f: IO[bytes], *, source: str, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray]:
     """One batch as (N×3072 uint8 array, int64 labels), after checking its structure."""
+    fix = f"delete it and extract {layout.archive} again (or delete the folder so that the archive is read)"
     try:
-        batch: Any = pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, ValueError) as e:
-        raise DatasetError(f"{layout.name}: {source} is not a readable pickle ({type(e).__name__}: {e})") from e
+        batch: Any = _BatchUnpickler(f, encoding="bytes").load()
+    except (OSError, zlib.error, tarfile.TarError):
+        raise  # the file or archive itself cannot be read: reported by the caller, which knows which
+    except _RefusedGlobal as e:
+        raise DatasetError(f"{layout.name}: {source} is not a CIFAR batch: its pickle names {str(e)!r}, which a "
+                           f"CIFAR batch never holds (only dicts, lists, bytes, strings, numbers and numpy arrays are "
+                           f"read; this one may have been crafted to run code): {fix}") from None
+    except Exception as e:  # noqa: BLE001 - the unpickler raises many types; all mean "not a readable batch"
+        raise DatasetError(f"{layout.name}: {source} is not a readable pickle ({_one_line(e)}); it is truncated, "
+                           f"corrupt or not a CIFAR batch: {fix}") from None
     if not isinstance(batch, dict) or b"data" not in batch or layout.label_key not in batch:
-        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        keys = _describe_keys(batch) if isinstance(batch, dict) else type(batch).__name__
         raise DatasetError(f"{layout.name}: {source} should hold a dict with keys b'data' and "
                            f"{layout.label_key!r}; found {keys}")
     data = batch[b"data"]
