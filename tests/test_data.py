@@ -3,6 +3,7 @@ and the minibatch sampler. Expected values are computed independently (numpy, Pi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pickle
 import tarfile
@@ -226,6 +227,15 @@ def test_dataset_checks_its_tensors():
 _LAYOUTS = {"cifar10": cifar.CIFAR10, "cifar100": cifar.CIFAR100}
 
 
+@pytest.fixture
+def small_cifar(monkeypatch):
+    """Both CIFAR layouts with the small files of :func:`_write_cifar`: 2 images per training file, 3 per test file
+    (the published 10,000 or 50,000 would take hundreds of MB)."""
+    for name, layout in _LAYOUTS.items():
+        small = dataclasses.replace(layout, train_images_per_file=2, test_images_per_file=3)
+        monkeypatch.setitem(cifar.LAYOUTS, name, small)
+
+
 def _cifar_batch(rng: np.random.Generator, n: int, layout: cifar.CifarLayout) -> dict:
     batch = {b"batch_label": b"small test batch", b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
              layout.label_key: rng.integers(0, layout.num_classes, n).tolist(),
@@ -236,15 +246,16 @@ def _cifar_batch(rng: np.random.Generator, n: int, layout: cifar.CifarLayout) ->
 
 
 def _write_cifar(root: Path, name: str, *, omit: str | None = None, replace: dict | None = None,
-                 protocol: int = 2) -> dict:
-    """Write the extracted folder of ``name`` under ``root`` (2 images per training file, 3 per test file)."""
+                 protocol: int = 2, train_images: int = 2, test_images: int = 3) -> dict:
+    """Write the extracted folder of ``name`` under ``root`` (by default 2 images per training file, 3 per test file:
+    the numbers of :func:`small_cifar`)."""
     layout = _LAYOUTS[name]
     rng = np.random.default_rng(0)
     folder = root / layout.folder
     folder.mkdir(parents=True)
     batches = {}
     for file in layout.train_files + layout.test_files:
-        batch = _cifar_batch(rng, 3 if file in layout.test_files else 2, layout)
+        batch = _cifar_batch(rng, test_images if file in layout.test_files else train_images, layout)
         batch.update((replace or {}).get(file, {}))
         batches[file] = batch
         if file != omit:
@@ -277,7 +288,7 @@ def _expected(batches: dict, files: tuple[str, ...], label_key: bytes) -> tuple[
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 @pytest.mark.parametrize("route", ["archive", "folder"])
-def test_cifar_reads_archive_and_folder(tmp_path, monkeypatch, name, route):
+def test_cifar_reads_archive_and_folder(small_cifar, tmp_path, monkeypatch, name, route):
     layout = _LAYOUTS[name]
     if route == "archive":
         data, batches = _cifar_archive(tmp_path, name, monkeypatch)
@@ -297,13 +308,13 @@ def test_cifar_reads_archive_and_folder(tmp_path, monkeypatch, name, route):
     assert float(ds.train_x[0, 2, 5, 7]) == pytest.approx(row[2 * 1024 + 5 * 32 + 7] / 255.0)
 
 
-def test_cifar_default_data_dir_comes_from_the_environment(tmp_path, monkeypatch):
+def test_cifar_default_data_dir_comes_from_the_environment(small_cifar, tmp_path, monkeypatch):
     data, _ = _cifar_archive(tmp_path, "cifar10", monkeypatch)
     monkeypatch.setenv("ORMO_DATA", str(data))
     assert load_dataset("cifar10").train_size == 10
 
 
-def test_cifar_wrong_checksum_says_to_download_again(tmp_path, monkeypatch):
+def test_cifar_wrong_checksum_says_to_download_again(small_cifar, tmp_path, monkeypatch):
     data, _ = _cifar_archive(tmp_path, "cifar10", monkeypatch)
     monkeypatch.setitem(cifar.MD5, "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")  # the real one
     with pytest.raises(DatasetError, match=r"checksum mismatch for .*cifar-10-python.tar.gz: md5 [0-9a-f]{32}, "
@@ -311,7 +322,7 @@ def test_cifar_wrong_checksum_says_to_download_again(tmp_path, monkeypatch):
         load_dataset("cifar10", data_dir=data)
 
 
-def test_cifar_truncated_archive(tmp_path, monkeypatch):
+def test_cifar_truncated_archive(small_cifar, tmp_path, monkeypatch):
     data, _ = _cifar_archive(tmp_path, "cifar10", monkeypatch)
     archive = data / "cifar-10-python.tar.gz"
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
@@ -322,13 +333,13 @@ def test_cifar_truncated_archive(tmp_path, monkeypatch):
         load_dataset("cifar10", data_dir=data)
 
 
-def test_cifar_missing_member(tmp_path, monkeypatch):
+def test_cifar_missing_member(small_cifar, tmp_path, monkeypatch):
     data, _ = _cifar_archive(tmp_path, "cifar10", monkeypatch, omit="test_batch")
     with pytest.raises(DatasetError, match=r"has no member 'cifar-10-batches-py/test_batch'"):
         load_dataset("cifar10", data_dir=data)
 
 
-def test_cifar_missing_files_say_where_to_put_the_archive(tmp_path):
+def test_cifar_missing_files_say_where_to_put_the_archive(small_cifar, tmp_path):
     with pytest.raises(DatasetError) as info:
         load_dataset("cifar100", data_dir=tmp_path)
     msg = str(info.value)
@@ -337,7 +348,7 @@ def test_cifar_missing_files_say_where_to_put_the_archive(tmp_path):
     assert "download=True" in msg
 
 
-def test_cifar_incomplete_folder_names_the_missing_file(tmp_path):
+def test_cifar_incomplete_folder_names_the_missing_file(small_cifar, tmp_path):
     _write_cifar(tmp_path, "cifar10", omit="data_batch_3")
     with pytest.raises(DatasetError, match=r"cifar-10-batches-py/ has no file 'data_batch_3'"):
         load_dataset("cifar10", data_dir=tmp_path)
@@ -350,15 +361,35 @@ def test_cifar_incomplete_folder_names_the_missing_file(tmp_path):
         ({b"data": np.zeros((2, 3072), dtype=np.float32)}, r"float32 array .*expected an N×3072 uint8"),
         ({b"labels": [0, 1, 2]}, r"has shape \(3,\) .*expected 2 integer labels"),
         ({b"labels": [0, 10]}, r"labels in .* span \[0, 10\]; expected values in \[0, 10\)"),
+        ({b"labels": np.array([0, 1], dtype="m8[s]")}, r"dtype timedelta64\[s\]; expected 2 integer labels"),
+        ({b"labels": np.array([True, False])}, r"dtype bool; expected 2 integer labels"),
+        ({b"labels": [0, 1.0]}, r"b'labels' in .*data_batch_2 is a list holding a float; expected 2 integer labels"),
+        ({b"labels": [[0] * 1000] * 2}, r"is a list holding a list; expected 2 integer labels"),
+        ({b"labels": "01"}, r"b'labels' in .* is a str; expected a list or array of 2 integer labels"),
+        ({b"data": np.zeros((3, 3072), dtype=np.uint8)}, r"data_batch_2 holds 3 images; expected 2, as in the "
+                                                         r"published cifar-10-python.tar.gz"),
     ],
 )
-def test_cifar_malformed_batch(tmp_path, replace, message):
+def test_cifar_malformed_batch(small_cifar, tmp_path, replace, message):
     _write_cifar(tmp_path, "cifar10", replace={"data_batch_2": replace})
     with pytest.raises(DatasetError, match=message):
         load_dataset("cifar10", data_dir=tmp_path)
 
 
-def test_cifar_member_that_is_not_a_pickle(tmp_path):
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_files_must_hold_the_published_number_of_images(tmp_path, name):
+    """Without small_cifar: the real counts, which a folder of 20 images per file does not reach."""
+    layout = _LAYOUTS[name]
+    _write_cifar(tmp_path, name, train_images=20, test_images=20)
+    first = layout.train_files[0]
+    with pytest.raises(DatasetError, match=rf"^{name}: {tmp_path}/{layout.folder}/{first} holds 20 images; expected "
+                                           rf"{layout.train_images_per_file}, as in the published {layout.archive}: "
+                                           rf"the file is incomplete or from another dataset; delete it and extract "
+                                           rf"{layout.archive} again"):
+        load_dataset(name, data_dir=tmp_path)
+
+
+def test_cifar_member_that_is_not_a_pickle(small_cifar, tmp_path):
     _write_cifar(tmp_path, "cifar100")
     (tmp_path / "cifar-100-python" / "test").write_bytes(b"not a pickle")
     with pytest.raises(DatasetError, match=r"cifar-100-python/test is not a readable pickle"):
@@ -366,7 +397,7 @@ def test_cifar_member_that_is_not_a_pickle(tmp_path):
 
 
 @pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL, pickle.HIGHEST_PROTOCOL])
-def test_cifar_restricted_unpickler_reads_numpy_arrays_under_every_protocol(tmp_path, protocol):
+def test_cifar_restricted_unpickler_reads_numpy_arrays_under_every_protocol(small_cifar, tmp_path, protocol):
     batches = _write_cifar(tmp_path, "cifar10", protocol=protocol,
                            replace={"test_batch": {b"labels": np.array([1, 2, 3], dtype=np.int32)}})
     ds = load_dataset("cifar10", data_dir=tmp_path)
@@ -379,20 +410,20 @@ def _py2_string(b: bytes) -> bytes:
     return b"U" + bytes([len(b)]) + b  # SHORT_BINSTRING: how Python 2 wrote a str (read back as bytes)
 
 
-def test_cifar_reads_a_python2_pickle_as_in_the_official_archive(tmp_path):
+def test_cifar_reads_a_python2_pickle_as_in_the_official_archive(small_cifar, tmp_path):
     """The official batches were written by Python 2's cPickle: str as SHORT_BINSTRING, numpy 1's module names."""
     _write_cifar(tmp_path, "cifar10")
-    pixels = bytes(range(256)) * 12  # one image of 3072 bytes
+    pixels = bytes(range(256)) * 36  # three images of 3072 bytes
     array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + _py2_string(b"b") + b"\x87R"
-             b"(K\x01K\x01M\x00\x0c\x86cnumpy\ndtype\n" + _py2_string(b"u1") + b"K\x00K\x01\x87R(K\x03"
+             b"(K\x01K\x03M\x00\x0c\x86cnumpy\ndtype\n" + _py2_string(b"u1") + b"K\x00K\x01\x87R(K\x03"
              + _py2_string(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tbI00\nT"
              + len(pixels).to_bytes(4, "little") + pixels + b"tb")
-    batch = (b"\x80\x02}(" + _py2_string(b"data") + array + _py2_string(b"labels") + b"]K\x07a"
+    batch = (b"\x80\x02}(" + _py2_string(b"data") + array + _py2_string(b"labels") + b"](K\x07K\x08K\x09e"
              + _py2_string(b"batch_label") + _py2_string(b"testing batch 1 of 1") + b"u.")
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(batch)
     ds = load_dataset("cifar10", data_dir=tmp_path)
-    assert ds.test_y.tolist() == [7]
-    np.testing.assert_allclose(ds.test_x[0].flatten().numpy(), np.frombuffer(pixels, np.uint8) / 255.0, atol=1e-7)
+    assert ds.test_y.tolist() == [7, 8, 9]
+    np.testing.assert_allclose(ds.test_x.flatten().numpy(), np.frombuffer(pixels, np.uint8) / 255.0, atol=1e-7)
 
 
 class _RunsCode:
@@ -407,7 +438,7 @@ class _RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_cifar_refuses_a_pickle_that_would_run_code(tmp_path):
+def test_cifar_refuses_a_pickle_that_would_run_code(small_cifar, tmp_path):
     marker = tmp_path / "ran"
     _write_cifar(tmp_path, "cifar10", replace={"data_batch_4": {b"batch_label": _RunsCode(marker)}})
     with pytest.raises(DatasetError) as info:
@@ -431,7 +462,7 @@ def test_cifar_refuses_a_pickle_that_would_run_code(tmp_path):
     ],
     ids=["type error", "huge bytes", "huge array", "object dtype", "other codec"],
 )
-def test_cifar_unreadable_pickle_is_one_line_naming_the_file(tmp_path, content, reason):
+def test_cifar_unreadable_pickle_is_one_line_naming_the_file(small_cifar, tmp_path, content, reason):
     _write_cifar(tmp_path, "cifar10")
     (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(content)
     with pytest.raises(DatasetError, match=rf"^cifar10: {tmp_path}/cifar-10-batches-py/data_batch_1 is not a "
@@ -441,7 +472,7 @@ def test_cifar_unreadable_pickle_is_one_line_naming_the_file(tmp_path, content, 
     assert "\n" not in str(info.value)
 
 
-def test_cifar_dict_with_mixed_key_types_is_described(tmp_path):
+def test_cifar_dict_with_mixed_key_types_is_described(small_cifar, tmp_path):
     _write_cifar(tmp_path, "cifar10")
     batch = {b"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1], 3: "x"}
     (tmp_path / "cifar-10-batches-py" / "data_batch_5").write_bytes(pickle.dumps(batch, protocol=2))
@@ -450,7 +481,7 @@ def test_cifar_dict_with_mixed_key_types_is_described(tmp_path):
         load_dataset("cifar10", data_dir=tmp_path)
 
 
-def test_cifar_download_verifies_and_renames_into_place(tmp_path, monkeypatch):
+def test_cifar_download_verifies_and_renames_into_place(small_cifar, tmp_path, monkeypatch):
     mirror, batches = _cifar_archive(tmp_path, "cifar10", monkeypatch)
     monkeypatch.setitem(cifar.URLS, "cifar-10-python.tar.gz", (mirror / "cifar-10-python.tar.gz").as_uri())
     data = tmp_path / "cache" / "ormo"  # created by the download
@@ -463,7 +494,7 @@ def test_cifar_download_verifies_and_renames_into_place(tmp_path, monkeypatch):
     assert load_dataset("cifar10", data_dir=data, download=True).train_size == 10
 
 
-def test_cifar_download_errors_leave_no_file(tmp_path, monkeypatch):
+def test_cifar_download_errors_leave_no_file(small_cifar, tmp_path, monkeypatch):
     mirror, _ = _cifar_archive(tmp_path, "cifar10", monkeypatch)
     data = tmp_path / "cache"
     monkeypatch.setitem(cifar.URLS, "cifar-10-python.tar.gz", "http://127.0.0.1:9/cifar-10-python.tar.gz")

@@ -8,9 +8,10 @@ extracted, so a read-only data directory works), else, with ``download=True``, a
 
 Each member is a pickle (written by Python 2, hence ``encoding="bytes"``) of a dict with ``b"data"``, an N×3072
 uint8 array whose rows are 3×32×32 images in row-major order (all red, then green, then blue), and the labels
-``b"labels"`` (CIFAR-10) or ``b"fine_labels"`` (CIFAR-100's 100 classes). The pickles are read with a restricted
-unpickler (:class:`_BatchUnpickler`): plain data and numpy arrays only, so a crafted file in an extracted folder is
-refused instead of running code.
+``b"labels"`` (CIFAR-10) or ``b"fine_labels"`` (CIFAR-100's 100 classes), a list of ints. Every file must hold the
+published number of images (:attr:`CifarLayout.train_images_per_file`), so an incomplete copy is an error. The
+pickles are read with a restricted unpickler (:class:`_BatchUnpickler`): plain data and numpy arrays only, so a
+crafted file in an extracted folder is refused instead of running code.
 """
 
 from __future__ import annotations
@@ -63,25 +64,38 @@ class CifarLayout:
     #: Key of the label list in each pickle.
     label_key: bytes
     num_classes: int
+    #: Images in each training file (published: CIFAR-10's five hold 10,000 each, CIFAR-100's one 50,000).
+    train_images_per_file: int
+    #: Images in each test file (published: 10,000).
+    test_images_per_file: int
+
+    def images_in(self, file: str) -> int:
+        """How many images the member ``file`` holds."""
+        return self.train_images_per_file if file in self.train_files else self.test_images_per_file
 
 
 CIFAR10 = CifarLayout(name="cifar10", archive="cifar-10-python.tar.gz", folder="cifar-10-batches-py",
                       train_files=tuple(f"data_batch_{i}" for i in range(1, 6)), test_files=("test_batch",),
-                      label_key=b"labels", num_classes=10)
+                      label_key=b"labels", num_classes=10, train_images_per_file=10_000,
+                      test_images_per_file=10_000)
 CIFAR100 = CifarLayout(name="cifar100", archive="cifar-100-python.tar.gz", folder="cifar-100-python",
-                       train_files=("train",), test_files=("test",), label_key=b"fine_labels", num_classes=100)
+                       train_files=("train",), test_files=("test",), label_key=b"fine_labels", num_classes=100,
+                       train_images_per_file=50_000, test_images_per_file=10_000)
+
+#: The layouts by registry name, looked up at load time (tests substitute small numbers of images per file).
+LAYOUTS: dict[str, CifarLayout] = {"cifar10": CIFAR10, "cifar100": CIFAR100}
 
 
 @register_dataset("cifar10")
 def cifar10(*, data_dir: Path, download: bool) -> Dataset:
     """CIFAR-10: 50,000 training and 10,000 test 3×32×32 images, 10 classes."""
-    return load_cifar(CIFAR10, data_dir=data_dir, download=download)
+    return load_cifar(LAYOUTS["cifar10"], data_dir=data_dir, download=download)
 
 
 @register_dataset("cifar100")
 def cifar100(*, data_dir: Path, download: bool) -> Dataset:
     """CIFAR-100: 50,000 training and 10,000 test 3×32×32 images, 100 fine classes."""
-    return load_cifar(CIFAR100, data_dir=data_dir, download=download)
+    return load_cifar(LAYOUTS["cifar100"], data_dir=data_dir, download=download)
 
 
 def load_cifar(layout: CifarLayout, *, data_dir: Path, download: bool) -> Dataset:
@@ -123,7 +137,7 @@ def _read_from_folder(folder: Path, file: str, layout: CifarLayout) -> tuple[np.
         )
     try:
         with open(path, "rb") as f:
-            return _decode(f, source=str(path), layout=layout)
+            return _decode(f, source=str(path), layout=layout, images=layout.images_in(file))
     except OSError as e:
         raise DatasetError(f"{layout.name}: could not read {path} ({_one_line(e)}); extract {layout.archive} "
                            f"again") from e
@@ -144,7 +158,7 @@ def _read_from_archive(archive: Path, layout: CifarLayout
         if f is None:
             raise DatasetError(f"{layout.name}: member {name!r} of {archive} is not a regular file")
         with f:
-            return _decode(f, source=f"{archive}:{name}", layout=layout)
+            return _decode(f, source=f"{archive}:{name}", layout=layout, images=layout.images_in(file))
 
     try:
         with tarfile.open(archive, "r:gz") as tf:
@@ -228,8 +242,8 @@ def _describe_keys(batch: dict, limit: int = 8) -> str:
     return "[" + ", ".join(keys[:limit]) + (f", … ({len(keys)} keys)" if len(keys) > limit else "") + "]"
 
 
-def _decode(f: IO[bytes], *, source: str, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray]:
-    """One batch as (N×3072 uint8 array, int64 labels), after checking its structure."""
+def _decode(f: IO[bytes], *, source: str, layout: CifarLayout, images: int) -> tuple[np.ndarray, np.ndarray]:
+    """One batch as (``images``×3072 uint8 array, int64 labels), after checking its structure."""
     fix = f"delete it and extract {layout.archive} again (or delete the folder so that the archive is read)"
     try:
         batch: Any = _BatchUnpickler(f, encoding="bytes").load()
@@ -251,8 +265,22 @@ def _decode(f: IO[bytes], *, source: str, layout: CifarLayout) -> tuple[np.ndarr
         found = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DatasetError(f"{layout.name}: b'data' in {source} is a {found}; expected an N×{_PIXELS} uint8 array "
                            "(3×32×32 images in row-major order)")
-    labels = np.asarray(batch[layout.label_key])
-    if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+    if data.shape[0] != images:
+        raise DatasetError(f"{layout.name}: {source} holds {data.shape[0]} images; expected {images}, as in the "
+                           f"published {layout.archive}: the file is incomplete or from another dataset; {fix}")
+    raw = batch[layout.label_key]
+    # A list must hold ints only before numpy sees it: a few KB of pickle can nest shared lists whose array would
+    # take gigabytes, and mixed types would become an object or string array.
+    if isinstance(raw, list) and not all(type(v) is int for v in raw):
+        odd = next(type(v).__name__ for v in raw if type(v) is not int)
+        raise DatasetError(f"{layout.name}: {layout.label_key!r} in {source} is a list holding a {odd}; expected "
+                           f"{data.shape[0]} integer labels, one per image")
+    if not isinstance(raw, list | np.ndarray):
+        raise DatasetError(f"{layout.name}: {layout.label_key!r} in {source} is a {type(raw).__name__}; expected a "
+                           f"list or array of {data.shape[0]} integer labels, one per image")
+    labels = np.asarray(raw)
+    # kind i or u: np.issubdtype counts timedelta64 as an integer type, and bool is not a class index
+    if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu":
         raise DatasetError(f"{layout.name}: {layout.label_key!r} in {source} has shape {labels.shape} and dtype "
                            f"{labels.dtype}; expected {data.shape[0]} integer labels, one per image")
     if labels.size and (labels.min() < 0 or labels.max() >= layout.num_classes):
