@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import os
 import struct
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ import torch
 
 from ormo.data import DatasetError, load_dataset, mnist
 from ormo.data import base as data_base
+from ormo.data.idx import read_idx
 from ormo.experiment import load_config, train
 from ormo.experiment.metrics import read_metrics
 from ormo.rules.base import ConfigError
@@ -235,10 +238,11 @@ BAD_FILES = {
     "wrong count": (_IMAGES, _header(2051, 29, 28, 28) + bytes(29 * 784), r"holds 29 images; expected 30"),
     "wrong label count": (_LABELS, _header(2049, 11) + bytes(11), r"holds 11 labels; expected 10"),
     "truncated payload": (_IMAGES, _header(2051, 30, 28, 28) + _PIXELS[:-5],
-                          r"has 23515 bytes after its header, but the header announces 30×28×28 = 23520; the file "
-                          r"truncated"),
+                          r"has 23515 bytes after its header, but the header announces 30×28×28 = 23520 bytes; the "
+                          r"file is truncated"),
     "trailing bytes": (_LABELS, _header(2049, 10) + bytes(range(10)) + b"\0",
-                       r"has 11 bytes after its header, but the header announces 10 = 10; the file has trailing bytes"),
+                       r"has 11 bytes after its header, but the header announces 10 labels of one byte each; the "
+                       r"file has trailing bytes"),
     "label out of range": (_LABELS, _header(2049, 10) + bytes([0, 1, 2, 3, 4, 5, 6, 7, 8, 10]),
                            r"has labels up to 10; expected values in 0..9"),
     "unbalanced labels": (_LABELS, _header(2049, 10) + bytes([0, 0, 2, 3, 4, 5, 6, 7, 8, 9]),
@@ -278,6 +282,47 @@ def test_damaged_gzip_is_a_dataset_error(small, damage, message):
                                            rf"delete it and set data.download = true \(download=True\) to fetch the "
                                            rf"official file again from https://.*{APT}"):
         load_dataset("fashion-mnist", data_dir=small / "data")
+
+
+def _peak_allocation(read) -> int:
+    """The peak of Python's allocations (bytes) while ``read`` runs: the buffers a reader fills are counted."""
+    tracemalloc.start()
+    try:
+        read()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_gzip_bomb_is_refused_after_a_bounded_read(tmp_path):
+    """A valid header and 10 labels, then 64 MiB of zeros (about 65 KB gzipped): only the expected payload and a
+    bounded probe past it are decompressed, and the error says how much was seen."""
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(_header(2049, 10) + bytes(range(10)))
+        for _ in range(64):
+            f.write(bytes(1 << 20))
+
+    def read() -> None:
+        with pytest.raises(DatasetError, match=rf"^{path} has at least {11 + (1 << 20)} bytes after its header, but "
+                                               r"the header announces 10 labels of one byte each; the file has "
+                                               r"trailing bytes: get a good copy$"):
+            read_idx(path, magic=2049, count=10, fix="get a good copy")
+
+    assert _peak_allocation(read) < 8 << 20  # the whole file would be 64 MiB
+
+
+def test_raw_file_longer_than_its_header_is_refused_before_its_payload_is_read(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(_header(2051, 30, 28, 28))
+    os.truncate(path, 16 + (256 << 20))  # a sparse file: 256 MiB of zeros (the audit's was 40 GB)
+
+    def read() -> None:
+        with pytest.raises(DatasetError, match=rf"^{path} has {256 << 20} bytes after its header, but the header "
+                                               r"announces 30×28×28 = 23520 bytes; the file has trailing bytes: fix$"):
+            read_idx(path, magic=2051, count=30, image_side=28, fix="fix")
+
+    assert _peak_allocation(read) < 1 << 20
 
 
 def test_damaged_debian_file_says_to_reinstall_the_package(small):

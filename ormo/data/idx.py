@@ -15,6 +15,7 @@ their contents do not), so the structure is what can be checked everywhere.
 from __future__ import annotations
 
 import gzip
+import os
 import zlib
 from pathlib import Path
 
@@ -31,17 +32,9 @@ _DIMENSIONS = {IMAGES_MAGIC: 3, LABELS_MAGIC: 1}
 _KIND = {IMAGES_MAGIC: "images", LABELS_MAGIC: "labels"}
 
 
-def read_bytes(path: Path, *, fix: str) -> bytes:
-    """The content of ``path``, decompressed when its name ends in ``.gz``.
-
-    Costs one copy of the decompressed file in memory (47 MB for 60,000 images of 28×28); ``gzip.decompress`` checks
-    the CRC and length in the gzip trailer, so a truncated or corrupt archive is caught here.
-    """
-    try:
-        data = path.read_bytes()
-        return gzip.decompress(data) if path.name.endswith(".gz") else data
-    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
-        raise DatasetError(f"could not read {path} ({type(e).__name__}: {e}); it is truncated or corrupt: {fix}") from e
+#: How many decompressed bytes past the expected end are read to count trailing bytes (more is reported as "at
+#: least"): a gzip bomb is never decompressed further.
+_TRAILING_PROBE = 1 << 20
 
 
 def read_idx(path: Path, *, magic: int, count: int, image_side: int | None = None, fix: str) -> np.ndarray:
@@ -50,33 +43,68 @@ def read_idx(path: Path, *, magic: int, count: int, image_side: int | None = Non
 
     The magic number, every size in the header and the payload length must match; anything else raises
     :class:`~ormo.data.DatasetError` naming ``path``, what was found, what was expected, and then ``fix`` (how to get
-    a good copy). The array is a read-only view of the decompressed bytes (``numpy.frombuffer``: no copy).
+    a good copy). The header is read and checked first; then a raw file's size is compared with the header before
+    its payload is read, and a gzipped file is decompressed as a stream of at most the expected payload plus
+    :data:`_TRAILING_PROBE` bytes, so memory stays bounded by the expected size whatever the file holds (a sparse
+    file of 40 GB, a gzip bomb). Reading a gzipped file to its end checks the CRC and length in its trailer.
+    Costs one copy of the payload (47 MB for 60,000 images of 28×28); the array is a read-only view of it.
     """
     if magic not in _DIMENSIONS:
         raise ValueError(f"magic must be {IMAGES_MAGIC} (images) or {LABELS_MAGIC} (labels), not {magic}")
     kind, ndim = _KIND[magic], _DIMENSIONS[magic]
     expected_shape = (count,) if ndim == 1 else (count, image_side, image_side)
-    data = read_bytes(path, fix=fix)
+    expected_payload = int(np.prod(expected_shape))
     header_bytes = 4 * (1 + ndim)
-    if len(data) < header_bytes:
-        raise DatasetError(f"{path} is {len(data)} bytes long, shorter than the {header_bytes}-byte header of an IDX "
-                           f"file of {kind}; it is truncated: {fix}")
-    found_magic = int.from_bytes(data[:4], "big")
+    gzipped = path.name.endswith(".gz")
+    try:
+        with gzip.open(path, "rb") if gzipped else open(path, "rb") as f:
+            header = f.read(header_bytes)
+            if len(header) < header_bytes:
+                raise DatasetError(f"{path} is {len(header)} bytes long, shorter than the {header_bytes}-byte header "
+                                   f"of an IDX file of {kind}; it is truncated: {fix}")
+            _check_header(path, header, magic=magic, expected_shape=expected_shape, fix=fix)
+            if not gzipped:  # the size is known before reading: a sparse 40 GB file is refused, not read
+                payload = os.fstat(f.fileno()).st_size - header_bytes
+                _check_payload(path, payload, expected_shape=expected_shape, exact=True, fix=fix)
+            data = f.read(expected_payload + 1)  # one byte more tells a file with trailing bytes
+            exact = True
+            if gzipped and len(data) > expected_payload:  # count what follows, up to a bound
+                extra = len(f.read(_TRAILING_PROBE))
+                exact = extra < _TRAILING_PROBE
+                payload = len(data) + extra
+            else:
+                payload = len(data)
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+        raise DatasetError(f"could not read {path} ({type(e).__name__}: {e}); it is truncated or corrupt: {fix}") from e
+    _check_payload(path, payload, expected_shape=expected_shape, exact=exact, fix=fix)
+    return np.frombuffer(data, dtype=np.uint8).reshape(expected_shape)
+
+
+def _check_header(path: Path, header: bytes, *, magic: int, expected_shape: tuple[int, ...], fix: str) -> None:
+    kind = _KIND[magic]
+    found_magic = int.from_bytes(header[:4], "big")
     if found_magic != magic:
         what = f" (the magic of IDX {_KIND[found_magic]})" if found_magic in _KIND else ""
         raise DatasetError(f"{path} starts with magic number {found_magic}{what}; expected {magic}, an IDX file of "
                            f"{kind}: is it the right file? {fix}")
-    shape = tuple(int(v) for v in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    shape = tuple(int(v) for v in np.frombuffer(header, dtype=">u4", offset=4))
     if shape[1:] != expected_shape[1:]:
         raise DatasetError(f"{path} holds images of {shape[1]}×{shape[2]} pixels; expected "
-                           f"{image_side}×{image_side}: is it the right file? {fix}")
-    if shape[0] != count:
-        raise DatasetError(f"{path} holds {shape[0]} {kind}; expected {count}: is it the right file? {fix}")
-    payload = len(data) - header_bytes
+                           f"{expected_shape[1]}×{expected_shape[2]}: is it the right file? {fix}")
+    if shape[0] != expected_shape[0]:
+        raise DatasetError(f"{path} holds {shape[0]} {kind}; expected {expected_shape[0]}: is it the right file? "
+                           f"{fix}")
+
+
+def _check_payload(path: Path, payload: int, *, expected_shape: tuple[int, ...], exact: bool, fix: str) -> None:
     expected_payload = int(np.prod(expected_shape))
-    if payload != expected_payload:
-        size = "×".join(str(v) for v in expected_shape)
-        state = "truncated" if payload < expected_payload else "has trailing bytes"
-        raise DatasetError(f"{path} has {payload} bytes after its header, but the header announces {size} = "
-                           f"{expected_payload}; the file {state}: {fix}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header_bytes).reshape(expected_shape)
+    if payload == expected_payload:
+        return
+    if len(expected_shape) == 1:
+        announced = f"{expected_shape[0]} labels of one byte each"
+    else:
+        announced = f"{'×'.join(str(v) for v in expected_shape)} = {expected_payload} bytes"
+    state = "is truncated" if payload < expected_payload else "has trailing bytes"
+    found = f"{payload}" if exact else f"at least {payload}"
+    raise DatasetError(f"{path} has {found} bytes after its header, but the header announces {announced}; the file "
+                       f"{state}: {fix}")
