@@ -6,8 +6,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import pickle
+import struct
 import tarfile
+import threading
+import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -611,6 +615,64 @@ def test_tinyimagenet_damaged_folder(tmp_path, damage, message):
     damage(_write_tiny(tmp_path))
     with pytest.raises(DatasetError, match=message):
         load_dataset("tinyimagenet", data_dir=tmp_path)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """An 8-bit RGB PNG declaring ``width``×``height`` pixels whose pixel data (one empty IDAT chunk) is missing:
+    decoding it fails, so only a reader that checks the size from the header reports the size."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("side", "message"),
+    [
+        (9000, r"n0000001_1.JPEG is 9000×9000 pixels; expected 64×64: it is not a Tiny ImageNet image"),  # not decoded
+        (20000, r"n0000001_1.JPEG declares far more than 64×64 pixels \(DecompressionBombError: .*\); it is not a "
+                r"Tiny ImageNet image: unzip tiny-imagenet-200.zip again$"),
+        pytest.param(10000, r"n0000001_1.JPEG declares far more than 64×64 pixels \(DecompressionBombWarning: ",
+                     marks=pytest.mark.filterwarnings("error")),
+    ],
+    ids=["large", "bomb", "bomb warning as error"],
+)
+def test_tinyimagenet_image_size_is_checked_from_the_header_before_decoding(tmp_path, side, message):
+    folder = _write_tiny(tmp_path)
+    (folder / "train" / "n0000001" / "images" / "n0000001_1.JPEG").write_bytes(_png_header(side, side))
+    with pytest.raises(DatasetError, match=message) as info:
+        load_dataset("tinyimagenet", data_dir=tmp_path)
+    assert str(info.value).startswith(f"tinyimagenet: {folder}/train/") and "\n" not in str(info.value)
+
+
+def test_tinyimagenet_first_bad_image_stops_the_decoding(tmp_path, monkeypatch):
+    """Two threads: the first image is slow, the second is bad. The error must not wait for the first image while
+    the other thread decodes all the rest: the images not yet started are cancelled."""
+    from PIL import Image
+
+    folder = _write_tiny(tmp_path)
+    images = folder / "train" / "n0000002" / "images"
+    for i in range(3, 63):
+        Image.new("RGB", (64, 64), _color(i % 7)).save(images / f"n0000002_{i}.JPEG", quality=95)
+    (images / "n0000002_1.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")  # file 1 of the training set
+    opened: list[str] = []
+    real_open, never = Image.open, threading.Event()
+
+    def slow_open(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        if Path(path).name == "n0000002_0.JPEG":
+            never.wait(1.0)  # file 0 holds its thread for a second
+        else:
+            time.sleep(0.005)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", slow_open)
+    monkeypatch.setattr(tinyimagenet, "_DECODE_THREADS", 2)
+    with pytest.raises(DatasetError, match=r"cannot decode .*n0000002_1.JPEG"):
+        load_dataset("tinyimagenet", data_dir=tmp_path)
+    assert len(opened) < 10, f"{len(opened)} of the 66 images were opened before the error"
 
 
 def test_tinyimagenet_download_extracts_the_zip(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -114,20 +114,36 @@ def _decode_all(files: list[Path]) -> torch.Tensor:
     out = np.empty((len(files), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
 
     def decode(i: int) -> None:
+        rgb = None
         try:
-            with Image.open(files[i]) as img:
-                rgb = np.asarray(img.convert("RGB"))
+            with Image.open(files[i]) as img:  # reads the header only: the size is known before any decoding
+                size = img.size
+                if size == (IMAGE_SIZE, IMAGE_SIZE):  # a file declaring 9000×9000 pixels is never decoded
+                    rgb = np.asarray(img.convert("RGB"))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning, when made an error
+            raise DatasetError(f"tinyimagenet: {files[i]} declares far more than {IMAGE_SIZE}×{IMAGE_SIZE} pixels "
+                               f"({type(e).__name__}: {e}); it is not a Tiny ImageNet image: unzip {ARCHIVE} "
+                               f"again") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise DatasetError(f"tinyimagenet: cannot decode {files[i]} ({type(e).__name__}: {e}); the file is "
                                f"corrupt: unzip {ARCHIVE} again") from e
-        if rgb.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
-            raise DatasetError(f"tinyimagenet: {files[i]} is {rgb.shape[1]}×{rgb.shape[0]} pixels; expected "
-                               f"{IMAGE_SIZE}×{IMAGE_SIZE}")
+        if rgb is None:
+            raise DatasetError(f"tinyimagenet: {files[i]} is {size[0]}×{size[1]} pixels; expected "
+                               f"{IMAGE_SIZE}×{IMAGE_SIZE}: it is not a Tiny ImageNet image: unzip {ARCHIVE} again")
         out[i] = rgb
 
-    with ThreadPoolExecutor(max_workers=_DECODE_THREADS) as pool:
-        for _ in pool.map(decode, range(len(files))):  # consume to re-raise the first error
-            pass
+    pool = ThreadPoolExecutor(max_workers=_DECODE_THREADS)
+    try:
+        futures = [pool.submit(decode, i) for i in range(len(files))]
+        wait(futures, return_when=FIRST_EXCEPTION)
+    finally:
+        # After the first failure (or an interrupt) the decodes not yet started are cancelled, so the error comes
+        # now rather than after every other image; the ones running finish first.
+        pool.shutdown(wait=True, cancel_futures=True)
+    for future in futures:  # in file order, the first failure among those that ran
+        error = None if future.cancelled() else future.exception()
+        if error is not None:
+            raise error
     return torch.from_numpy(out).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
 
 
