@@ -600,6 +600,37 @@ def _break_class_folder(folder: Path) -> None:
     (folder / "wnids.txt").write_text("\n".join([*_WNIDS, "n0000003"]))
 
 
+def _break_val_name_outside(folder: Path) -> None:
+    from PIL import Image
+
+    (folder.parent / "outside").mkdir()
+    Image.new("RGB", (64, 64)).save(folder.parent / "outside" / "secret.JPEG")  # a good image, outside the dataset
+    (folder / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn0000001\t0\t0\t1\t1\n"
+                                                        "../../../outside/secret.JPEG\tn0000002\t0\t0\t1\t1\n")
+
+
+def _break_wnid_outside(folder: Path) -> None:
+    (folder.parent / "outside" / "images").mkdir(parents=True)
+    (folder / "wnids.txt").write_text("n0000002\n../../outside\n")
+
+
+def _break_wnids_encoding(folder: Path) -> None:
+    (folder / "wnids.txt").write_bytes(b"n0000002\nn000\xff0001\n")
+
+
+def _break_annotations_encoding(folder: Path) -> None:
+    (folder / "val" / "val_annotations.txt").write_bytes(b"val_0.JPEG\tn0000001\t0\t0\t1\t1 \xe9t\xe9\n")
+
+
+def _break_annotations_empty(folder: Path) -> None:
+    (folder / "val" / "val_annotations.txt").write_text("\n")
+
+
+def _break_empty_class(folder: Path) -> None:
+    for image in (folder / "train" / "n0000001" / "images").iterdir():
+        image.unlink()
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -609,12 +640,23 @@ def _break_class_folder(folder: Path) -> None:
         (_break_image_size, r"val_0.JPEG is 32×64 pixels; expected 64×64"),
         (_break_wnid, r"line 1 of .*val_annotations.txt should be .* a wnid from wnids.txt"),
         (_break_class_folder, r"class n0000003 .* has no folder .*train/n0000003/images/"),
+        (_break_val_name_outside, r"line 2 of .*val/val_annotations.txt names the image "
+                                  r"'../../../outside/secret.JPEG'; expected a plain file name in .*val/images/ "
+                                  r"\(no '/', '\\' or '..'\)"),
+        (_break_wnid_outside, r"wnids.txt lists '../../outside'; expected WordNet ids such as 'n01443537', plain "
+                              r"folder names"),
+        (_break_wnids_encoding, r"wnids.txt is not UTF-8 text \(byte 0xff at offset 13\); the folder .* is damaged"),
+        (_break_annotations_encoding, r"val_annotations.txt is not UTF-8 text \(byte 0xe9 at offset 28\)"),
+        (_break_annotations_empty, r"val_annotations.txt lists no validation image; expected one line per image of "
+                                   r".*val/images/ \(10,000 in Tiny ImageNet\)"),
+        (_break_empty_class, r"train/n0000001/images/ holds no \*.JPEG image \(every class of Tiny ImageNet has 500\)"),
     ],
 )
 def test_tinyimagenet_damaged_folder(tmp_path, damage, message):
     damage(_write_tiny(tmp_path))
-    with pytest.raises(DatasetError, match=message):
+    with pytest.raises(DatasetError, match=message) as info:
         load_dataset("tinyimagenet", data_dir=tmp_path)
+    assert str(info.value).startswith("tinyimagenet: ") and "\n" not in str(info.value)
 
 
 def _png_header(width: int, height: int) -> bytes:

@@ -61,6 +61,9 @@ def tinyimagenet(*, data_dir: Path, download: bool) -> Dataset:
             raise DatasetError(f"tinyimagenet: class {wnid} of {root / 'wnids.txt'} has no folder {images}/; the "
                                f"folder {root}/ is incomplete: unzip {ARCHIVE} again")
         files = sorted(images.glob("*.JPEG"))
+        if not files:
+            raise DatasetError(f"tinyimagenet: {images}/ holds no *.JPEG image (every class of Tiny ImageNet has "
+                               f"500); the folder {root}/ is incomplete: unzip {ARCHIVE} again")
         train_files += files
         train_labels += [i] * len(files)
     test_files, test_labels = _read_val_annotations(root, class_of)
@@ -75,11 +78,29 @@ def _read_wnids(root: Path) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"tinyimagenet: no class list {path}; the folder {root}/ is incomplete: unzip "
                            f"{ARCHIVE} again")
-    wnids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    wnids = [line.strip() for line in _read_lines(path, root=root) if line.strip()]
     if not wnids or len(set(wnids)) != len(wnids):
         raise DatasetError(f"tinyimagenet: {path} should list distinct WordNet ids, one per line; found "
                            f"{len(wnids)} lines, {len(set(wnids))} distinct")
+    for wnid in wnids:  # each names a folder train/<wnid>/: it must not lead out of the dataset
+        if not _is_plain_name(wnid):
+            raise DatasetError(f"tinyimagenet: {path} lists {wnid!r}; expected WordNet ids such as 'n01443537', "
+                               f"plain folder names (no '/', '\\' or '..'): unzip {ARCHIVE} again")
     return wnids
+
+
+def _is_plain_name(name: str) -> bool:
+    """True for a name that stays inside its folder: no separator, not '.' or '..', no NUL."""
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _read_lines(path: Path, *, root: Path) -> list[str]:
+    """The lines of a text file of the dataset (ASCII in the official archive)."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"tinyimagenet: {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                           f"{e.start}); the folder {root}/ is damaged: unzip {ARCHIVE} again") from None
 
 
 def _read_val_annotations(root: Path, class_of: dict[str, int]) -> tuple[list[Path], list[int]]:
@@ -89,19 +110,26 @@ def _read_val_annotations(root: Path, class_of: dict[str, int]) -> tuple[list[Pa
                            f"folder {root}/ is incomplete: unzip {ARCHIVE} again")
     files: list[Path] = []
     labels: list[int] = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(_read_lines(path, root=root), start=1):
         if not line.strip():
             continue
         fields = line.split("\t")
         if len(fields) < 2 or fields[1] not in class_of:
             raise DatasetError(f"tinyimagenet: line {number} of {path} should be 'file<TAB>wnid<TAB>box…' with a "
                                f"wnid from wnids.txt; found {line!r}")
+        if not _is_plain_name(fields[0]):  # '../../outside/secret.JPEG' would read a file outside the dataset
+            raise DatasetError(f"tinyimagenet: line {number} of {path} names the image {fields[0]!r}; expected a "
+                               f"plain file name in {root / 'val' / 'images'}/ (no '/', '\\' or '..'): unzip "
+                               f"{ARCHIVE} again")
         image = root / "val" / "images" / fields[0]
         if not image.is_file():
             raise DatasetError(f"tinyimagenet: {path} line {number} lists {fields[0]}, but {image} does not exist; "
                                f"the folder {root}/ is incomplete: unzip {ARCHIVE} again")
         files.append(image)
         labels.append(class_of[fields[1]])
+    if not files:  # an empty test set would only fail later, dividing by zero in evaluation
+        raise DatasetError(f"tinyimagenet: {path} lists no validation image; expected one line per image of "
+                           f"{root / 'val' / 'images'}/ (10,000 in Tiny ImageNet): unzip {ARCHIVE} again")
     return files, labels
 
 
