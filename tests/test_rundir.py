@@ -563,3 +563,13 @@ def test_a_checkpoint_continues_at_another_ray_address_but_not_under_another_set
     with pytest.raises(CheckpointRefused, match=r"method.lr = 0.5") as info:
         load_checkpoint(tmp_path, config_toml=other, engine="simulator")
     assert "ray.address" not in str(info.value)
+
+
+def test_a_stop_before_any_checkpoint_says_the_resume_starts_over(tmp_path):
+    from ormo.experiment.runloop import RunStopped
+
+    assert str(RunStopped(2, run_dir=tmp_path)) == (f"stopped by SIGINT before the first checkpoint; `ormo train "
+                                                    f"--resume {tmp_path}` starts the run over")
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    assert "the last checkpoint is kept" in str(RunStopped(15, run_dir=tmp_path))
+    assert str(RunStopped(2, t=7, run_dir=tmp_path)).startswith("stopped at iteration 7 by SIGINT; checkpoint written")

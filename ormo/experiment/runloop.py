@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .rundir import CHECKPOINT
+
 
 class RunStopped(KeyboardInterrupt):
     """A run stopped by a signal (SIGINT: Ctrl-C, or SIGTERM) after writing a checkpoint; ``--resume`` continues it.
@@ -21,6 +23,8 @@ class RunStopped(KeyboardInterrupt):
 
     def __init__(self, signum: int, *, t: int | None = None, run_dir: str | Path | None = None) -> None:
         self.signum, self.t, self.run_dir = int(signum), t, run_dir
+        # stopped before any checkpoint (e.g. while Ray was starting): the resume starts the run over
+        self.fresh = t is None and run_dir is not None and not (Path(run_dir) / CHECKPOINT).exists()
         super().__init__(str(self))
 
     @property
@@ -33,6 +37,8 @@ class RunStopped(KeyboardInterrupt):
         where = f"stopped at iteration {self.t} by {name}; checkpoint written" if self.t is not None else \
             f"stopped by {name}; the last checkpoint is kept"
         resume = f"`ormo train --resume {self.run_dir}`" if self.run_dir is not None else "`ormo train --resume`"
+        if self.fresh:
+            return f"stopped by {name} before the first checkpoint; {resume} starts the run over"
         return f"{where}; {resume} continues"
 
 
