@@ -107,7 +107,7 @@ def _primary_metric(run_dir: Path) -> str:
         task = read_run_info(run_dir).get("task") or {}
     except (OSError, ValueError, RuntimeError):
         task = {}
-    return str(task.get("primary") or "acc")
+    return str((task if isinstance(task, dict) else {}).get("primary") or "acc")
 
 
 def _finite_or_null(obj):

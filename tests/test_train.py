@@ -285,3 +285,65 @@ def test_train_threads_sets_the_runs_thread_count_records_it_and_restores_the_ca
     assert torch.get_num_threads() == before
     with pytest.raises(ConfigError, match="train.threads"):
         load_config("preset:quickstart", ["train.threads=0"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# an audit: what a resume takes from run.json is checked; a stop waits for no endless message; signals at once
+
+
+@pytest.mark.parametrize(("key", "value"), [("threads", 0), ("threads", [1]), ("threads", "abc"), ("threads", None),
+                                            ("batch_workers", "x"), ("batch_workers", {"mode": "batched"}),
+                                            ("batch_workers", {"mode": "batched", "max": "a"}), ("task", "zzz")])
+def test_a_hand_edited_run_json_is_refused_by_a_resume_in_one_line(tmp_path, key, value):
+    from helpers import stopping_interrupt
+
+    from ormo.experiment import run as run_module
+
+    cfg = load_config(None, [*SMALL, "train.epochs=0.25"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_module, "DeferredInterrupt", stopping_interrupt(run_module.DeferredInterrupt, 4))
+        with pytest.raises(KeyboardInterrupt, match="stopped at iteration 5"):
+            train(cfg, tmp_path / "r", progress=False)
+    path = tmp_path / "r" / "run.json"
+    info = json.loads(path.read_text())
+    info.pop(key, None) if value is None else info.update({key: value})
+    path.write_text(json.dumps(info))
+    with pytest.raises(ConfigError, match=rf"its run.json has {key} = .*restore the value the run recorded") as e:
+        train(None, tmp_path / "r", resume=True, progress=False)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["orlomo", "prsgdm", "local-ormo-da", "al-sgd"])
+def test_local_steps_beyond_the_cap_are_one_line(name):
+    from ormo.rules.base import MAX_LOCAL_STEPS
+
+    with pytest.raises(ConfigError, match=r"invalid local_steps: 1000000 \(must be an integer in \[1, 100,000\]\)"):
+        load_config(None, [f"method.name={name}", "method.local_steps=1000000"]).method.build()
+    assert load_config(None, [f"method.name={name}", f"method.local_steps={MAX_LOCAL_STEPS}"]).method.build()
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_bytes(b'name = "x"\n\xff\n')
+    with pytest.raises(ConfigError, match=r"c.toml: not UTF-8 text \(byte 0xff at offset 11\)"):
+        load_config(path)
+
+
+def test_two_signals_at_once_stop_at_once_without_a_traceback(monkeypatch):
+    from ormo.experiment.runloop import DeferredInterrupt
+
+    real = signal.signal
+
+    def racy(sig, handler):  # what CPython does when the other signal is already pending
+        if sig == signal.SIGTERM and handler is not stop._handle:
+            raise OSError("Signal 15 ignored due to race condition")
+        return real(sig, handler)
+
+    with DeferredInterrupt() as stop:
+        monkeypatch.setattr(signal, "signal", racy)
+        stop._handle(signal.SIGINT, None)  # the first: noted, SIGTERM's handler stays ours
+        assert stop.requested == signal.SIGINT and signal.SIGTERM in stop._old
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGTERM, None)  # the second: stops now
+        monkeypatch.setattr(signal, "signal", real)
+    assert signal.getsignal(signal.SIGTERM) is not stop._handle

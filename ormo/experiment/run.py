@@ -145,7 +145,8 @@ def _train(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, progres
                           "config of a new run")
     if resume:
         if not (run_dir / "config.toml").is_file():
-            raise ConfigError(f"cannot resume {str(run_dir)!r}: no config.toml there (not a run directory)")
+            raise ConfigError(f"cannot resume {str(run_dir)!r}: no config.toml there (not a run directory, or a run "
+                              f"that stopped before writing it: start it again with the command that made it)")
         if address is not None:
             check_ray_address(address)
     else:
@@ -180,8 +181,8 @@ def _train_locked(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, 
                                   f"{engine} run: resume it without --address")
             cfg = load_config(run_dir / "config.toml", [f"ray.address={json.dumps(address)}"])
             write_text(run_dir / "config.toml", to_toml(cfg))  # later resumes (and replays) use it too
-        if info.get("threads"):
-            torch.set_num_threads(int(info["threads"]))  # the same arithmetic as before the interruption
+        _check_recorded(info, run_dir)
+        torch.set_num_threads(info["threads"])  # the same arithmetic as before the interruption
         if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:  # where this part runs (a sweep may pin another GPU)
             info["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     else:
@@ -242,6 +243,27 @@ def _train_locked(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, 
             _record(run_dir, info, status="failed",
                     error=str(e) if isinstance(e, RunDirError) else f"{type(e).__name__}: {e}")
         raise
+
+
+def _check_recorded(info: dict[str, Any], run_dir: Path) -> None:
+    """What a resume takes from run.json (the arithmetic of the run so far), checked: a hand-edited value would make
+    the resumed run compute something else, silently, or fail with a traceback."""
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"cannot resume {str(run_dir)!r}: its run.json has {key} = {json.dumps(info.get(key))} "
+                           f"({why}); restore the value the run recorded, or delete the directory to start over")
+
+    threads = info.get("threads")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise bad("threads", "the torch thread count the run computed with, an integer >= 1")
+    batching = info.get("batch_workers")
+    if batching is not None and not (
+            isinstance(batching, dict) and batching.get("mode") in ("batched", "sequential") and (
+                batching["mode"] == "sequential" or (isinstance(batching.get("max"), int) and not isinstance(
+                    batching.get("max"), bool) and batching["max"] >= 1))):
+        raise bad("batch_workers", 'how the run computed its messages: {"mode": "sequential"} or {"mode": '
+                  '"batched", "max": N >= 1}')
+    if info.get("task") is not None and not isinstance(info["task"], dict):
+        raise bad("task", "what the run recorded about its task, a table")
 
 
 #: the memory batched mode may stack by default: the parameters, gradients and their flat copy for every request

@@ -60,6 +60,9 @@ class DeferredInterrupt:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None:  # a second signal that reached this handler (both came at once): stop now
+            self._restore()
+            raise KeyboardInterrupt
         self.requested = signum
         self._restore()  # the next signal acts immediately
 
@@ -72,9 +75,13 @@ class DeferredInterrupt:
                 self._old.setdefault(sig, old)
 
     def _restore(self) -> None:
+        kept: dict[int, Any] = {}
         for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-        self._old = {}
+            try:
+                signal.signal(sig, handler)
+            except OSError:  # "ignored due to race condition": that signal is pending; this handler takes it
+                kept[sig] = handler
+        self._old = kept
 
     def __exit__(self, *exc: Any) -> None:
         self._restore()

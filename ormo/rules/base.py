@@ -80,6 +80,19 @@ def check_int_at_least(field: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+#: the most local steps a message may take: the papers use up to 64; a message is one unit of work that a stop
+#: (Ctrl-C, SIGTERM) waits for, so a message of millions of steps would make a run unstoppable
+MAX_LOCAL_STEPS = 100_000
+
+
+def check_local_steps(value: Any) -> int:
+    check_int_at_least("local_steps", value, 1)
+    if value > MAX_LOCAL_STEPS:
+        raise invalid("local_steps", value, f"an integer in [1, {MAX_LOCAL_STEPS:,}]",
+                      "a message takes every local step before a run can stop")
+    return int(value)
+
+
 def check_bool(field: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise invalid(field, value, "True or False")

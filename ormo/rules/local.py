@@ -18,7 +18,7 @@ from .base import (
     Rule,
     ServerState,
     WorkerState,
-    check_int_at_least,
+    check_local_steps,
     check_rate,
     register,
     zeros_like,
@@ -85,7 +85,7 @@ class ALSGD(DelayAdaptive, Rule):
     def __post_init__(self) -> None:
         check_rate("lr", self.lr)
         check_rate("local_lr", self.local_lr)
-        check_int_at_least("local_steps", self.local_steps, 1)
+        check_local_steps(self.local_steps)
         self._check_delay()
 
     def work(self, payload: Payload, grad: BoundGrad, worker_state: WorkerState | None = None) -> Message:

@@ -33,7 +33,7 @@ from .base import (
     WorkerState,
     catch_up,
     check_choice,
-    check_int_at_least,
+    check_local_steps,
     check_momentum,
     check_rate,
     group_of,
@@ -235,7 +235,7 @@ class LocalOrMoDA(DelayAdaptive, _Ordered):
         check_rate("lr", self.lr)
         check_momentum("momentum", self.momentum)
         check_rate("local_lr", self.local_lr)
-        check_int_at_least("local_steps", self.local_steps, 1)
+        check_local_steps(self.local_steps)
         check_choice("delta_scale", self.delta_scale, DELTA_SCALES)
         check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
         self._check_delay()
@@ -294,7 +294,7 @@ class OrLoMo(DelayAdaptive, _Ordered):
         check_rate("lr", self.lr)
         check_momentum("momentum", self.momentum)
         check_rate("local_lr", self.local_lr)
-        check_int_at_least("local_steps", self.local_steps, 1)
+        check_local_steps(self.local_steps)
         check_choice("group_decay", self.group_decay, GROUP_DECAYS)
         check_choice("local_momentum_init", self.local_momentum_init, MOMENTUM_INITS)
         check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)

@@ -18,7 +18,7 @@ from .base import (
     WorkerState,
     check_bool,
     check_choice,
-    check_int_at_least,
+    check_local_steps,
     check_momentum,
     check_rate,
     register,
@@ -134,7 +134,7 @@ class PRSGDm(Rule):
     def __post_init__(self) -> None:
         check_rate("local_lr", self.local_lr)
         check_momentum("momentum", self.momentum)
-        check_int_at_least("local_steps", self.local_steps, 1)
+        check_local_steps(self.local_steps)
         check_bool("average_momentum", self.average_momentum)
 
     def init(self, params0: Tensor, *, num_workers: int) -> PRSGDmState:
