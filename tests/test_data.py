@@ -178,7 +178,8 @@ def test_bad_subset_is_rejected(bad):
 
 def test_builtin_names_and_unknown_name_lists_them():
     assert {"digits", "cifar10", "cifar100", "tinyimagenet", "synthetic"} <= set(dataset_names())
-    with pytest.raises(ConfigError, match=r"unknown dataset 'cifar11'; valid names: .*cifar10.*digits"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown dataset 'cifar11' \(data.name\); valid names: .*cifar10.*digits"):
         load_dataset("cifar11")
 
 

@@ -226,7 +226,8 @@ def test_build_leaves_the_global_rng_untouched(name):
 
 
 def test_unknown_model_lists_the_valid_names():
-    with pytest.raises(ConfigError, match=r"unknown model 'resnet18'; valid names: .*resnet20.*squeezenet"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown model 'resnet18' \(model.name\); valid names: .*resnet20.*squeezenet"):
         build_model("resnet18", num_classes=10)
     with pytest.raises(ConfigError, match=r"unknown model \['mlp'\]"):
         build_model(["mlp"], num_classes=10)

@@ -253,7 +253,7 @@ def _loader(name: str) -> Loader:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise ConfigError(f"unknown dataset {name!r}; valid names: {', '.join(_REGISTRY)}") from None
+        raise ConfigError(f"unknown dataset {name!r} (data.name); valid names: {', '.join(_REGISTRY)}") from None
 
 
 def load_dataset(name: str, *, data_dir: str | Path | None = None, download: bool = False,

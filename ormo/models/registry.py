@@ -74,7 +74,7 @@ def _entry(name: Any) -> _Entry:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):  # TypeError: an unhashable name such as a list
-        raise ConfigError(f"unknown model {name!r}; valid names: {', '.join(_REGISTRY)}") from None
+        raise ConfigError(f"unknown model {name!r} (model.name); valid names: {', '.join(_REGISTRY)}") from None
 
 
 def min_image_size(name: str) -> int:
