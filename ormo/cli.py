@@ -433,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(e, RunDirError):  # a run directory or file that cannot be used: names the file and the fix
             print(f"ormo {args.command}: error: {e}", file=sys.stderr)
+        elif isinstance(e, FileNotFoundError | ValueError) and args.command in ("table", "plot"):
+            print(f"ormo {args.command}: error: {e}", file=sys.stderr)  # the reports' messages name file and fix
         elif isinstance(e, FileNotFoundError | ValueError | RuntimeError):
             print(f"ormo {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         elif isinstance(e, OSError):  # a file-system failure outside the run-directory writers: still one line

@@ -318,3 +318,18 @@ def test_a_loss_curve_at_zero_keeps_the_linear_axis(tmp_path: Path) -> None:
     write_run(tmp_path, method="ormo", label="zero", seed=0, final_loss=0.0, final_acc=99.0)
     fig = setting_figure("zero", load_runs(tmp_path))
     assert [ax.get_yscale() for ax in fig.axes] == ["linear"] * 4
+
+
+# ---- the CLI's errors ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["table", "plot"])
+def test_table_and_plot_errors_are_the_message_without_a_class_name(tmp_path: Path, command: str, capsys) -> None:
+    from ormo.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([command, str(empty)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ormo {command}: error: no runs found under") and "Error" not in err
+    assert len(err.splitlines()) == 1
