@@ -333,3 +333,34 @@ def test_table_and_plot_errors_are_the_message_without_a_class_name(tmp_path: Pa
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"ormo {command}: error: no runs found under") and "Error" not in err
     assert len(err.splitlines()) == 1
+
+
+# ---- damaged finished runs are skipped with a warning naming the run and what is wrong ------------------------------
+
+
+def _cut_last_row(run_dir: Path) -> None:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run_dir / "metrics.jsonl").write_text("".join(lines[:-1]))
+
+
+@pytest.mark.parametrize(("damage", "pattern"), [
+    (lambda d: (d / "config.toml").unlink(), r"seed1': config.toml is missing"),
+    (lambda d: (d / "metrics.jsonl").unlink(), r"seed1': metrics.jsonl is missing or has no rows"),
+    (lambda d: (d / "metrics.jsonl").write_text(""), r"seed1': metrics.jsonl is missing or has no rows"),
+    (_cut_last_row, r"seed1': the last row of metrics.jsonl has iteration = 200 but run.json's final row says 300"),
+    (lambda d: (d / "metrics.jsonl").write_text((d / "metrics.jsonl").read_text()
+                                                + '{"epoch": "x", "test_acc": "abc"}\n'),
+     r"metrics.jsonl' line 5: epoch = 'x' is not a number"),
+    (lambda d: (d / "run.json").unlink(), r"seed1': run.json is missing"),
+])
+def test_a_damaged_finished_run_is_skipped_with_a_warning_naming_it(sweep: Path, tmp_path: Path, damage,
+                                                                     pattern: str) -> None:
+    damaged = sweep / "ormo" / "k-16-het" / "seed1"
+    damage(damaged)
+    with pytest.warns(UserWarning, match=r"skipping 1 unreadable run\(s\): '.*" + pattern):
+        records = load_runs(sweep)
+    assert len(records) == 17 and damaged not in [r.path for r in records]
+    summary = summarize(records)  # the table and the plots go on with the other runs
+    assert summary.cells[("ormo", "K=16 het.")]["test_acc"].n == 2
+    assert summary.cells[("ormo", "K=16 het.")]["test_acc"].mean == pytest.approx((90.10 + 90.20) / 2)
+    assert len(plot_runs(records, tmp_path / "plots", labels=["K=16 het."])) == 1

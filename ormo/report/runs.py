@@ -103,6 +103,18 @@ def find_runs(paths: PathLike | Iterable[PathLike]) -> list[Path]:
     return found
 
 
+def _runs_without_record(paths: list[Path]) -> list[Path]:
+    """Folders under ``paths`` (searched as :func:`find_runs` does) that hold a run's ``metrics.jsonl`` but no
+    ``run.json``: a run whose record was lost, which a table must not drop without a word."""
+    found = []
+    for path in paths:
+        if not path.is_dir() or (path / "run.json").is_file():
+            continue
+        found += sorted(p.parent for p in path.rglob("metrics.jsonl") if not (p.parent / "run.json").exists()
+                        and not any(part.startswith(".") for part in p.relative_to(path).parts[:-1]))
+    return found
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -135,8 +147,34 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{str(path)!r} line {lineno} is not valid JSON: {e}") from e
+        if not isinstance(row, dict):
+            raise ValueError(f"{str(path)!r} line {lineno} is not a JSON object of metric values: {line[:60]!r}")
+        for key, value in row.items():  # the writer stores numbers and null only: anything else is damage
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ValueError(f"{str(path)!r} line {lineno}: {key} = {value!r} is not a number (the file is "
+                                 f"damaged)")
         rows.append({k: (math.nan if v is None else v) for k, v in row.items()})
     return rows
+
+
+def _check_finished(run_dir: Path, info: dict[str, Any], metrics: list[dict[str, Any]]) -> None:
+    """A finished run's files must be whole: a resolved config, metrics rows, and a last row that is the one
+    run.json recorded as ``final`` (a metrics.jsonl cut short would otherwise report an earlier epoch as final)."""
+    if not (run_dir / "config.toml").is_file():
+        raise ValueError(f"{str(run_dir)!r}: config.toml is missing (a finished run keeps its resolved config); "
+                         f"restore it or delete the run")
+    if not metrics:
+        raise ValueError(f"{str(run_dir)!r}: metrics.jsonl is missing or has no rows")
+    last, final = metrics[-1], info.get("final")
+    if isinstance(final, dict):
+        expected = {k: final[k] for k in ("iteration", "epoch") if isinstance(final.get(k), int | float)}
+    else:  # a run.json without a final row: its summary's iteration count
+        iterations = (info.get("summary") or {}).get("iterations")
+        expected = {"iteration": iterations} if isinstance(iterations, int | float) else {}
+    for key, value in expected.items():
+        if last.get(key) != value:
+            raise ValueError(f"{str(run_dir)!r}: the last row of metrics.jsonl has {key} = {last.get(key)!r} but "
+                             f"run.json's final row says {value!r} (metrics.jsonl is cut short or damaged)")
 
 
 def derived_label(config: dict[str, Any]) -> str:
@@ -162,6 +200,10 @@ def read_run(run_dir: PathLike) -> RunRecord:
     seed = info.get("seed", config.get("train", {}).get("seed"))
     if seed is None:
         raise ValueError(f"{str(run_dir / 'run.json')!r} has no seed, and config.toml no [train] seed")
+    status = _live_status(run_dir, str(info.get("status", "unknown")))
+    metrics = _read_metrics(run_dir / "metrics.jsonl")
+    if status == "finished":
+        _check_finished(run_dir, info, metrics)
     return RunRecord(
         path=run_dir,
         name=str(info.get("name") or config.get("name") or run_dir.name),
@@ -169,9 +211,9 @@ def read_run(run_dir: PathLike) -> RunRecord:
         rule=str(rule),
         label=str(info["label"]) if info.get("label") else derived_label(config),
         seed=int(seed),
-        status=_live_status(run_dir, str(info.get("status", "unknown"))),
+        status=status,
         config=config,
-        metrics=_read_metrics(run_dir / "metrics.jsonl"),
+        metrics=metrics,
         summary=dict(info.get("summary") or {}),
         task=dict(info.get("task") or {}) if isinstance(info.get("task"), dict) else {},
     )
@@ -234,7 +276,9 @@ def load_runs(paths: PathLike | Iterable[PathLike], *, include_unfinished: bool 
     nothing is left, naming the paths searched.
     """
     path_list = _as_path_list(paths)
-    records, unreadable = [], []
+    records: list[RunRecord] = []
+    unreadable = [f"{str(d)!r}: run.json is missing (it holds metrics.jsonl but no run record)"
+                  for d in _runs_without_record(path_list)]
     for run_dir in find_runs(path_list):
         try:
             records.append(read_run(run_dir))
