@@ -291,12 +291,14 @@ def test_plot_runs_writes_one_png_per_setting(sweep: Path, tmp_path: Path) -> No
 
 
 def test_plot_runs_with_seeds_of_different_lengths(tmp_path: Path) -> None:
-    # Seeds end at different epochs and times; one ormo seed diverges (its last loss is NaN).
+    # Seeds end at different epochs and times (as a run that diverges ends where it diverged); one ormo seed's last
+    # loss is NaN. They are one experiment: the same config but for the seed.
     for seed, (epochs, seconds) in enumerate([(2, 10.0), (3, 12.0), (4, 9.0)]):
-        write_run(tmp_path, method="asgd", label="uneven", seed=seed, final_loss=0.5, final_acc=80.0,
-                  epochs=epochs, seconds_per_epoch=seconds)
-        write_run(tmp_path, method="ormo", label="uneven", seed=seed, final_loss=math.nan if seed == 1 else 0.3,
-                  final_acc=85.0, epochs=epochs, seconds_per_epoch=seconds)
+        for method, loss in (("asgd", 0.5), ("ormo", math.nan if seed == 1 else 0.3)):
+            run_dir = write_run(tmp_path, method=method, label="uneven", seed=seed, final_loss=loss,
+                                final_acc=80.0, epochs=epochs, seconds_per_epoch=seconds)
+            config = run_dir / "config.toml"
+            config.write_text(config.read_text().replace(f"epochs = {float(epochs)}", "epochs = 4.0"))
     records = load_runs(tmp_path)
     (path,) = plot_runs(records, tmp_path / "plots")
     data = path.read_bytes()
@@ -364,3 +366,28 @@ def test_a_damaged_finished_run_is_skipped_with_a_warning_naming_it(sweep: Path,
     assert summary.cells[("ormo", "K=16 het.")]["test_acc"].n == 2
     assert summary.cells[("ormo", "K=16 het.")]["test_acc"].mean == pytest.approx((90.10 + 90.20) / 2)
     assert len(plot_runs(records, tmp_path / "plots", labels=["K=16 het."])) == 1
+
+
+# ---- one cell, one experiment --------------------------------------------------------------------------------------
+
+
+def test_runs_of_one_cell_whose_configs_differ_beyond_the_seed_are_refused(sweep: Path, tmp_path: Path,
+                                                                           capsys) -> None:
+    from ormo.cli import main
+
+    other = sweep / "ormo" / "k-16-het" / "seed2"
+    config = other / "config.toml"
+    config.write_text(config.read_text().replace("lr = 0.1", "lr = 0.05"))
+    records = load_runs(sweep)
+    pattern = r"seed0' and '.*seed2' would share the cell of method 'ormo', setting 'K=16 het.', but their " \
+              r"configs differ in method.lr \(0.1 vs 0.05\), not only in train.seed"
+    with pytest.raises(ValueError, match=pattern):
+        summarize(records)
+    with pytest.raises(ValueError, match=pattern):
+        plot_runs(records, tmp_path / "plots")
+    summarize(records, labels=["K=16 hom."])  # the other setting alone is one experiment per cell
+    for command in ("table", "plot"):
+        assert main([command, str(sweep), "--out", str(tmp_path / command)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "differ in method.lr" in err
+    assert not (tmp_path / "table" / "table.md").exists()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runs import RunRecord, higher_is_better, metric_label, primary_metric
+from .runs import RunRecord, check_one_experiment_per_cell, higher_is_better, metric_label, primary_metric
 from .tables import display_name, method_order, select_labels
 
 try:
@@ -165,6 +165,7 @@ def plot_runs(
     if not records:
         raise ValueError("plot_runs() needs at least one run record, got none")
     records = select_labels(records, labels)
+    check_one_experiment_per_cell(records)  # a line is one experiment's mean over seeds
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []

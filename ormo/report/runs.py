@@ -219,6 +219,41 @@ def read_run(run_dir: PathLike) -> RunRecord:
     )
 
 
+def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_one_experiment_per_cell(records: Iterable[RunRecord]) -> None:
+    """Refuse runs that would share one table cell or plot line (method label and setting label) but whose configs
+    differ in anything but ``train.seed``: their mean would mix two experiments under one name. A key that only one
+    of the two configs holds (a run made by an older version) is not compared; runs without a config neither."""
+    first: dict[tuple[str, str], tuple[RunRecord, dict[str, Any]]] = {}
+    for r in records:
+        if not r.config:
+            continue
+        flat = _flat(r.config)
+        flat.pop("train.seed", None)
+        key = (r.method, r.label)
+        if key not in first:
+            first[key] = (r, flat)
+            continue
+        other, theirs = first[key]
+        diff = sorted(k for k in flat.keys() & theirs.keys() if flat[k] != theirs[k])
+        if diff:
+            shown = ", ".join(f"{k} ({theirs[k]!r} vs {flat[k]!r})" for k in diff[:3])
+            more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+            raise ValueError(f"runs {str(other.path)!r} and {str(r.path)!r} would share the cell of method "
+                             f"{r.method!r}, setting {r.label!r}, but their configs differ in {shown}{more}, not "
+                             f"only in train.seed: give them distinct labels (train.label or method.label), or "
+                             f"pass them to separate tables")
+
+
 #: name -> higher is better, of image classification's metrics: runs made before tasks, or without a task record
 IMAGE_METRICS: dict[str, bool] = {"loss": False, "acc": True}
 #: columns that are not evaluation metrics, all lower-is-better (losses, times, delays)

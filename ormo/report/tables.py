@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runs import RunRecord, higher_is_better, primary_metric
+from .runs import RunRecord, check_one_experiment_per_cell, higher_is_better, primary_metric
 
 #: registry name -> display name, in the papers' row order
 METHOD_NAMES: dict[str, str] = {
@@ -227,13 +227,15 @@ def summarize(
     the order of ``labels``, which also keeps only those settings.
 
     Two runs with the same method, label and seed are an error (one would be counted twice): give them distinct
-    labels or pass only one of them.
+    labels or pass only one of them. So are two runs of one cell whose configs differ in anything but the seed
+    (:func:`~ormo.report.runs.check_one_experiment_per_cell`).
     """
     if not records:
         raise ValueError("summarize() needs at least one run record, got none")
     if isinstance(metrics, str):
         metrics = (metrics,)
     records = select_labels(records, labels)
+    check_one_experiment_per_cell(records)
     groups: dict[tuple[str, str], list[RunRecord]] = {}
     for r in records:
         group = groups.setdefault((r.method, r.label), [])
