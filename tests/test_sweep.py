@@ -594,3 +594,25 @@ def test_a_bad_runs_per_device_is_refused_even_in_a_dry_run(tmp_path, capsys):
     cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["ormo"]\n')
     assert main(["sweep", str(cfg), "--out", str(tmp_path / "o"), "--runs-per-device", "0", "--dry-run"]) == 2
     assert "invalid --runs-per-device: 0 (must be an integer >= 1)" in capsys.readouterr().err
+
+
+def test_a_sweep_refuses_a_folder_whose_other_seeds_ran_another_configuration(tmp_path, capsys):
+    """Seeds run with another --set (or an edited sweep file) would share one table cell with the planned ones."""
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["asgd"]\n')
+    out = tmp_path / "out"
+    assert main(["sweep", str(cfg), "--out", str(out), "--seeds", "0", "--quiet", "--no-report"]) == 0
+    assert main(["sweep", str(cfg), "--out", str(out), "--seeds", "1", "--set", "method.lr=0.05", "--quiet"]) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert len(errors) == 1
+    err = errors[0]
+    assert f"{out / 'default' / 'asgd' / 'seed0'} holds a run of setting 'default', method 'asgd' whose config " \
+           f"differs from this sweep's in more than the seed (this sweep has: method.lr = 0.05   (there: 0.02))" in err
+    assert "use another --out, or delete those runs" in err
+    assert not (out / "default" / "asgd" / "seed1").exists()  # refused before anything ran
+    assert main(["sweep", str(cfg), "--out", str(out), "--seeds", "1", "--set", "method.lr=0.05", "--dry-run"]) == 0
+    assert "# THE SWEEP WILL REFUSE THIS PLAN: " in capsys.readouterr().out
+    # the same config with another seed is one experiment: planned, not refused
+    runs = plan_sweep(cfg, out=out, seeds=[1])
+    from ormo.experiment.sweep import check_other_seeds
+
+    check_other_seeds(runs)

@@ -471,3 +471,25 @@ def test_a_damaged_tuning_run_is_one_line_naming_it_and_the_fix(tuned_sweep, tmp
     assert main(["sweep", str(cfg), "--out", str(copy), "--quiet", "--no-report"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("ormo sweep: error:") and "seed11 cannot be scored" in err and "delete that directory" in err
+
+
+def test_a_new_seed_whose_choice_differs_from_the_finished_seeds_is_refused(tuned_sweep, tmp_path, capsys):
+    """A rerun whose tuning now chooses another value must not add seeds at that value next to the old ones."""
+    cfg, out = tuned_sweep
+    copy = _copy(out, tmp_path / "copy")
+    before = ((copy / "sweep.json").read_text(), (copy / "tuning.md").read_text())
+    chosen = next(c for c in json.loads(before[0])["tuning"]["choices"] if c["method"] == "asgd")["chosen"]
+    other = "lr0.05" if chosen == "lr=0.002" else "lr0.002"
+    metrics = copy / ".tuning" / "default" / "asgd" / other / "seed11" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows[-1]["val_acc"] = 100.0  # the other candidate now wins
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    info = json.loads((metrics.parent / "run.json").read_text())
+    info["final"]["val_acc"] = 100.0
+    (metrics.parent / "run.json").write_text(json.dumps(info))
+    assert main(["sweep", str(cfg), "--out", str(copy), "--seeds", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "asgd/seed0 holds a run of setting 'default', method 'asgd' whose config differs" in err
+    assert "method.lr" in err
+    assert not (copy / "default" / "asgd" / "seed2").exists()
+    assert ((copy / "sweep.json").read_text(), (copy / "tuning.md").read_text()) == before

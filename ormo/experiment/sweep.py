@@ -416,6 +416,10 @@ def describe_plan(runs: list[SweepRun], base: ExperimentConfig, *, full: bool = 
         else:
             pending = True
             lines[0] += "; the real runs below get the chosen values once tuning has finished"
+    try:
+        check_other_seeds(runs)
+    except ConfigError as e:
+        lines.append(f"# THE SWEEP WILL REFUSE THIS PLAN: {e}")
     for r in [*tuning, *runs]:
         if pending and r.tune is not None:
             lines.append(f"{r.run_dir}   [waits for tuning; shown with the base values]")
@@ -462,6 +466,36 @@ def check_existing(run: SweepRun) -> str | None:
     if status == "finished":
         return "finished"
     return "resume" if (run.run_dir / CHECKPOINT).exists() else "restart"
+
+
+def check_other_seeds(runs: list[SweepRun]) -> None:
+    """Refuse a plan whose (setting, method) folder already holds runs of seeds it does not plan, made with a config
+    that differs from the planned one in anything but ``train.seed`` (another ``--set``, an edited sweep file, another
+    tuned choice): the table would average the two experiments in one cell. Runs whose config.toml cannot be read
+    are left to the table, which skips them with a warning."""
+    from dataclasses import replace
+
+    planned = {r.run_dir for r in runs}
+    seen: set[Path] = set()
+    for r in runs:
+        cell = r.run_dir.parent
+        if cell in seen or r.tune is not None:  # a tuned run is checked once its values are chosen
+            continue
+        seen.add(cell)
+        for info in sorted(cell.glob("seed*/run.json")):
+            other = info.parent
+            if other in planned:
+                continue
+            try:
+                stored = load_config(other / "config.toml")
+            except ConfigError:
+                continue
+            stored = replace(stored, train=replace(stored.train, seed=r.config.train.seed))
+            if stored != r.config:
+                diff = "; ".join(d.replace("(base:", "(there:") for d in config_diff(stored, r.config)[:3])
+                raise ConfigError(f"{other} holds a run of setting {r.label!r}, method {r.method!r} whose config "
+                                  f"differs from this sweep's in more than the seed (this sweep has: {diff}), so one "
+                                  f"table cell would mix the two; use another --out, or delete those runs")
 
 
 def sweep_root(runs: list[SweepRun]) -> Path:
@@ -647,6 +681,7 @@ def run_sweep(runs: list[SweepRun], *, jobs: int | None = 1, progress: bool = Tr
     tuning = plan_tuning(runs)
     for r in [*tuning, *(r for r in runs if r.tune is None)]:  # before anything starts: a directory of another
         check_existing(r)                                      # configuration stops the sweep
+    check_other_seeds(runs)  # and so do runs of other seeds of a planned cell, made with another configuration
     if not runs:
         return []
     out = sweep_root(runs)
@@ -668,6 +703,7 @@ def run_sweep(runs: list[SweepRun], *, jobs: int | None = 1, progress: bool = Tr
         finals, orphans = tuned_runs(runs, choices)
         for r in finals:  # a folder holding another configuration is refused before anything is recorded
             check_existing(r)
+        check_other_seeds(finals)  # the same for finished runs of other seeds (e.g. at the old choice)
         record_tuning(runs, spec, choices)
         try:
             results += _run_all(finals, jobs=jobs, progress=progress, slots=slots)
