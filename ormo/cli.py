@@ -143,6 +143,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     for flag, text in (("--methods", args.methods), ("--seeds", args.seeds), ("--settings", args.settings)):
         if text is not None and not _csv(text):
             raise ConfigError(f"{flag} {text!r} lists nothing; leave it out to use the config's own list")
+        if text is not None and flag != "--settings" and not all(x.strip() for x in text.split(",")):
+            raise ConfigError(f"{flag} {text!r} has an empty entry between commas; list each one once, e.g. "
+                              f"{flag} {','.join(_csv(text))}")
     overrides = _import_overrides(args.config, list(args.set), getattr(args, "imports", None))
     runs = plan_sweep(args.config, out=args.out, overrides=overrides, methods=_csv(args.methods),
                       seeds=_csv(args.seeds, int, flag="--seeds"), settings=_settings(args.config, args.settings),

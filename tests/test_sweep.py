@@ -616,3 +616,29 @@ def test_a_sweep_refuses_a_folder_whose_other_seeds_ran_another_configuration(tm
     from ormo.experiment.sweep import check_other_seeds
 
     check_other_seeds(runs)
+
+
+def test_grid_values_equal_as_numbers_are_one_value(tmp_path):
+    with pytest.raises(ConfigError, match="grid axis method.lr lists a value twice: 1, 1.0"):
+        plan_sweep(_write(tmp_path, TINY), out=tmp_path / "out", grid=["method.lr=1,1.0"])
+    with pytest.raises(ConfigError, match=r"grid axis method.lr lists a value twice: 1, 1.0"):
+        plan_sweep(_write(tmp_path, TINY + '[sweep]\ngrid = {"method.lr" = [1, 1.0]}\n'), out=tmp_path / "out")
+
+
+def test_empty_entries_in_grid_and_seeds_flags_are_refused_not_dropped(tmp_path, capsys):
+    cfg = _write(tmp_path, TINY)
+    with pytest.raises(ConfigError, match=r"--grid 'method.lr=0.1,,0.2' has an empty value between commas"):
+        plan_sweep(cfg, out=tmp_path / "out", grid=["method.lr=0.1,,0.2"])
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "o"), "--seeds", "0,,1", "--dry-run"]) == 2
+    assert "--seeds '0,,1' has an empty entry between commas; list each one once, e.g. --seeds 0,1" in \
+        capsys.readouterr().err
+
+
+def test_a_huge_grid_is_refused_from_its_sizes_before_it_is_expanded(tmp_path):
+    values = ",".join(str(i) for i in range(1, 1001))
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"would plan 2,000,000 runs \(1 × 2 × 1000 × 1000 × 1 × 1: settings × "
+                                          r"grid axes × methods × seeds\), more than 100,000"):
+        plan_sweep(_write(tmp_path, TINY), out=tmp_path / "out",
+                   grid=["method.lr=0.1,0.2", f"train.num_workers={values}", f"data.batch_size={values}"])
+    assert time.perf_counter() - start < 5

@@ -493,3 +493,10 @@ def test_a_new_seed_whose_choice_differs_from_the_finished_seeds_is_refused(tune
     assert "method.lr" in err
     assert not (copy / "default" / "asgd" / "seed2").exists()
     assert ((copy / "sweep.json").read_text(), (copy / "tuning.md").read_text()) == before
+
+
+@pytest.mark.parametrize(("key", "values"), [("train.eval_test", "[true, false]"), ("data.validation", "[100, 200]")])
+def test_keys_the_tuning_protocol_relies_on_cannot_be_tuned(tmp_path, key, values):
+    cfg = _write(tmp_path, TINY + f'[sweep]\nmethods = ["asgd"]\n[sweep.tune]\ngrid = {{"{key}" = {values}}}\n')
+    with pytest.raises(ConfigError, match=rf"sweep.tune.grid.{key} cannot be tuned: "):
+        plan_sweep(cfg, out=tmp_path / "o")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import json
+import math
 import os
 import queue
 import re
@@ -92,6 +93,15 @@ OWNED_KEYS: dict[str, str] = {
 }
 
 
+#: keys the tuning protocol itself relies on, refused as candidates
+NOT_TUNABLE: dict[str, str] = {
+    "train.eval_test": "tuning runs never read the test split (they set it to false) and the real runs report it; "
+                       "set it in the config",
+    "data.validation": "the candidates are scored on this hold-out, so every candidate must be scored on the same "
+                       "one; set it in the config",
+}
+
+
 def _check_not_owned(where: str, overrides: list[str], owned: tuple[str, ...] = tuple(OWNED_KEYS)) -> None:
     """A key the sweep sets for each run would be silently replaced: refuse it where it cannot take effect."""
     for item in overrides:
@@ -148,16 +158,30 @@ def _grid_axes(spec_grid: Any, cli_grid: list[str] | None) -> dict[str, list[str
             axes[key] = [_as_override(f"sweep.grid.{key}", key, v).split("=", 1)[1] for v in values]
     for item in cli_grid or []:
         key, sep, values = item.partition("=")
-        texts = [v.strip() for v in values.split(",") if v.strip()]
-        if not sep or not key.strip() or not texts:
+        texts = [v.strip() for v in values.split(",")]
+        if not sep or not key.strip() or not any(texts):
             raise ConfigError(f"--grid {item!r} must look like section.key=v1,v2 (e.g. method.lr=0.01,0.03)")
+        if not all(texts):  # "0.1,,0.2": a value left out by mistake is not dropped silently
+            raise ConfigError(f"--grid {item!r} has an empty value between commas; list each value once, "
+                              f"e.g. {key.strip()}=0.01,0.03")
         axes[key.strip()] = texts
     for key, texts in axes.items():
         _check_not_owned(f"grid axis {key}", [f"{key}=x"])
-        values = [repr(parse_value(t)) for t in texts]  # 0.1 and 1e-1 are one value
+        values = [_same_value_key(parse_value(t)) for t in texts]  # 0.1 and 1e-1, 1 and 1.0 are one value
         if len(set(values)) != len(values):
             raise ConfigError(f"grid axis {key} lists a value twice: {', '.join(texts)}")
     return axes
+
+
+def _same_value_key(value: Any) -> str:
+    """A key under which equal values meet: numbers by their value (``1`` and ``1.0``, ``0.1`` and ``1e-1``)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return repr(float(value))
+    return repr(value)
+
+
+#: the most runs one plan may hold: a grid typed by mistake (2 × 1000 × 1000) is refused before it is expanded
+MAX_PLANNED_RUNS = 100_000
 
 
 def _grid_points(axes: dict[str, list[str]]) -> list[tuple[str, list[str]]]:
@@ -263,6 +287,8 @@ def plan_sweep(
     if tune is not None:  # a tuned key set anywhere else would be silently replaced by the chosen value
         for key in tune.keys:
             _check_not_owned(f"sweep.tune.grid.{key}", [f"{key}=x"])
+            if key in NOT_TUNABLE:
+                raise ConfigError(f"sweep.tune.grid.{key} cannot be tuned: {NOT_TUNABLE[key]}")
             setters = [("--set", cli), ("sweep.grid", [f"{k}=x" for k in axes])]
             setters += [(f"sweep.settings entry {label!r}", over) for label, over in setting_specs]
             setters += [(f"sweep.methods entry {label!r}", over) for label, over in method_specs]
@@ -280,6 +306,14 @@ def plan_sweep(
             raise ConfigError(f"sweep.tune.reference {tune.reference!r} is not one of this sweep's methods: "
                               f"{', '.join(labels_seen)}")
         _check_slugs("tuning candidate", [label for label, _ in candidates(tune)])
+    sizes = [len(setting_specs), *(len(texts) for texts in axes.values()), len(method_specs)]
+    seed_count = len(seeds) if seeds is not None else len(spec.get("seeds", [0])) \
+        if isinstance(spec.get("seeds", [0]), list) else 1
+    total = math.prod([*sizes, seed_count])
+    if total > MAX_PLANNED_RUNS:
+        raise ConfigError(f"the sweep would plan {total:,} runs ({' × '.join(str(n) for n in [*sizes, seed_count])}: "
+                          f"settings × grid axes × methods × seeds), more than {MAX_PLANNED_RUNS:,}; shorten the grid "
+                          f"or the lists, or split the sweep")
     points = _grid_points(axes)
     cells: list[tuple[str, list[str], list[str]]] = []  # (label, setting overrides, grid overrides)
     for label, set_over in setting_specs:
