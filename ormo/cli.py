@@ -255,7 +255,8 @@ def _default_out(paths: list[str]) -> Path:
 
 
 def _report(paths: list[str], out: Path | None, *, table: bool, plot: bool, labels: list[str] | None = None,
-            metrics: list[str] | None = None, relative_to: str | None = None, metric: str | None = None) -> None:
+            metrics: list[str] | None = None, relative_to: str | None = None, metric: str | None = None,
+            print_only: bool = False) -> None:
     from .report import load_runs, plot_runs, write_table
     from .report.tables import default_metrics
 
@@ -265,6 +266,14 @@ def _report(paths: list[str], out: Path | None, *, table: bool, plot: bool, labe
         if recorded is not None:
             present = list(dict.fromkeys(r.label for r in records))
             labels = [x for x in recorded if x in present] + [x for x in present if x not in recorded]
+    if table and print_only:  # a filtered view must not replace the sweep's own table.md/table.csv
+        from .report.tables import format_table, summarize
+
+        summary = summarize(records, tuple(metrics or default_metrics(records)), labels=labels)
+        print(format_table(summary, tuned=_tuned_values(paths), relative_to=relative_to))
+        print("(printed only: --labels, --metrics or --relative-to without --out leave the folder's table.md and "
+              "table.csv as they are; add --out DIR to write this table there)", file=sys.stderr)
+        return
     out = _default_out(paths) if out is None else out
     out.mkdir(parents=True, exist_ok=True)
     if table:
@@ -398,7 +407,10 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(func=lambda a, n=name: _report(a.runs, a.out, table=n == "table", plot=n == "plot",
                                                       labels=_csv(a.labels), metrics=_csv(getattr(a, "metrics", None)),
                                                       relative_to=getattr(a, "relative_to", None),
-                                                      metric=getattr(a, "metric", None)) or 0)
+                                                      metric=getattr(a, "metric", None),
+                                                      print_only=n == "table" and a.out is None and bool(
+                                                          a.labels or getattr(a, "metrics", None)
+                                                          or getattr(a, "relative_to", None))) or 0)
 
     p = sub.add_parser("rules", help="list every rule with its scheduler, messages and default hyperparameters")
     p.add_argument("--import", dest="imports", action="append", metavar="MODULE",

@@ -391,3 +391,22 @@ def test_runs_of_one_cell_whose_configs_differ_beyond_the_seed_are_refused(sweep
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "differ in method.lr" in err
     assert not (tmp_path / "table" / "table.md").exists()
+
+
+# ---- a filtered table never replaces the folder's own ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags", [["--labels", "K=16 hom."], ["--metrics", "test_acc"]])
+def test_a_filtered_table_without_out_is_printed_and_leaves_the_folders_table(sweep: Path, tmp_path: Path,
+                                                                            flags: list[str], capsys) -> None:
+    from ormo.cli import main
+
+    assert main(["table", str(sweep)]) == 0
+    before = ((sweep / "table.md").read_text(), (sweep / "table.csv").read_text())
+    capsys.readouterr()
+    assert main(["table", str(sweep), *flags]) == 0
+    out, err = capsys.readouterr()
+    assert "| Method |" in out and "printed only" in err
+    assert ((sweep / "table.md").read_text(), (sweep / "table.csv").read_text()) == before
+    assert main(["table", str(sweep), *flags, "--out", str(tmp_path / "t")]) == 0  # --out writes it
+    assert (tmp_path / "t" / "table.md").read_text() == out.rstrip("\n") + "\n"
