@@ -23,8 +23,17 @@ def test_demo_runs_the_packaged_quickstart_into_out(tmp_path, monkeypatch):
     planned, reported = [], []
     def fake_sweep(runs, **kw):  # "runs" the first run only: the report then covers what is there
         planned.extend(runs)
-        runs[0].run_dir.mkdir(parents=True)
-        (runs[0].run_dir / "run.json").write_text('{"method": "ormo", "seed": 0, "status": "finished"}')
+        import json
+
+        from ormo.experiment import to_toml
+
+        d = runs[0].run_dir
+        d.mkdir(parents=True)  # a whole finished run: its config, metrics, and run.json's final row
+        (d / "config.toml").write_text(to_toml(runs[0].config))
+        row = {"iteration": 10, "epoch": 1.0, "train_loss": 0.5, "test_loss": 0.5, "test_acc": 80.0,
+               "sim_time_s": 1.0}
+        (d / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+        (d / "run.json").write_text(json.dumps({"method": "ormo", "seed": 0, "status": "finished", "final": row}))
 
     monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
     monkeypatch.setattr("ormo.cli._report", lambda paths, out, **kw: reported.append(out))
