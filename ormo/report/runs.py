@@ -219,25 +219,17 @@ def read_run(run_dir: PathLike) -> RunRecord:
     )
 
 
-def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_one_experiment_per_cell(records: Iterable[RunRecord]) -> None:
     """Refuse runs that would share one table cell or plot line (method label and setting label) but whose configs
     differ in anything but ``train.seed``: their mean would mix two experiments under one name. A key that only one
     of the two configs holds (a run made by an older version) is not compared; runs without a config neither."""
+    from ..experiment.rundir import flatten  # imported here, as is_locked: the module stays light to import
+
     first: dict[tuple[str, str], tuple[RunRecord, dict[str, Any]]] = {}
     for r in records:
         if not r.config:
             continue
-        flat = _flat(r.config)
+        flat = flatten(r.config)
         flat.pop("train.seed", None)
         key = (r.method, r.label)
         if key not in first:
