@@ -424,16 +424,27 @@ def _copy(out: Path, dest: Path) -> Path:
     return dest
 
 
-def test_a_refused_rerun_leaves_the_tuning_record_as_it_was(tuned_sweep, tmp_path, capsys):
-    cfg, out = tuned_sweep
-    copy = _copy(out, tmp_path / "copy")
+def _other_candidate_wins(out: Path, dest: Path) -> tuple[Path, tuple[str, str]]:
+    """A copy of the tuned sweep in which asgd's other candidate now scores best (its metrics and run.json's final
+    row), with the copy's tuning record as it was."""
+    copy = _copy(out, dest)
     before = ((copy / "sweep.json").read_text(), (copy / "tuning.md").read_text())
     chosen = next(c for c in json.loads(before[0])["tuning"]["choices"] if c["method"] == "asgd")["chosen"]
     other = "lr0.05" if chosen == "lr=0.002" else "lr0.002"
     metrics = copy / ".tuning" / "default" / "asgd" / other / "seed11" / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    rows[-1]["val_acc"] = 100.0  # the other candidate now wins: the real runs of the old choice are in the way
+    rows[-1]["val_acc"] = 100.0
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    info = json.loads((metrics.parent / "run.json").read_text())
+    info["final"]["val_acc"] = 100.0
+    (metrics.parent / "run.json").write_text(json.dumps(info))
+    return copy, before
+
+
+def test_a_refused_rerun_leaves_the_tuning_record_as_it_was(tuned_sweep, tmp_path, capsys):
+    cfg, out = tuned_sweep
+    # the other candidate now wins: the real runs of the old choice are in the way
+    copy, before = _other_candidate_wins(out, tmp_path / "copy")
     assert main(["sweep", str(cfg), "--out", str(copy), "--quiet"]) == 2
     assert "holds a run of another configuration" in capsys.readouterr().err
     assert ((copy / "sweep.json").read_text(), (copy / "tuning.md").read_text()) == before
@@ -476,17 +487,7 @@ def test_a_damaged_tuning_run_is_one_line_naming_it_and_the_fix(tuned_sweep, tmp
 def test_a_new_seed_whose_choice_differs_from_the_finished_seeds_is_refused(tuned_sweep, tmp_path, capsys):
     """A rerun whose tuning now chooses another value must not add seeds at that value next to the old ones."""
     cfg, out = tuned_sweep
-    copy = _copy(out, tmp_path / "copy")
-    before = ((copy / "sweep.json").read_text(), (copy / "tuning.md").read_text())
-    chosen = next(c for c in json.loads(before[0])["tuning"]["choices"] if c["method"] == "asgd")["chosen"]
-    other = "lr0.05" if chosen == "lr=0.002" else "lr0.002"
-    metrics = copy / ".tuning" / "default" / "asgd" / other / "seed11" / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    rows[-1]["val_acc"] = 100.0  # the other candidate now wins
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    info = json.loads((metrics.parent / "run.json").read_text())
-    info["final"]["val_acc"] = 100.0
-    (metrics.parent / "run.json").write_text(json.dumps(info))
+    copy, before = _other_candidate_wins(out, tmp_path / "copy")
     assert main(["sweep", str(cfg), "--out", str(copy), "--seeds", "2", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "asgd/seed0 holds a run of setting 'default', method 'asgd' whose config differs" in err
