@@ -7,10 +7,12 @@ at K = 16. Everything runs on one torch thread and is timed on the process's CPU
 both sides alike. The plain loop is what a user would write: sample, forward,
 backward, ``torch.optim.SGD(momentum=0.9).step()``. The simulator side is ``ormo.experiment.TrainProblem`` driven by
 the OrMo rule with K simulated workers: per message it also loads the worker's snapshot into the flat model, keeps
-each worker's BatchNorm statistics, applies the ordered update, copies the new parameters for the worker and logs
-the event. As ``ormo train`` runs on a CPU (``train.deferred_checks = "auto"``), the NaN/Inf checks are made on the
-state at each read-out (each evaluation and checkpoint), not per message: each block pays for one read-out in
-proportion to its share of a CIFAR-10 epoch (782 messages).
+each worker's BatchNorm statistics, applies the ordered update, copies the new parameters for the worker (or, as
+``ormo train`` does for large parameter tensors, computes the worker's next message from the server's parameters
+before they move: ``compute_ahead`` in run.json) and logs the event. As ``ormo train`` runs on a CPU
+(``train.deferred_checks = "auto"``), the NaN/Inf checks are made on the state at each read-out (each evaluation and
+checkpoint), not per message: each block pays for one read-out in proportion to its share of a CIFAR-10 epoch (782
+messages).
 
 Blocks of ``--steps`` gradients alternate between the two (which goes first alternates too) after a warm-up, and the
 ratio is the median over pairs of adjacent blocks, so the shared machine's load hits both sides alike. Goal: ≤ 1.05.
@@ -35,6 +37,7 @@ from ormo.data.sampler import minibatch_indices
 from ormo.engine import Simulator
 from ormo.experiment import load_config
 from ormo.experiment.problem import TrainProblem
+from ormo.experiment.run import resolve_ahead
 from ormo.models import build_model, register_model
 from ormo.models.mlp import MLP
 
@@ -75,8 +78,12 @@ def simulator_loop(model_name: str, dataset, num_workers: int, steps_per_block: 
     # as `ormo train` runs it on a CPU (train.deferred_checks = "auto"): nothing checked per message, the state at
     # each read-out; a run reads it at each evaluation and checkpoint (an epoch apart by default), so each block pays
     # the time of one read-out times its share of a CIFAR-10 epoch
-    sim = Simulator(cfg.method.build(), problem.params0, problem.grad_fn, num_workers=num_workers,
-                    num_iterations=10**9, timing=cfg.timing.build(), seed=0, defer_checks=checks)
+    rule = cfg.method.build()
+    # and as `ormo train` decides whether to compute each message ahead (large parameter tensors: the 11M MLP)
+    ahead = resolve_ahead(problem, rule, batched=False, defer_checks=checks)["on"]
+    sim = Simulator(rule, problem.params0, problem.grad_fn, num_workers=num_workers,
+                    num_iterations=10**9, timing=cfg.timing.build(), seed=0, defer_checks=checks, ahead=ahead,
+                    on_ahead=problem.stash_message, on_consume=problem.select_message)
     while True:
         t0 = time.process_time()
         for _ in range(steps_per_block):

@@ -322,7 +322,8 @@ class ModelTask:
         #: sum as the Python floats otherwise) and :meth:`commit_message` returns it as a 0-d tensor; a diverged
         #: BatchNorm statistic is folded into the gradient without reading it
         self.defer_sync = False
-        self._spare_grad: Tensor | None = None  # the last gradient handed out, reused once nobody holds it
+        self._grad_pool: list[Tensor] = []  # the gradients handed out, each reused once nobody holds it
+        self._pool_size = k + 2  # one per message computed ahead, the one being consumed and the one being computed
         # batched mode: per worker, the message computed ahead and not consumed yet: [index, floating buffers,
         # integer buffers, loss sum, loss count] (its staged state); the consumed one's buffers, until committed
         self._batch_staged: dict[int, list[Any]] = {}
@@ -480,17 +481,31 @@ class ModelTask:
             self._loss_sum, self._loss_count = entry[3], entry[4]
 
     def _gradient_out(self, grad: Tensor) -> Tensor:
-        """A copy of ``grad`` that the caller owns: the previous one's memory when nothing holds it any more (no
-        reference, no view, no numpy alias: a fresh 44 MB allocation per message costs ~1.3x a plain SGD step at 11M
-        parameters), else a new tensor. The values are the same either way."""
-        free = _REUSE and self._spare_grad is not None and _unreferenced(self._spare_grad)  # (no local: it would count)
+        """A copy of ``grad`` that the caller owns: the memory of one handed out before when nothing holds it any
+        more (no reference, no view, no numpy alias: a fresh 44 MB allocation per message costs ~1.3x a plain SGD
+        step at 11M parameters), else a new tensor. The values are the same either way. The gradients handed out are
+        kept in a pool: messages computed ahead hold up to one per worker until consumed."""
+        pool = self._grad_pool
+        free = next((i for i in range(len(pool)) if _unreferenced(pool[i])), None) if _REUSE else None
         if self.flat.rebinds and grad is self.flat.grad:  # large tensors: hand the buffer out, bind another
-            self._spare_grad = out = self.flat.swap_grad(self._spare_grad if free else torch.empty_like(grad))
-            return out
-        if free:
-            return self._spare_grad.copy_(grad)  # type: ignore[union-attr]
-        self._spare_grad = out = grad.clone()
+            out = self.flat.swap_grad(pool.pop(free) if free is not None else torch.empty_like(grad))
+        elif free is not None:
+            out = pool.pop(free).copy_(grad)
+        else:
+            out = grad.clone()
+        pool.append(out)
+        if len(pool) > self._pool_size:  # forget the oldest (its holder keeps it alive as long as it needs it)
+            del pool[0]
         return out
+
+    def stash_message(self, worker: int, index: int | None) -> None:
+        """The engine computed ``worker``'s message ahead (``index``: the parameter it was computed from), to be
+        consumed later: its staged state waits per worker until :meth:`select_message`. ``index`` None: the
+        computation failed and nothing of it is kept (the engine computes it again when consumed)."""
+        if index is not None and self._staged == worker:
+            self._batch_staged[worker] = [index, self.flat.buffers.clone(), self.flat.int_buffers.clone(),
+                                          self._loss_sum, self._loss_count]
+        self.discard_message()
 
     def reset_worker(self, worker: int) -> None:
         """A restarted worker process starts from the model's initial buffers."""

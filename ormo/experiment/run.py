@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..engine import NonFiniteError, Simulator
-from ..engine.simulator import state_checks_sound
+from ..engine.simulator import ahead_problem, state_checks_sound
 from ..rules import Rule
 from ..rules.base import ConfigError
 from ..task import Task, describe_task, evaluate_all
@@ -299,6 +299,29 @@ def resolve_batching(cfg: ExperimentConfig, problem: Task) -> dict[str, Any]:
             "why": "train.batch_workers = true" if wanted is True else f"auto: {cfg.train.device}"}
 
 
+def resolve_ahead(problem: Task, rule: Rule, *, batched: bool, defer_checks: bool | str) -> dict[str, Any]:
+    """Whether the simulator computes each message ahead (``Simulator(ahead=True)``): ``{"on": bool, "why": str}``,
+    recorded in run.json. Bit-identical either way (a resume may decide differently); on where it saves time: a
+    model whose parameters are large tensors (the flat model binds them without copies, so the worker's copy of the
+    parameters is the one pass over them left), a one-step asynchronous method, one message at a time."""
+    if batched:
+        return {"on": False, "why": "batched gradients compute messages ahead already"}
+    from ..task import ModelTask
+
+    own = ("grad_fn", "stash_message", "select_message", "commit_message", "discard_message")
+    if not isinstance(problem, ModelTask) or any(getattr(type(problem), n) is not getattr(ModelTask, n) for n in own):
+        return {"on": False, "why": f"the task {type(problem).__name__} computes its own messages (computing ahead "
+                                    f"needs ModelTask's own grad_fn and message staging)"}
+    if not getattr(getattr(problem, "flat", None), "rebinds", False):
+        return {"on": False, "why": "the parameters are small tensors: copying them costs less than a message's "
+                                    "own bookkeeping"}
+    why = ahead_problem(rule, rule.scheduler, 0, defer_checks)
+    if why is not None:
+        return {"on": False, "why": why}
+    return {"on": True, "why": "large parameter tensors: each message is computed from the server's parameters at "
+                               "its dispatch instead of from a copy (one pass over the parameters less per message)"}
+
+
 def resolve_deferred(cfg: ExperimentConfig, *, batched: bool = False, rule: Rule | None = None) -> dict[str, Any]:
     """What ``train.deferred_checks`` means for this run on the simulator: ``{"on": bool, "why": str}``, plus
     ``"checks"`` when on: ``"record"`` (each check queued on the device into a record of the first failure) or
@@ -387,13 +410,15 @@ def _train_simulated(cfg: ExperimentConfig, run_dir: Path, info: dict[str, Any],
     deferring = resolve_deferred(cfg, batched=batched, rule=rule)
     info["deferred_checks"] = deferring
     how = deferring.get("checks") if deferring["on"] else None
+    defer = {"record": True, "state": "state"}.get(how, False)
+    info["compute_ahead"] = ahead = resolve_ahead(problem, rule, batched=batched, defer_checks=defer)
     sim = Simulator(rule, problem.params0, problem.grad_fn, num_workers=cfg.train.num_workers,
                     num_iterations=total, timing=cfg.timing.build(), seed=cfg.train.seed,
                     lr_schedule=lambda t: cfg.schedule.factor(t / messages_per_epoch),
                     batch=int(batching["max"]) if batched else 0,
                     grad_batch=getattr(problem, "grad_batch", None) if batched else None,
-                    on_consume=getattr(problem, "select_message", None) if batched else None,
-                    defer_checks={"record": True, "state": "state"}.get(how, False))
+                    on_consume=getattr(problem, "select_message", None),
+                    defer_checks=defer, ahead=ahead["on"], on_ahead=getattr(problem, "stash_message", None))
     if hasattr(problem, "defer_sync"):  # the losses and BatchNorm checks stay on the device with the record
         problem.defer_sync = how == "record"
     pending = _PendingLosses()
