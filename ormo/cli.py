@@ -209,7 +209,12 @@ def _settings(config: str, text: str | None) -> list[str] | None:
                   if isinstance(s, dict)]
     except (ConfigError, AttributeError, TypeError):
         labels = []  # plan_sweep reports what is wrong with the config
-    return [text] if text in labels else _csv(text)
+    if text in labels:
+        return [text]
+    if not all(x.strip() for x in text.split(",")):
+        raise ConfigError(f"--settings {text!r} has an empty entry between commas; list each one once, e.g. "
+                          f"--settings {','.join(_csv(text) or [])!r}")
+    return _csv(text)
 
 
 def _sweep_order(paths: list[str]) -> tuple[list[str] | None, list[str] | None]:
@@ -320,8 +325,10 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 def _default_run_dir(cfg: ExperimentConfig) -> Path:
     """``runs/NAME-METHOD-TIMESTAMP``, the name made a single folder name (no separators, no leading dot), with a
-    suffix when a run started in the same second already took it."""
-    stem = re.sub(r"[^A-Za-z0-9._=+-]+", "_", f"{cfg.name}-{cfg.method.name}").lstrip(".") or "run"
+    suffix when a run started in the same second already took it. A long name is cut: a folder name holds at most
+    255 bytes."""
+    name, method = (re.sub(r"[^A-Za-z0-9._=+-]+", "_", x) for x in (cfg.name, cfg.method.name))
+    stem = f"{name[:100]}-{method[:100]}".lstrip(".") or "run"
     base = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir, n = base, 2
     while run_dir.exists():

@@ -289,6 +289,10 @@ class ModelTask:
 
     metrics: tuple[Metric, ...] = ()
     primary_metric: str | None = None
+    #: whether the simulator may compute a message from the server's own parameters (large models, one-step
+    #: methods; bit-identical): set it False in a task whose loss writes into the model's parameters (e.g. clamps
+    #: them through ``.data``), which would then write into the server's
+    compute_ahead: bool = True
 
     def __init__(self, model: nn.Module, context: TaskContext, *, train_size: int,
                  splits: Sequence[str] = SPLITS) -> None:
@@ -486,7 +490,8 @@ class ModelTask:
         step at 11M parameters), else a new tensor. The values are the same either way. The gradients handed out are
         kept in a pool: messages computed ahead hold up to one per worker until consumed."""
         pool = self._grad_pool
-        free = next((i for i in range(len(pool)) if _unreferenced(pool[i])), None) if _REUSE else None
+        # the most recent first: a small model's last gradient may still be in the cache
+        free = next((i for i in reversed(range(len(pool))) if _unreferenced(pool[i])), None) if _REUSE else None
         if self.flat.rebinds and grad is self.flat.grad:  # large tensors: hand the buffer out, bind another
             out = self.flat.swap_grad(pool.pop(free) if free is not None else torch.empty_like(grad))
         elif free is not None:

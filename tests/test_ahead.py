@@ -262,6 +262,9 @@ def test_ormo_train_computes_ahead_only_where_it_pays(tmp_path):
     assert run_module.resolve_ahead(problem, asgd, batched=False, defer_checks="state")["on"] is True
     assert run_module.resolve_ahead(problem, asgd, batched=False, defer_checks=True)["on"] is False
     # a task that computes its own gradients (it may reuse one buffer, or stage differently) keeps the copies
+    problem.compute_ahead = False
+    got = run_module.resolve_ahead(problem, asgd, batched=False, defer_checks="state")
+    assert got["on"] is False and "sets compute_ahead = False" in got["why"]
     base = type(problem)
     problem.__class__ = type("Own", (base,), {"grad_fn": lambda self, *a: base.grad_fn(self, *a)})
     got = run_module.resolve_ahead(problem, asgd, batched=False, defer_checks="state")

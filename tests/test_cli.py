@@ -59,6 +59,9 @@ def test_the_default_run_directory_is_one_folder_under_runs_and_never_taken(tmp_
     first.mkdir(parents=True)
     second = _default_run_dir(cfg)
     assert second != first and second.parent == Path("runs") and second.name.startswith(first.name)
+    long = _default_run_dir(load_config("preset:quickstart", [f'name="{"a" * 300}"']))  # a folder name: <= 255 bytes
+    long.mkdir(parents=True)
+    assert len(long.name.encode()) <= 255 and long.name.startswith("a" * 100 + "-ormo-")
 
 
 def test_resuming_a_finished_run_prints_the_same_json_as_the_run(tmp_path, capsys):

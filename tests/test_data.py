@@ -184,8 +184,16 @@ def test_builtin_names_and_unknown_name_lists_them():
 
 
 def test_unknown_option_is_named():
-    with pytest.raises(ConfigError, match=r"dataset 'digits' has no option 'upsampel'; accepted: upsample, test_sub"):
+    with pytest.raises(ConfigError, match=r"dataset 'digits' has no option 'upsampel' \(data.options.upsampel\); "
+                                          r"accepted: upsample, test_sub"):
         load_dataset("digits", upsampel=True)
+    # and when the config is read, before anything runs (a sweep's --dry-run plans nothing with it)
+    from ormo.experiment import load_config
+
+    with pytest.raises(ConfigError, match=r"^dataset 'digits' has no option 'upsampel' \(data.options.upsampel\)"):
+        load_config("preset:quickstart", ["data.options.upsampel=true"])
+    with pytest.raises(ConfigError, match=r"^unknown model 'mlpp' \(model.name\)"):
+        load_config("preset:quickstart", ['model.name="mlpp"'])
     with pytest.raises(ConfigError, match=r"dataset 'cifar10' has no option 'seed_offset'"):
         load_dataset("cifar10", seed_offset=1)
 
@@ -202,7 +210,8 @@ def test_user_registered_dataset_gets_seed_options_and_subsetting(registry):
     assert ds.image_shape == (1, 1, 1) and ds.num_classes == 3
     with pytest.raises(ConfigError, match="registered twice"):
         register_dataset("blobs")(blobs)
-    with pytest.raises(ConfigError, match=r"'blobs' has no option 'size'; accepted: per_class, test_subset"):
+    with pytest.raises(ConfigError, match=r"'blobs' has no option 'size' \(data.options.size\); accepted: per_class, "
+                                          r"test_subset"):
         load_dataset("blobs", seed=11, size=3)
 
     @register_dataset("broken")

@@ -89,6 +89,7 @@ def problem():
     [
         ({"num_workers": 0, "num_iterations": 5}, r"invalid num_workers: 0 \(must be an integer >= 1\)"),
         ({"num_workers": 2.0, "num_iterations": 5}, r"invalid num_workers: 2.0"),
+        ({"num_workers": 10**9, "num_iterations": 5}, r"invalid num_workers: 1000000000 \(must be <= 100,000"),
         ({"num_workers": 2, "num_iterations": -1}, r"invalid num_iterations: -1 \(must be an integer >= 0\)"),
         ({"num_workers": 2}, r"num_iterations is required"),
         ({"num_workers": 2, "num_iterations": 5, "seed": -1}, r"invalid seed: -1"),

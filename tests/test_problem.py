@@ -191,6 +191,19 @@ def test_a_gradient_buffer_is_reused_only_when_nothing_holds_it():
     assert fourth is watch() and torch.equal(fourth, expected)
 
 
+def test_gradients_held_by_messages_computed_ahead_come_back_to_the_pool_and_the_pool_is_bounded():
+    task = TrainProblem(load_config(None, [*SYNTH, "train.num_workers=4", "model.name=mlp"]))  # a pool of at most 6
+    p = task.params0
+    held = [task.grad_fn(p, w, 0, 0) for w in range(4)]  # four messages computed ahead, none consumed
+    ptrs = {g.data_ptr() for g in held}
+    assert len(ptrs) == 4
+    del held
+    again = [task.grad_fn(p, w, 1, 0) for w in range(4)]  # their memory, once consumed
+    assert {g.data_ptr() for g in again} == ptrs
+    many = [task.grad_fn(p, w % 4, 2 + w, 0) for w in range(20)]  # held elsewhere: new memory, forgotten by the pool
+    assert len({g.data_ptr() for g in many + again}) == 24 and len(task._grad_pool) == 6
+
+
 @pytest.mark.parametrize("method", ["ormo", "orlomo"])
 def test_large_parameters_are_bound_and_gradients_swapped_with_the_same_bits(method):
     """Above REBIND_ELEMENTS per tensor the model's parameters become views of the worker's snapshot and the gradient

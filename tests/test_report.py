@@ -288,6 +288,11 @@ def test_plot_runs_writes_one_png_per_setting(sweep: Path, tmp_path: Path) -> No
         assert data[:8] == PNG_SIGNATURE
         assert len(data) > 20_000  # four panels with lines, not an empty canvas
     assert matplotlib.get_backend() == backend
+    # another metric writes its own files next to these, never over them
+    before = {p.name: p.read_bytes() for p in paths}
+    other = plot_runs(load_runs(sweep), tmp_path / "plots", metric="test_loss")
+    assert [p.name for p in other] == ["k-16-het-test-loss.png", "k-16-hom-test-loss.png"]
+    assert {p.name: p.read_bytes() for p in paths} == before
 
 
 def test_plot_runs_with_seeds_of_different_lengths(tmp_path: Path) -> None:

@@ -573,3 +573,15 @@ def test_a_stop_before_any_checkpoint_says_the_resume_starts_over(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"")
     assert "the last checkpoint is kept" in str(RunStopped(15, run_dir=tmp_path))
     assert str(RunStopped(2, t=7, run_dir=tmp_path)).startswith("stopped at iteration 7 by SIGINT; checkpoint written")
+
+
+def test_a_folder_in_the_way_of_a_file_or_of_its_temporary_name_is_named(tmp_path):
+    from ormo.experiment.rundir import RunDirError
+
+    (tmp_path / "a.json").mkdir()
+    (tmp_path / "b.json.tmp").mkdir()
+    with pytest.raises(RunDirError, match=r"a\.json: Is a directory; a folder of that name is in the way"):
+        write_json(tmp_path / "a.json", {})
+    with pytest.raises(RunDirError, match=r"b\.json\.tmp: Is a directory; a folder of that name is in the way"):
+        write_json(tmp_path / "b.json", {})
+    assert (tmp_path / "a.json").is_dir() and (tmp_path / "b.json.tmp").is_dir()  # nothing of the user's removed

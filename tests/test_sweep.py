@@ -468,6 +468,8 @@ def test_settings_flag_takes_a_label_with_a_comma_whole_and_refuses_an_empty_lis
     assert capsys.readouterr().out.startswith("# 1 runs = 1 settings")
     assert main(["sweep", str(cfg), "--out", str(tmp_path / "o"), "--settings", ",", "--dry-run"]) == 2
     assert "--settings ',' lists nothing" in capsys.readouterr().err
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "o"), "--settings", "het,,K=2, hom", "--dry-run"]) == 2
+    assert "--settings 'het,,K=2, hom' has an empty entry between commas" in capsys.readouterr().err
     assert main(["sweep", str(cfg), "--out", str(tmp_path / "o"), "--jobs", "0"]) == 2
     err = capsys.readouterr().err
     assert "invalid --jobs: 0" in err and "at a time" not in err

@@ -39,6 +39,22 @@ def _write(tmp_path: Path, text: str) -> Path:
 # planning and its errors
 
 
+def test_a_huge_tuning_grid_counts_against_the_run_cap_before_it_is_expanded(tmp_path):
+    import time
+
+    values = ", ".join(str(i) for i in range(1, 1001))
+    text = (TINY + '[sweep]\nmethods = ["asgd", "ormo"]\n[sweep.tune]\n'
+            f'grid = {{"method.lr" = [{", ".join(str(i / 1000) for i in range(1, 1001))}], '
+            f'"train.num_workers" = [{values}]}}\nseeds = [11]\n')
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"would plan 2 runs and up to 2,000,000 tuning runs \(1 × 2 × 1000 × 1000 × "
+                                          r"1: settings × grid axes × methods × candidates per tuned key × tuning "
+                                          r"seeds\), more than 100,000 in all"):
+        plan_sweep(_write(tmp_path, text), out=tmp_path / "out")
+    assert time.perf_counter() - start < 5
+    assert len(plan_sweep(_write(tmp_path, TINY + TUNE), out=tmp_path / "ok")) == 1  # a small one plans
+
+
 def test_a_tuned_plan_has_tuning_runs_that_never_evaluate_the_test_split(tmp_path):
     cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["asgd", "ormo"]\nseeds = [0, 1]\n' + TUNE
                  + 'set = {"train.epochs" = 0.25}\n')

@@ -249,6 +249,19 @@ def dataset_names() -> list[str]:
     return list(_REGISTRY)
 
 
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """A :class:`ConfigError` naming the first option the dataset ``name`` does not accept (an unknown name too);
+    nothing is loaded. ``ormo`` checks a config's ``data.options`` when the config is read."""
+    params = inspect.signature(_loader(name)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [p for p in params if p not in FRAMEWORK_ARGUMENTS]
+    for key in options:
+        if key not in accepted and key not in COMMON_OPTIONS:
+            raise ConfigError(f"dataset {name!r} has no option {key!r} (data.options.{key}); accepted: "
+                              f"{', '.join([*accepted, *COMMON_OPTIONS])}")
+
+
 def _loader(name: str) -> Loader:
     try:
         return _REGISTRY[name]
@@ -272,15 +285,10 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, download: boo
         raise invalid("seed", seed, "an integer >= 0")
     if not isinstance(download, bool):
         raise invalid("download", download, "True or False")
+    check_options(name, options)
     test_subset = options.pop("test_subset", None)
     params = inspect.signature(loader).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    accepted = [p for p in params if p not in FRAMEWORK_ARGUMENTS
-                and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
-    for key in options:
-        if key not in accepted and not takes_any:
-            raise ConfigError(f"dataset {name!r} has no option {key!r}; accepted: "
-                              f"{', '.join([*accepted, *COMMON_OPTIONS])}")
     supplied = {"data_dir": Path(data_dir).expanduser() if data_dir is not None else default_data_dir(),
                 "data_dir_given": data_dir is not None, "download": download, "seed": seed}
     kwargs = {k: v for k, v in supplied.items() if k in params or takes_any}

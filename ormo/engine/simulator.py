@@ -40,6 +40,7 @@ from ..rules.base import (
     check_bool,
     check_choice,
     check_int_at_least,
+    check_num_workers,
     invalid,
     set_rate_factor,
 )
@@ -410,7 +411,7 @@ class Simulator:
         if not isinstance(rule, Rule):
             raise invalid("rule", type(rule).__name__, "a rule built by ormo.make_rule(name, ...)")
         self.params0 = _check_params(params0)
-        self.num_workers = K = check_int_at_least("num_workers", num_workers, 1)
+        self.num_workers = K = check_num_workers("num_workers", num_workers)
         self.seed = check_seed(seed)
         self.scheduler = check_choice("scheduler", scheduler if scheduler is not None else rule.scheduler, SCHEDULERS)
         if not callable(grad_fn):

@@ -29,6 +29,7 @@ from ..rules.base import (
     check_bool,
     check_choice,
     check_int_at_least,
+    check_num_workers,
     check_positive,
     invalid,
     rule_class,
@@ -199,8 +200,6 @@ class TimingConfig:
 
 #: the most torch threads a run takes (torch itself crashes far above it)
 MAX_THREADS = 1024
-#: the most workers a run simulates (each holds a snapshot of the parameters)
-MAX_WORKERS = 100_000
 
 
 @dataclass(frozen=True)
@@ -249,10 +248,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_positive("train.epochs", self.epochs)
-        check_int_at_least("train.num_workers", self.num_workers, 1)
-        if self.num_workers > MAX_WORKERS:
-            raise invalid("train.num_workers", self.num_workers, f"<= {MAX_WORKERS:,} (each worker holds a copy of the "
-                                                                 f"parameters; the papers use at most 64)")
+        check_num_workers("train.num_workers", self.num_workers)
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise invalid("train.weight_decay", self.weight_decay, "a finite number >= 0")
         check_positive("train.eval_every", self.eval_every)
@@ -402,16 +398,21 @@ class ExperimentConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
 
     def __post_init__(self) -> None:
-        if self.task.entry is None:
+        if self.task.entry is None:  # image classification: what builds its model and data is known now
+            from ..data.base import check_options
+            from ..models.registry import _entry
+
+            _entry(self.model.name)
+            check_options(self.data.name, self.data.options)
             return
         for section, default in (("model", ModelConfig()), ("data", DataConfig())):
             for f in dataclasses.fields(default):
                 key = f"{section}.{f.name}"
                 value = getattr(getattr(self, section), f.name)
                 if key not in _TASK_USES and value != getattr(default, f.name):
-                    raise ConfigError(f"{key} = {value!r} does not apply with task.entry = {self.task.entry!r} (the "
-                                      f"task builds its own model and data; it takes only data.batch_size); pass "
-                                      f"it to the task in [task.options] instead")
+                    raise ConfigError(f"[task] {key} = {value!r} does not apply with task.entry = "
+                                      f"{self.task.entry!r} (the task builds its own model and data; it takes only "
+                                      f"data.batch_size); pass it to the task in [task.options] instead")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -496,10 +497,7 @@ def from_dict(data: dict[str, Any]) -> ExperimentConfig:
     # [task] first: its modules register models, datasets and rules that the other sections may name
     task = _build_section("task", TaskConfig, data.get("task", {}))
     sections = {s: _build_section(s, cls, data.get(s, {})) for s, cls in SECTIONS.items() if s != "task"}
-    try:
-        return ExperimentConfig(name=name, task=task, **sections)
-    except ConfigError as e:
-        raise ConfigError(f"[task] {e}") from None
+    return ExperimentConfig(name=name, task=task, **sections)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -312,6 +312,8 @@ def resolve_ahead(problem: Task, rule: Rule, *, batched: bool, defer_checks: boo
     if not isinstance(problem, ModelTask) or any(getattr(type(problem), n) is not getattr(ModelTask, n) for n in own):
         return {"on": False, "why": f"the task {type(problem).__name__} computes its own messages (computing ahead "
                                     f"needs ModelTask's own grad_fn and message staging)"}
+    if not problem.compute_ahead:
+        return {"on": False, "why": f"the task {type(problem).__name__} sets compute_ahead = False"}
     if not getattr(getattr(problem, "flat", None), "rebinds", False):
         return {"on": False, "why": "the parameters are small tensors: copying them costs less than a message's "
                                     "own bookkeeping"}

@@ -80,7 +80,9 @@ def write_with(path: str | Path, writer: Callable[[Any], Any]) -> None:
         os.replace(tmp, path)
     except OSError as e:
         _remove(tmp)
-        raise RunDirError(explain_os_error(e, path)) from e
+        # what is in the way may be the temporary file's name (a folder left there), not the file's own
+        blocked = e.errno in (errno.EISDIR, errno.EEXIST) and e.filename2 is None and e.filename == str(tmp)
+        raise RunDirError(explain_os_error(e, tmp if blocked else path)) from e
     except BaseException as e:
         _remove(tmp)
         # torch's zip writer reports a failed write as its own RuntimeError (a signal stays a signal)

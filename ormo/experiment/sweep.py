@@ -305,7 +305,6 @@ def plan_sweep(
         if tune.reference is not None and tune.reference not in labels_seen:
             raise ConfigError(f"sweep.tune.reference {tune.reference!r} is not one of this sweep's methods: "
                               f"{', '.join(labels_seen)}")
-        _check_slugs("tuning candidate", [label for label, _ in candidates(tune)])
     sizes = [len(setting_specs), *(len(texts) for texts in axes.values()), len(method_specs)]
     seed_count = len(seeds) if seeds is not None else len(spec.get("seeds", [0])) \
         if isinstance(spec.get("seeds", [0]), list) else 1
@@ -314,6 +313,14 @@ def plan_sweep(
         raise ConfigError(f"the sweep would plan {total:,} runs ({' × '.join(str(n) for n in [*sizes, seed_count])}: "
                           f"settings × grid axes × methods × seeds), more than {MAX_PLANNED_RUNS:,}; shorten the grid "
                           f"or the lists, or split the sweep")
+    if tune is not None:  # its runs count too: every candidate × tuning seed of each cell (at most)
+        tuning = [*sizes, *(len(texts) for _, texts in tune.axes), len(tune.seeds)]
+        if total + math.prod(tuning) > MAX_PLANNED_RUNS:
+            raise ConfigError(f"the sweep would plan {total:,} runs and up to {math.prod(tuning):,} tuning runs "
+                              f"({' × '.join(str(n) for n in tuning)}: settings × grid axes × methods × candidates "
+                              f"per tuned key × tuning seeds), more than {MAX_PLANNED_RUNS:,} in all; shorten "
+                              f"sweep.tune.grid or its seeds, or split the sweep")
+        _check_slugs("tuning candidate", [label for label, _ in candidates(tune)])
     points = _grid_points(axes)
     cells: list[tuple[str, list[str], list[str]]] = []  # (label, setting overrides, grid overrides)
     for label, set_over in setting_specs:

@@ -93,6 +93,18 @@ def check_local_steps(value: Any) -> int:
     return int(value)
 
 
+#: the most workers a run simulates (each holds a snapshot of the parameters, or a message computed ahead)
+MAX_WORKERS = 100_000
+
+
+def check_num_workers(field: str, value: Any) -> int:
+    check_int_at_least(field, value, 1)
+    if value > MAX_WORKERS:
+        raise invalid(field, value, f"<= {MAX_WORKERS:,} (each worker holds a copy of the parameters; the papers use "
+                                    f"at most 64)")
+    return int(value)
+
+
 def check_bool(field: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise invalid(field, value, "True or False")
