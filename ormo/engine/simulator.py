@@ -638,12 +638,21 @@ class Simulator:
                 self.on_ahead(k, None)
             raise
         if [x._version for x in (payload.params, payload.momentum) if x is not None] != versions:
-            raise GradFnError(
+            if self.on_ahead is not None:
+                self.on_ahead(k, None)
+            err = GradFnError(
                 f"grad_fn(params, worker={k}, index={payload.index}, step=0) changed its params argument in place at "
                 f"server iteration t={t}; it must be read only (here it is the server's own parameters: the run "
                 f"computes messages ahead): clone it first", t=t, worker=k, index=payload.index, step=0)
+            err.partial = self.result()
+            raise err
         if message is not None:
-            self._check_held(message.update, t, k, payload.index)
+            try:
+                self._check_held(message.update, t, k, payload.index)
+            except GradFnError:
+                if self.on_ahead is not None:
+                    self.on_ahead(k, None)
+                raise
         if self.on_ahead is not None:
             self.on_ahead(k, None if message is None else payload.index)
         if message is None:
@@ -656,10 +665,12 @@ class Simulator:
     def _check_held(self, update: Tensor, t: int, k: int, index: int) -> None:
         """A gradient must not reuse the memory of a message computed ahead and not consumed yet."""
         if any(isinstance(m, Message) and m.update.data_ptr() == update.data_ptr() for m in self.computed.values()):
-            raise GradFnError(
+            err = GradFnError(
                 f"grad_fn(params, worker={k}, index={index}, step=0) at server iteration t={t} returned memory that "
                 f"a message computed ahead still holds: with ahead=True every gradient must be a new tensor (return "
                 f"a copy, or run with ahead=False)", t=t, worker=k, index=index, step=0)
+            err.partial = self.result()
+            raise err
 
     # -- batched in-flight gradients ------------------------------------------------------------------------
     def _take_computed(self, t: int, k: int, now: float) -> Message:
