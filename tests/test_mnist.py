@@ -457,7 +457,8 @@ def test_upsample_is_bilinear_to_32_and_three_channels_by_default(small):
     ("upsample", "yes", r"invalid upsample: 'yes' \(must be True or False\)"),
     ("channels", 2, r"invalid channels: 2 \(must be 1 or 3"),
     ("channels", True, r"invalid channels: True"),
-    ("size", 32, r"dataset 'mnist' has no option 'size'; accepted: upsample, channels, test_subset"),
+    ("size", 32, r"dataset 'mnist' has no option 'size' \(data.options.size\); accepted: upsample, channels, "
+                 r"test_subset"),
 ])
 def test_bad_options(small, option, value, message):
     with pytest.raises(ConfigError, match=message):
