@@ -660,6 +660,7 @@ class Simulator:
         else:
             self.computed[k] = message
             self.snapshots[k] = Payload(index=payload.index, params=self._spent, lr_scale=payload.lr_scale)
+            self.own_buffers[k] = None
         self._ahead = None
 
     def _check_held(self, update: Tensor, t: int, k: int, index: int) -> None:
@@ -1098,7 +1099,9 @@ class Simulator:
         self.snapshots = [
             Payload(index=i, params=same(p), momentum=same(m), lr_scale=s) for i, p, m, s in sd["snapshots"]
         ]
-        self.own_buffers = [p.params if own else None for p, own in zip(self.snapshots, sd["own"], strict=True)]
+        # (a computed-ahead worker's empty snapshot is not a buffer, whatever the state says: 1bfb532 saved it as own)
+        self.own_buffers = [p.params if own and p.params.shape == self.params0.shape else None
+                            for p, own in zip(self.snapshots, sd["own"], strict=True)]
         self.dispatch_time, self.idle = list(sd["dispatch_time"]), list(sd["idle"])
         self.waiting = [tuple(w) for w in sd["waiting"]]  # type: ignore[misc]
         self.source.load_state_dict(sd["source"])
