@@ -210,6 +210,18 @@ def test_a_grad_fn_reusing_the_memory_of_a_message_computed_ahead_is_refused():
         ormo.simulate(ormo.make_rule("asgd", lr=0.1), problem.w0, grad_fn, num_iterations=20, ahead=True, **KW)
 
 
+
+@pytest.mark.parametrize("name", ["ormo", "asgd", "smega2"])
+@pytest.mark.parametrize("num_workers", [1, 4])
+def test_a_gradient_that_is_its_argument_is_computed_when_consumed(name, num_workers):
+    # grad_fn = identity (f = |w|^2 / 2, the argument returned as is) is fine one at a time (the worker's copy); ahead,
+    # the message would be the server's own tensors, moved by the next iterations (OrMo's PRE at K = 1: silently
+    # other results; K > 1: refused as memory a message computed ahead holds)
+    w0 = torch.linspace(-1.0, 1.0, 8)
+    one, ahead = (ormo.simulate(ormo.make_rule(name, lr=0.1), w0, lambda x, w, i, s: x, num_workers=num_workers,
+                                num_iterations=30, ahead=a) for a in (False, True))
+    assert torch.equal(ahead.params, one.params) and ahead.events == one.events
+
 # ----------------------------------------------------------------------------------------------------------------
 # ormo train: on for large parameter tensors (here every model, REBIND_ELEMENTS lowered), the same run as off
 

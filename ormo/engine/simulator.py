@@ -631,6 +631,9 @@ class Simulator:
             message = self.rule.work(payload, grad, None)
             if self.record is None and self.check_finite:
                 _check_message(message, None, k, already_checked=grad.last)
+            sent = {x.untyped_storage().data_ptr() for x in (payload.params, payload.momentum) if x is not None}
+            if any(x.untyped_storage().data_ptr() in sent for _, x in message.tensors()):
+                message = None  # it holds the server's tensors (grad_fn returned its argument): they move on
         except Exception:  # noqa: BLE001 - computed again (and raised) when consumed
             message = None
         except BaseException:  # an interrupt: nothing is kept, and the next step computes it again
