@@ -143,6 +143,27 @@ def test_a_nan_gradient_computed_ahead_stops_where_one_at_a_time_stops(name, val
     assert torch.equal(ahead.partial.params, one.partial.params) and torch.isfinite(ahead.partial.params).all()
 
 
+
+@pytest.mark.parametrize("saver", [False, True])
+def test_a_state_saved_unchecked_is_checked_when_consumed_by_a_simulator_that_checks(saver):
+    # check_finite=False computes ahead without checking: a message held in its state is checked when consumed by a
+    # simulator that checks, as one computed there when consumed is (not applied, to fail at the parameters sent)
+    problem = Quadratic(dim=6, seed=2, dtype=torch.float32)
+    grad_fn = _nan_at(problem, 0, 30)  # worker 0's message of index 30, computed ahead and held at t=31
+    rule = ormo.make_rule("ormo", lr=0.1, momentum=0.9)
+    errors = []
+    for ahead in (False, saver):
+        first = Simulator(rule, problem.w0, grad_fn, num_iterations=80, check_finite=False, ahead=ahead, **KW)
+        first.run(31)
+        second = Simulator(rule, problem.w0, grad_fn, num_iterations=80, **KW)
+        second.load_state_dict(roundtrip(first.state_dict()))
+        with pytest.raises(NonFiniteError) as e:
+            second.run()
+        errors.append(e.value)
+    one, got = errors
+    assert str(got) == str(one) and "parameters untouched" in str(got) and got.t == one.t
+    assert torch.equal(got.partial.params, one.partial.params)
+
 def test_a_grad_fn_failing_ahead_raises_at_its_own_iteration_and_the_others_go_on_as_one_at_a_time():
     problem = Quadratic(dim=6, seed=2, dtype=torch.float32)
 

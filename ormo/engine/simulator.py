@@ -1035,6 +1035,7 @@ class Simulator:
             "source": self.source.state_dict(),
             "events": self.events.state_dict(),
             **({"deferred": self.record.read()} if self.record is not None else {}),
+            **({"unchecked": True} if not self.check_finite else {}),  # its computed messages: checked when consumed
             **({"batch": self.batch,  # an error that is not the simulator's is not saved: recomputed after a load
                 "fresh": [f or isinstance(self.computed.get(w), Exception) and not isinstance(
                     self.computed.get(w), SimulationError) for w, f in enumerate(self.fresh)]} if self.batch else {}),
@@ -1126,8 +1127,8 @@ class Simulator:
                 elif "bad_step" in m and self.record is not None:
                     self._bad_step[int(w)] = torch.full((), bad, dtype=torch.int64, device=self.params0.device)
             self._checked = {}  # loaded messages own their tensors: none is a gradient checked on its own
-            self._unchecked = {w for w, m in self.computed.items() if isinstance(m, Message)} if (
-                "deferred" in sd) else set()
+            self._unchecked = {w for w, m in self.computed.items() if isinstance(m, Message)} if self.check_finite and (
+                "deferred" in sd or sd.get("unchecked", False)) else set()
 
 
 def simulate(
