@@ -216,6 +216,7 @@ def test_a_grad_fn_writing_into_the_server_parameters_stops_at_once():
                                           r"clone it first") as e:
         sim.run()
     assert (e.value.t, e.value.index) == (9, 9) and sim.t == 9
+    assert e.value.partial is not None and len(e.value.partial.events) == 9  # as every SimulationError has it
     assert "\n" not in str(e.value)
 
 

@@ -543,7 +543,11 @@ class Simulator:
         for worker, index in self.redispatches.get(t, ()):
             self._redispatch(worker, index)
         if self._ahead is not None:
-            self._compute_ahead(t)
+            try:
+                self._compute_ahead(t)
+            except SimulationError as e:  # (grad_fn wrote into the server's parameters, or reused held memory)
+                e.partial = self.result()
+                raise
         k, now = self.source.next(t, self.now)
         payload = self.snapshots[k]
         self.source.check_index(t, payload.index)
