@@ -232,6 +232,20 @@ def test_a_grad_fn_reusing_the_memory_of_a_message_computed_ahead_is_refused():
         ormo.simulate(ormo.make_rule("asgd", lr=0.1), problem.w0, grad_fn, num_iterations=20, ahead=True, **KW)
 
 
+def test_a_grad_fn_reusing_part_of_the_memory_of_a_message_computed_ahead_is_refused():
+    # windows at other offsets of one buffer: no two gradients start at the same address, but they overlap
+    problem = Quadratic(dim=6, seed=2, dtype=torch.float32)
+    out, calls = torch.empty(45), [0]
+
+    def grad_fn(x, w, i, s):
+        calls[0] = (calls[0] + 1) % 40
+        return out[calls[0]:calls[0] + 6].copy_(problem.grad_fn(x, w, i, s))
+
+    ormo.simulate(ormo.make_rule("asgd", lr=0.1), problem.w0, grad_fn, num_iterations=20, **KW)  # fine one at a time
+    with pytest.raises(GradFnError, match="returned memory that a message computed ahead still holds"):
+        ormo.simulate(ormo.make_rule("asgd", lr=0.1), problem.w0, grad_fn, num_iterations=20, ahead=True, **KW)
+
+
 
 @pytest.mark.parametrize("name", ["ormo", "asgd", "smega2"])
 @pytest.mark.parametrize("num_workers", [1, 4])
@@ -323,3 +337,12 @@ def test_ormo_train_computes_ahead_only_where_it_pays(tmp_path):
     problem.__class__ = type("Own", (base,), {"grad_fn": lambda self, *a: base.grad_fn(self, *a)})
     got = run_module.resolve_ahead(problem, asgd, batched=False, defer_checks="state")
     assert got["on"] is False and "computes its own messages" in got["why"]
+
+
+def test_gradients_read_from_rows_of_one_table_are_not_refused():
+    # each worker's gradient a row of one read-only table: other memory than any message held, though one storage
+    problem = Quadratic(dim=6, seed=2, dtype=torch.float32)
+    table = torch.stack([problem.noise_at(w, 0, 0) for w in range(5)])
+    one, ahead = (ormo.simulate(ormo.make_rule("asgd", lr=0.1), problem.w0, lambda x, w, i, s: table[w],
+                                num_iterations=30, ahead=a, **KW) for a in (False, True))
+    assert torch.equal(ahead.params, one.params) and ahead.events == one.events

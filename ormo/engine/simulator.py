@@ -319,6 +319,11 @@ def ahead_problem(rule: Rule, scheduler: str, batch: int, defer_checks: bool | s
     return None
 
 
+def _span(x: Tensor) -> tuple[int, int]:
+    """The addresses a 1-D tensor's elements lie in: [first, past the last)."""
+    return x.data_ptr(), x.data_ptr() + ((x.numel() - 1) * x.stride(0) + 1) * x.element_size()
+
+
 def _by_order(order: Sequence[int], t: int) -> list[int]:
     """Workers in the order of their next appearance in ``order`` from ``t`` (a window of the next entries; the
     simulator appends the workers not seen there)."""
@@ -671,8 +676,11 @@ class Simulator:
         self._ahead = None
 
     def _check_held(self, update: Tensor, t: int, k: int, index: int) -> None:
-        """A gradient must not reuse the memory of a message computed ahead and not consumed yet."""
-        if any(isinstance(m, Message) and m.update.data_ptr() == update.data_ptr() for m in self.computed.values()):
+        """A gradient must not reuse the memory of a message computed ahead and not consumed yet (any part of it: a
+        view of the same buffer at another offset overlaps it; other rows of one table do not)."""
+        start, end = _span(update)
+        if any(isinstance(m, Message) and _span(m.update)[0] < end and start < _span(m.update)[1]
+               for m in self.computed.values()):
             err = GradFnError(
                 f"grad_fn(params, worker={k}, index={index}, step=0) at server iteration t={t} returned memory that "
                 f"a message computed ahead still holds: with ahead=True every gradient must be a new tensor (return "
