@@ -652,12 +652,10 @@ class Simulator:
         if [x._version for x in (payload.params, payload.momentum) if x is not None] != versions:
             if self.on_ahead is not None:
                 self.on_ahead(k, None)
-            err = GradFnError(
+            raise GradFnError(
                 f"grad_fn(params, worker={k}, index={payload.index}, step=0) changed its params argument in place at "
                 f"server iteration t={t}; it must be read only (here it is the server's own parameters: the run "
                 f"computes messages ahead): clone it first", t=t, worker=k, index=payload.index, step=0)
-            err.partial = self.result()
-            raise err
         if message is not None:
             try:
                 self._check_held(message.update, t, k, payload.index)
@@ -681,12 +679,10 @@ class Simulator:
         start, end = _span(update)
         if any(isinstance(m, Message) and _span(m.update)[0] < end and start < _span(m.update)[1]
                for m in self.computed.values()):
-            err = GradFnError(
+            raise GradFnError(  # (its caller sets .partial)
                 f"grad_fn(params, worker={k}, index={index}, step=0) at server iteration t={t} returned memory that "
                 f"a message computed ahead still holds: with ahead=True every gradient must be a new tensor (return "
                 f"a copy, or run with ahead=False)", t=t, worker=k, index=index, step=0)
-            err.partial = self.result()
-            raise err
 
     # -- batched in-flight gradients ------------------------------------------------------------------------
     def _take_computed(self, t: int, k: int, now: float) -> Message:
