@@ -637,32 +637,26 @@ class Simulator:
                             record=(self.record, t))
         message: Message | None = None
         try:
-            message = self.rule.work(payload, grad, None)
-            if self.record is None and self.check_finite:
-                _check_message(message, None, k, already_checked=grad.last)
-            sent = {x.untyped_storage().data_ptr() for x in (payload.params, payload.momentum) if x is not None}
-            if any(x.untyped_storage().data_ptr() in sent for _, x in message.tensors()):
-                message = None  # it holds the server's tensors (grad_fn returned its argument): they move on
-        except Exception:  # noqa: BLE001 - computed again (and raised) when consumed
-            message = None
-        except BaseException:  # an interrupt: nothing is kept, and the next step computes it again
+            try:
+                message = self.rule.work(payload, grad, None)
+                if self.record is None and self.check_finite:
+                    _check_message(message, None, k, already_checked=grad.last)
+                sent = {x.untyped_storage().data_ptr() for x in (payload.params, payload.momentum) if x is not None}
+                if any(x.untyped_storage().data_ptr() in sent for _, x in message.tensors()):
+                    message = None  # it holds the server's tensors (grad_fn returned its argument): they move on
+            except Exception:  # noqa: BLE001 - computed again (and raised) when consumed
+                message = None
+            if [x._version for x in (payload.params, payload.momentum) if x is not None] != versions:
+                raise GradFnError(
+                    f"grad_fn(params, worker={k}, index={payload.index}, step=0) changed its params argument in place "
+                    f"at server iteration t={t}; it must be read only (here it is the server's own parameters: the "
+                    f"run computes messages ahead): clone it first", t=t, worker=k, index=payload.index, step=0)
+            if message is not None:
+                self._check_held(message.update, t, k, payload.index)
+        except BaseException:  # the run stops (or an interrupt: the next step computes it again); nothing is kept
             if self.on_ahead is not None:
                 self.on_ahead(k, None)
             raise
-        if [x._version for x in (payload.params, payload.momentum) if x is not None] != versions:
-            if self.on_ahead is not None:
-                self.on_ahead(k, None)
-            raise GradFnError(
-                f"grad_fn(params, worker={k}, index={payload.index}, step=0) changed its params argument in place at "
-                f"server iteration t={t}; it must be read only (here it is the server's own parameters: the run "
-                f"computes messages ahead): clone it first", t=t, worker=k, index=payload.index, step=0)
-        if message is not None:
-            try:
-                self._check_held(message.update, t, k, payload.index)
-            except GradFnError:
-                if self.on_ahead is not None:
-                    self.on_ahead(k, None)
-                raise
         if self.on_ahead is not None:
             self.on_ahead(k, None if message is None else payload.index)
         if message is None:
@@ -1126,7 +1120,6 @@ class Simulator:
             self.fresh = [bool(f) for f in sd["fresh"]]
         if "computed" in sd:
             self.computed = {int(w): _computed_from_state(m) for w, m in sd["computed"].items()}
-            self._bad_step = {}
             name = "grad_batch(requests) for (" if self.grad_batch is not None else "grad_fn(params, "
             for w, m in sd["computed"].items():
                 bad = int(m.get("bad_step", -1)) if "error" not in m else -1
@@ -1134,7 +1127,7 @@ class Simulator:
                     self.computed[int(w)] = _nan_gradient(name, None, int(w), int(m["index"]), bad)
                 elif "bad_step" in m and self.record is not None:
                     self._bad_step[int(w)] = torch.full((), bad, dtype=torch.int64, device=self.params0.device)
-            self._checked = {}  # loaded messages own their tensors: none is a gradient checked on its own
+            # (loaded messages own their tensors: none is a gradient checked on its own, so _checked stays empty)
             self._unchecked = {w for w, m in self.computed.items() if isinstance(m, Message)} if self.check_finite and (
                 "deferred" in sd or sd.get("unchecked", False)) else set()
 
