@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -337,6 +338,15 @@ def _default_run_dir(cfg: ExperimentConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if argv is None and code == 0:
+        # Run as the program and finished: everything is written. A Ctrl-C while the interpreter exits (torch and
+        # Ray teardown take a moment) would otherwise turn this success into status 130.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="ormo", description="ordered momentum for asynchronous training",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--version", action="version", version=f"ormo {__version__}")
