@@ -428,6 +428,25 @@ def test_keys_the_sweep_sets_for_each_run_are_refused_not_ignored(tmp_path, extr
         plan_sweep(cfg, out=tmp_path / "out", **kwargs)
 
 
+@pytest.mark.parametrize(("extra", "kwargs", "pattern"), [
+    ("", {"overrides": ["train . seed=7"]}, "--set sets train.seed"),
+    ("", {"grid": ["train .seed=3,4"]}, "grid axis train.seed sets train.seed"),
+    ("[[sweep.settings]]\nlabel = \"a\"\nset = {\"method. name\" = \"asgd\"}\n", {},
+     "sweep.settings entry 'a' sets method.name"),
+], ids=["set", "grid", "setting"])
+def test_a_key_spelled_with_spaces_around_its_dot_is_the_same_key(tmp_path, extra, kwargs, pattern):
+    # apply_overrides reads "train . seed" as train.seed: the checks must see the key that takes effect
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["ormo", "ssgdm"]\nseeds = [0]\n' + extra)
+    with pytest.raises(ConfigError, match=pattern + ", which the sweep sets for each run"):
+        plan_sweep(cfg, out=tmp_path / "out", **kwargs)
+
+
+def test_a_grid_flag_spelled_with_spaces_replaces_the_configs_axis(tmp_path):
+    cfg = _write(tmp_path, TINY + '[sweep]\ngrid = {"method.lr" = [0.1, 0.2]}\n')
+    runs = plan_sweep(cfg, out=tmp_path / "out", grid=["method . lr=0.3"])
+    assert [(r.label, r.config.method.lr) for r in runs] == [("lr=0.3", 0.3)]
+
+
 def test_a_variant_cannot_set_its_seed_or_label_but_a_sweep_without_lists_takes_them_from_set(tmp_path):
     cfg = _write(tmp_path, TINY + '[sweep]\nmethods = [{name = "ormo", label = "v", set = {"train.seed" = 5}}]\n')
     with pytest.raises(ConfigError, match="sweep.methods entry 'v' sets train.seed"):

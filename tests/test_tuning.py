@@ -85,6 +85,8 @@ def test_a_tuned_plan_has_tuning_runs_that_never_evaluate_the_test_split(tmp_pat
     (TUNE + 'colour = 1\n', "unknown key sweep.tune.colour"),
     (TUNE + 'metric = ["final_val_acc"]\n', "invalid sweep.tune.metric"),
     (TUNE + 'set = {"method.lr " = 0.3}\n', "sweep.tune.set sets method.lr, which sweep.tune.grid tunes"),
+    (TUNE + 'set = {"method . name" = "ormo"}\n', "sweep.tune.set sets method.name, which the tuning runs set"),
+    ('[sweep.tune]\ngrid = {"train .seed" = [1, 2]}\n', "train.seed"),
     (TUNE + 'budget = 0\n', "invalid sweep.tune.budget 0"),
     (TUNE + 'budget = 1.5\n', "a number in \\(0, 1\\]"),
     ('[sweep.tune]\ngrid = {"train.seed" = [1, 2]}\n', "train.seed"),
@@ -95,12 +97,14 @@ def test_bad_tune_sections_are_one_clear_error(tmp_path, extra, pattern):
         plan_sweep(cfg, out=tmp_path / "out")
 
 
-@pytest.mark.parametrize("where", ["--set", "setting", "method"])
+@pytest.mark.parametrize("where", ["--set", "--set spaced", "setting", "method"])
 def test_a_tuned_key_set_elsewhere_is_refused_not_silently_replaced(tmp_path, where):
     sweep = '[sweep]\nmethods = ["asgd"]\n'
     overrides = []
     if where == "--set":
         overrides = ["method.lr=0.3"]
+    elif where == "--set spaced":  # apply_overrides reads "method . lr" as method.lr
+        overrides = ["method . lr=0.3"]
     elif where == "setting":
         sweep += '[[sweep.settings]]\nlabel = "a"\nset = {"method.lr" = 0.3}\n'
     else:

@@ -545,6 +545,12 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def override_key(item: str) -> str:
+    """The key an override sets, as :func:`apply_overrides` reads it: ``"method . lr = 0.1"`` -> ``"method.lr"`` (so
+    checks that compare keys see the key that takes effect)."""
+    return ".".join(k.strip() for k in item.split("=", 1)[0].strip().split("."))
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """A new TOML-shaped dictionary: ``data`` with the ``section.key=value`` overrides applied in order. ``data`` is
     not modified and shares nothing with the result."""
@@ -552,8 +558,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. method.lr=0.05)")
-        path, text = item.split("=", 1)
-        keys = [k.strip() for k in path.strip().split(".")]
+        text = item.split("=", 1)[1]
+        keys = override_key(item).split(".")
         if len(keys) == 1 and keys[0] == "name":
             data["name"] = parse_value(text)
             continue

@@ -52,6 +52,7 @@ from .config import (
     apply_overrides,
     from_dict,
     load_config,
+    override_key,
     parse_value,
     read_config_file,
     to_toml,
@@ -105,7 +106,7 @@ NOT_TUNABLE: dict[str, str] = {
 def _check_not_owned(where: str, overrides: list[str], owned: tuple[str, ...] = tuple(OWNED_KEYS)) -> None:
     """A key the sweep sets for each run would be silently replaced: refuse it where it cannot take effect."""
     for item in overrides:
-        key = item.split("=", 1)[0].strip()
+        key = override_key(item)  # "train . seed" sets train.seed too
         if key in owned:
             raise ConfigError(f"{where} sets {key}, which the sweep sets for each run (so it would be ignored or "
                               f"would mislabel runs); {OWNED_KEYS[key]}")
@@ -119,7 +120,7 @@ def _as_override(where: str, key: Any, value: Any) -> str:
         raise ConfigError(f"{where}: {key} = {value!r} is a table, not a value; quote dotted keys, e.g. "
                           f"{{\"{key}.{inner}\" = ...}} (TOML reads {{{key}.{inner} = ...}} as a nested table)")
     try:
-        return f"{key}={_toml_value(value)}"
+        return f"{override_key(key)}={_toml_value(value)}"
     except TypeError:
         raise ConfigError(f"{where}: {key} = {value!r} is not a value ormo can set") from None
 
@@ -153,6 +154,7 @@ def _grid_axes(spec_grid: Any, cli_grid: list[str] | None) -> dict[str, list[str
         if not isinstance(spec_grid, dict):
             raise ConfigError(f"sweep.grid must be a table like {{\"method.lr\" = [0.01, 0.03]}}, got {spec_grid!r}")
         for key, values in spec_grid.items():
+            key = override_key(key) if isinstance(key, str) else key  # "method . lr" is method.lr, one axis
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"sweep.grid.{key}: expected a non-empty list of values, got {values!r}")
             axes[key] = [_as_override(f"sweep.grid.{key}", key, v).split("=", 1)[1] for v in values]
@@ -164,7 +166,7 @@ def _grid_axes(spec_grid: Any, cli_grid: list[str] | None) -> dict[str, list[str
         if not all(texts):  # "0.1,,0.2": a value left out by mistake is not dropped silently
             raise ConfigError(f"--grid {item!r} has an empty value between commas; list each value once, "
                               f"e.g. {key.strip()}=0.01,0.03")
-        axes[key.strip()] = texts
+        axes[override_key(key)] = texts
     for key, texts in axes.items():
         _check_not_owned(f"grid axis {key}", [f"{key}=x"])
         values = [_same_value_key(parse_value(t)) for t in texts]  # 0.1 and 1e-1, 1 and 1.0 are one value
@@ -293,7 +295,7 @@ def plan_sweep(
             setters += [(f"sweep.settings entry {label!r}", over) for label, over in setting_specs]
             setters += [(f"sweep.methods entry {label!r}", over) for label, over in method_specs]
             for where, over in setters:
-                if any(item.split("=", 1)[0].strip() == key for item in over):
+                if any(override_key(item) == key for item in over):
                     raise ConfigError(f"{where} sets {key}, which sweep.tune.grid tunes (the chosen value would "
                                       f"replace it); tune it or set it, not both")
         if tune.scope == "shared" and tune.reference is None and methods is not None and \

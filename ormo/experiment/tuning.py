@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..rules.base import ConfigError
+from .config import override_key
 
 #: selection metric -> (metrics row key, how a run's rows reduce to one number, True if higher is better)
 SELECTION_METRICS: dict[str, tuple[str, str, bool]] = {
@@ -151,7 +152,7 @@ def parse_tune(raw: Any, *, scope: str | None, as_override, parse_value) -> Tune
                           f"0.03]}}, got {grid!r}")
     axes = []
     for key, values in grid.items():
-        key = key.strip() if isinstance(key, str) else key  # "method.lr " is method.lr (as --set reads it)
+        key = override_key(key) if isinstance(key, str) else key  # "method . lr " is method.lr (as --set reads it)
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep.tune.grid.{key}: expected a non-empty list of candidate values, got {values!r}")
         texts = tuple(as_override(f"sweep.tune.grid.{key}", key, v).split("=", 1)[1] for v in values)
@@ -175,11 +176,11 @@ def parse_tune(raw: Any, *, scope: str | None, as_override, parse_value) -> Tune
     extra = raw.get("set") or {}
     if not isinstance(extra, dict):
         raise ConfigError(f"sweep.tune.set must be a table of overrides like {{\"train.epochs\" = 5}}, got {extra!r}")
-    extra_over = tuple(as_override("sweep.tune.set", k.strip() if isinstance(k, str) else k, v)
+    extra_over = tuple(as_override("sweep.tune.set", override_key(k) if isinstance(k, str) else k, v)
                        for k, v in extra.items())
     tuned = {k for k, _ in axes}
     for item in extra_over:
-        key = item.split("=", 1)[0]
+        key = override_key(item)
         if key in tuned:
             raise ConfigError(f"sweep.tune.set sets {key}, which sweep.tune.grid tunes; drop one of them")
         if key in ("train.eval_test", "train.seed", "train.label", "method.name", "method.label"):
