@@ -345,6 +345,11 @@ def test_table_and_plot_errors_are_the_message_without_a_class_name(tmp_path: Pa
 # ---- damaged finished runs are skipped with a warning naming the run and what is wrong ------------------------------
 
 
+def _edit_run_json(run_dir: Path, **fields) -> None:
+    info = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**info, **fields}))
+
+
 def _cut_last_row(run_dir: Path) -> None:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
     (run_dir / "metrics.jsonl").write_text("".join(lines[:-1]))
@@ -359,6 +364,12 @@ def _cut_last_row(run_dir: Path) -> None:
                                                 + '{"epoch": "x", "test_acc": "abc"}\n'),
      r"metrics.jsonl' line 5: epoch = 'x' is not a number"),
     (lambda d: (d / "run.json").unlink(), r"seed1': run.json is missing"),
+    # fields of the wrong type: one line naming the field, never a TypeError or a seed of 1.7 read as 1
+    (lambda d: _edit_run_json(d, summary=[1, 2]), r"run.json': summary = \[1, 2\] is not a JSON object"),
+    (lambda d: _edit_run_json(d, seed=1.7), r"run.json': seed = 1.7 is not an integer >= 0"),
+    (lambda d: _edit_run_json(d, label=["K=16 het."]), r"run.json': label = \['K=16 het.'\] is not a string"),
+    (lambda d: _edit_run_json(d, task={"metrics": [{"name": "acc"}]}), r"run.json': task.metrics = .* is not a list"),
+    (lambda d: (d / "config.toml").write_text("train = 5\n"), r"config.toml': train = 5 is not a \[train\] table"),
 ])
 def test_a_damaged_finished_run_is_skipped_with_a_warning_naming_it(sweep: Path, tmp_path: Path, damage,
                                                                      pattern: str) -> None:

@@ -125,14 +125,48 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+#: the sections of a resolved config.toml: each is a table (reports read keys inside them)
+_CONFIG_SECTIONS = ("method", "model", "data", "schedule", "timing", "train", "ray", "task")
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
         with path.open("rb") as f:
-            return tomllib.load(f)
+            config = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{str(path)!r} is not valid TOML: {e}") from e
+    for section in _CONFIG_SECTIONS:
+        if section in config and not isinstance(config[section], dict):
+            raise ValueError(f"{str(path)!r}: {section} = {config[section]!r} is not a [{section}] table (the file is "
+                             f"damaged); restore it or delete the run")
+    return config
+
+
+def _check_record(path: Path, info: dict[str, Any]) -> None:
+    """The run.json fields a report reads must have the types ormo writes: a crafted or damaged file is a ValueError
+    naming the field, never a wrong value (a seed of 1.7 read as 1) or a TypeError."""
+    def bad(key: str, what: str) -> ValueError:
+        return ValueError(f"{str(path)!r}: {key} = {info[key]!r} is not {what} (the file is damaged); restore it or "
+                          f"delete the run")
+
+    for key in ("name", "label", "method", "status"):
+        if info.get(key) is not None and not isinstance(info[key], str):
+            raise bad(key, "a string")
+    seed = info.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise bad("seed", "an integer >= 0")
+    for key in ("summary", "task", "final"):
+        if info.get(key) is not None and not isinstance(info[key], dict):
+            raise bad(key, "a JSON object")
+    metrics = (info.get("task") or {}).get("metrics")
+    if metrics is not None and not (isinstance(metrics, list) and all(
+            isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("higher_is_better"), bool)
+            for m in metrics)):
+        raise ValueError(f"{str(path)!r}: task.metrics = {metrics!r} is not a list of {{\"name\": ..., "
+                         f"\"higher_is_better\": true/false}} objects (the file is damaged); restore it or delete "
+                         f"the run")
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -192,14 +226,15 @@ def read_run(run_dir: PathLike) -> RunRecord:
     """The record of one run directory (any status)."""
     run_dir = Path(run_dir)
     info = _read_json(run_dir / "run.json")
+    _check_record(run_dir / "run.json", info)
     config = _read_config(run_dir / "config.toml")
     method_table = config.get("method", {}) if isinstance(config.get("method"), dict) else {}
     rule = info.get("method") or method_table.get("name")
     if not rule:
         raise ValueError(f"{str(run_dir / 'run.json')!r} has no method, and config.toml no [method] name")
     seed = info.get("seed", config.get("train", {}).get("seed"))
-    if seed is None:
-        raise ValueError(f"{str(run_dir / 'run.json')!r} has no seed, and config.toml no [train] seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{str(run_dir / 'run.json')!r} has no seed, and config.toml no [train] seed (an integer)")
     status = _live_status(run_dir, str(info.get("status", "unknown")))
     metrics = _read_metrics(run_dir / "metrics.jsonl")
     if status == "finished":
