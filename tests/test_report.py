@@ -227,6 +227,14 @@ def test_markdown_table_cells_and_layout(sweep: Path) -> None:
     ]
 
 
+def test_a_pipe_or_line_break_in_a_label_stays_inside_its_markdown_cell(tmp_path: Path) -> None:
+    write_run(tmp_path, method="a|b", label="K=4 | hom\nfast", seed=0, final_loss=0.5, final_acc=50.0)
+    lines = format_table(summarize(load_runs(tmp_path))).splitlines()
+    assert lines == ["| Method | K=4 \\| hom fast train loss | K=4 \\| hom fast test acc. (%) |",
+                     "|:---|---:|---:|",
+                     "| a\\|b | 0.50±0.00 | 50.00±0.00 |"]
+
+
 def test_unknown_methods_come_last_and_missing_cells_show_a_dash(sweep: Path, tmp_path: Path) -> None:
     extra = write_run(tmp_path / "extra", method="my-rule", label="K=16 het.", seed=0, final_loss=0.3,
                       final_acc=70.0)

@@ -300,6 +300,12 @@ def _decimals_for(decimals: int | Mapping[str, int], metric: str) -> int:
     return decimals if isinstance(decimals, int) else decimals.get(metric, 2)
 
 
+def _md(text: str) -> str:
+    """Text for one Markdown table cell: a ``|`` in a label would end the cell (and shift every column after it),
+    a line break would end the row."""
+    return " ".join(text.splitlines()).replace("|", "\\|")
+
+
 def format_table(summary: Summary, *, decimals: int | Mapping[str, int] = 2,
                  tuned: Mapping[tuple[str, str], str] | None = None, relative_to: str | None = None) -> str:
     """A Markdown table in the papers' layout: one row per method, and for each setting (in first-seen order) one
@@ -316,11 +322,11 @@ def format_table(summary: Summary, *, decimals: int | Mapping[str, int] = 2,
     tuned = {k: v for k, v in (tuned or {}).items() if k in summary.cells}
     header = ["Method"]
     for label in summary.labels:
-        header += [f"{label} {metric_heading(m)}" for m in summary.metrics]
-        header += [f"{label} tuned"] if tuned else []
+        header += [_md(f"{label} {metric_heading(m)}") for m in summary.metrics]
+        header += [_md(f"{label} tuned")] if tuned else []
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
     for method in summary.methods:
-        row = [display_name(method)]
+        row = [_md(display_name(method))]
         for label in summary.labels:
             stats = summary.cells.get((method, label), {})
             for m in summary.metrics:
@@ -335,7 +341,7 @@ def format_table(summary: Summary, *, decimals: int | Mapping[str, int] = 2,
                              if ref.reached else f" ({display_name(relative_to)} never)")
                 row.append(cell)
             if tuned:
-                row.append(tuned.get((method, label), "—"))
+                row.append(_md(tuned.get((method, label), "—")))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
