@@ -159,6 +159,19 @@ def test_labels_that_share_a_folder_are_an_error_at_planning_time(tmp_path):
         plan_sweep(cfg, out=tmp_path / "out")
 
 
+@pytest.mark.parametrize(("label", "folder"), [("sweep.json", "sweep.json"), ("table.md", "table.md"),
+                                               ("K=16 het.png", "K16-het.png")])
+def test_a_setting_whose_folder_is_a_file_the_sweep_writes_is_an_error_at_planning_time(tmp_path, label, folder):
+    # "sweep.json" failed every run of the setting; "x.png" (next to a setting "x", whose plot is x.png) ran every run
+    # and failed when the plots were written
+    cfg = _write(tmp_path, TINY + f'[sweep]\nmethods = ["ormo"]\n[[sweep.settings]]\nlabel = "{label}"\nset = {{}}\n')
+    with pytest.raises(ConfigError, match=f"setting label '{label}' would put its runs in the folder '{folder}', the "
+                                          f"name of the sweep's own"):
+        plan_sweep(cfg, out=tmp_path / "out")
+    with pytest.raises(ConfigError, match=f"setting label '{label}' would put its runs in the folder '{folder}'"):
+        plan_sweep(_write(tmp_path, TINY), out=tmp_path / "out", overrides=[f"train.label={_toml_value(label)}"])
+
+
 def test_an_empty_config_and_a_sweep_without_one_are_errors(tmp_path, capsys):
     empty = tmp_path / "empty.toml"
     empty.write_text("# nothing here\n")

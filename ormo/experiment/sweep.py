@@ -146,6 +146,21 @@ def _check_slugs(kind: str, labels: list[str]) -> None:
         seen[slug(label)] = label
 
 
+#: files a sweep writes into its --out folder, next to the settings' folders (plots are ``<setting>.png``)
+SWEEP_FILES = ("sweep.json", "tuning.md", "table.md", "table.csv")
+
+
+def _check_not_a_sweep_file(labels: list[str]) -> None:
+    """A setting's folder must not be a file the sweep writes next to it: its runs, or the table or plots, would
+    fail at the end of the sweep."""
+    for label in labels:
+        folder = slug(label)
+        if folder in SWEEP_FILES or folder.lower().endswith(".png"):
+            what = "plots (<setting>.png)" if folder.lower().endswith(".png") else f"file {folder}"
+            raise ConfigError(f"sweep setting label {label!r} would put its runs in the folder {folder!r}, the name of "
+                              f"the sweep's own {what} in --out; choose another label")
+
+
 def _grid_axes(spec_grid: Any, cli_grid: list[str] | None) -> dict[str, list[str]]:
     """Grid axes as key → list of TOML value texts: ``[sweep.grid]`` first, then ``--grid`` flags (a flag for a key
     the config already sweeps replaces that axis)."""
@@ -330,6 +345,7 @@ def plan_sweep(
             full = part if implicit and part else f"{label} {part}".strip()
             cells.append((full, set_over, grid_over))
     _check_slugs("setting", [label for label, _, _ in cells])
+    _check_not_a_sweep_file([label for label, _, _ in cells])
 
     seed_list = seeds if seeds is not None else spec.get("seeds", [base_cfg.train.seed])
     if not isinstance(seed_list, list) or not seed_list:
