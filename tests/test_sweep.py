@@ -657,6 +657,10 @@ def test_grid_values_equal_as_numbers_are_one_value(tmp_path):
         plan_sweep(_write(tmp_path, TINY), out=tmp_path / "out", grid=["method.lr=1,1.0"])
     with pytest.raises(ConfigError, match=r"grid axis method.lr lists a value twice: 1, 1.0"):
         plan_sweep(_write(tmp_path, TINY + '[sweep]\ngrid = {"method.lr" = [1, 1.0]}\n'), out=tmp_path / "out")
+    # inside a list too: a float field reads [1] and [1.0] alike, so the two points would be one experiment twice
+    with pytest.raises(ConfigError, match=r"grid axis schedule.milestones lists a value twice: \[1\], \[1.0\]"):
+        plan_sweep(_write(tmp_path, TINY + '[sweep]\ngrid = {"schedule.milestones" = [[1], [1.0]]}\n'),
+                   out=tmp_path / "out")
 
 
 def test_empty_entries_in_grid_and_seeds_flags_are_refused_not_dropped(tmp_path, capsys):

@@ -545,6 +545,18 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def same_value_key(value: Any) -> str:
+    """A key under which equal values meet: numbers by their value (``1`` and ``1.0``, ``0.1`` and ``1e-1``), also
+    inside lists and tables (``[1]`` and ``[1.0]``: a float field reads both as ``[1.0]``)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return repr(float(value))
+    if isinstance(value, list):
+        return "[" + ", ".join(same_value_key(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {same_value_key(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
 def override_key(item: str) -> str:
     """The key an override sets, as :func:`apply_overrides` reads it: ``"method . lr = 0.1"`` -> ``"method.lr"`` (so
     checks that compare keys see the key that takes effect)."""

@@ -55,6 +55,7 @@ from .config import (
     override_key,
     parse_value,
     read_config_file,
+    same_value_key,
     to_toml,
 )
 from .rundir import CHECKPOINT, RunDirError, RunLock, flatten, is_locked, make_run_dir, read_run_info, write_text
@@ -184,17 +185,10 @@ def _grid_axes(spec_grid: Any, cli_grid: list[str] | None) -> dict[str, list[str
         axes[override_key(key)] = texts
     for key, texts in axes.items():
         _check_not_owned(f"grid axis {key}", [f"{key}=x"])
-        values = [_same_value_key(parse_value(t)) for t in texts]  # 0.1 and 1e-1, 1 and 1.0 are one value
+        values = [same_value_key(parse_value(t)) for t in texts]  # 0.1 and 1e-1, 1 and 1.0 are one value
         if len(set(values)) != len(values):
             raise ConfigError(f"grid axis {key} lists a value twice: {', '.join(texts)}")
     return axes
-
-
-def _same_value_key(value: Any) -> str:
-    """A key under which equal values meet: numbers by their value (``1`` and ``1.0``, ``0.1`` and ``1e-1``)."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return repr(float(value))
-    return repr(value)
 
 
 #: the most runs one plan may hold: a grid typed by mistake (2 × 1000 × 1000) is refused before it is expanded

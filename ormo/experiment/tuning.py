@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..rules.base import ConfigError
-from .config import override_key
+from .config import override_key, same_value_key
 
 #: selection metric -> (metrics row key, how a run's rows reduce to one number, True if higher is better)
 SELECTION_METRICS: dict[str, tuple[str, str, bool]] = {
@@ -156,7 +156,7 @@ def parse_tune(raw: Any, *, scope: str | None, as_override, parse_value) -> Tune
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep.tune.grid.{key}: expected a non-empty list of candidate values, got {values!r}")
         texts = tuple(as_override(f"sweep.tune.grid.{key}", key, v).split("=", 1)[1] for v in values)
-        if len({repr(parse_value(t)) for t in texts}) != len(texts):
+        if len({same_value_key(parse_value(t)) for t in texts}) != len(texts):  # 1 and 1.0, [1] and [1.0]
             raise ConfigError(f"sweep.tune.grid.{key} lists a value twice: {', '.join(texts)}")
         axes.append((key, texts))
     seeds = raw.get("seeds", list(DEFAULT_TUNING_SEEDS))
