@@ -18,7 +18,7 @@ from ormo.experiment.config import from_dict, load_config
 from ormo.experiment.metrics import read_metrics
 from ormo.experiment.problem import TrainProblem
 from ormo.experiment.sweep import plan_sweep, plan_tuning
-from ormo.experiment.tuning import Choice, TuneSpec, choose, run_score
+from ormo.experiment.tuning import Choice, TuneSpec, choose, format_tuning_record, run_score, tuning_record
 from ormo.report import load_runs, summarize
 from ormo.report.runs import RunRecord
 from ormo.report.tables import final_value, format_table
@@ -189,6 +189,12 @@ def test_choose_shared_uses_the_mean_over_methods_or_the_reference_alone():
     ref = choose(_spec("shared", "a"), cells, {"s": ["a", "b"]})
     assert ref[0].label == "lr=0.01"
     assert isinstance(ref[0], Choice)
+
+
+def test_a_pipe_in_a_method_label_stays_inside_its_cell_of_tuning_md():
+    cells = {("K=4 | hom", "ormo|b"): _cells({"m": [[50, 60], [70, 72], [10, 10]]})[("s", "m")]}
+    text = format_tuning_record(tuning_record(_spec(), choose(_spec(), cells, {"K=4 | hom": ["ormo|b"]})))
+    assert "| ormo\\|b | 55 | **71** | 10 | lr=0.1 |" in text.splitlines()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -316,6 +316,11 @@ def tuning_record(spec: TuneSpec, choices: list[Choice]) -> dict[str, Any]:
                         for label, _, score, per in c.scores]} for c in choices]}
 
 
+def _md(text: str) -> str:
+    """Text for one Markdown table cell (a ``|`` in a label would end the cell, a line break the row)."""
+    return " ".join(text.splitlines()).replace("|", "\\|")
+
+
 def format_tuning_record(record: dict[str, Any]) -> str:
     """``tuning.md`` from a ``sweep.json`` tuning record: per setting, one row per method (or one shared row), one
     column per candidate, the chosen candidate in bold."""
@@ -333,8 +338,8 @@ def format_tuning_record(record: dict[str, Any]) -> str:
         lines += [f"Tuning runs also set: {', '.join(map(str, record['tuning_set']))}.", ""]
     lines += ["A score is missing (—) where a tuning seed diverged or the run has no value for the metric.", ""]
     for setting in dict.fromkeys(c["setting"] for c in choices):
-        lines += [f"## {setting}", "", "| method | " + " | ".join(points) + " | chosen |",
-                  "|:---|" + "---:|" * len(points) + ":---|"]
+        lines += [f"## {' '.join(setting.splitlines())}", "", "| method | " + " | ".join(map(_md, points))
+                  + " | chosen |", "|:---|" + "---:|" * len(points) + ":---|"]
         for c in (c for c in choices if c["setting"] == setting):
             by_label = {str(x.get("candidate")): x.get("score") for x in c.get("candidates", []) if isinstance(x, dict)}
             cells = []
@@ -344,7 +349,7 @@ def format_tuning_record(record: dict[str, Any]) -> str:
                 cells.append(f"**{text}**" if label == c.get("chosen") else text)
             name = c.get("method") or ("all (" + (record.get("reference") or "mean over methods") + ")")
             chosen = c.get("chosen") or "none (no candidate has a score)"
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {chosen} |")
+            lines.append(f"| {_md(str(name))} | " + " | ".join(cells) + f" | {_md(str(chosen))} |")
         lines.append("")
     return "\n".join(lines)
 
