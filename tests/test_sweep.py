@@ -239,10 +239,19 @@ def test_one_sweep_per_folder_and_an_out_that_is_a_file(tmp_path, capsys):
     assert "is a file, not a folder: choose another --out" in capsys.readouterr().err
 
 
-def test_bad_seeds_flag_is_a_clear_error(tmp_path, capsys):
+def test_bad_seeds_are_a_clear_error_when_the_plan_is_made(tmp_path, capsys):
     cfg = _write(tmp_path, TINY)
     assert main(["sweep", str(cfg), "--out", str(tmp_path / "o"), "--seeds", "0,x", "--dry-run"]) == 2
     assert "--seeds '0,x': expected comma-separated integers" in capsys.readouterr().err
+    # a seed torch cannot take is refused with the plan (the dry run said [new], the run failed once started)
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "o"), "--seeds", "0,18446744073709551616",
+                 "--dry-run"]) == 2
+    assert "invalid train.seed: 18446744073709551616 (must be an integer in [0, 2**64))" in capsys.readouterr().err
+    tuned = _write(tmp_path, TINY + '[sweep]\n[sweep.tune]\ngrid = {"train.epochs" = [0.25, 0.5]}\n'
+                   'metric = "final_train_loss"\nseeds = [18446744073709551616]\n')
+    with pytest.raises(ConfigError, match=r"tuning run of setting .*invalid train.seed: 18446744073709551616"):
+        plan_sweep(tuned, out=tmp_path / "o")
+    assert load_config(None, ["train.seed=18446744073709551615"]).train.seed == 2**64 - 1
 
 
 def test_parse_value_bare_words_are_strings():

@@ -260,6 +260,8 @@ class TrainConfig:
             if self.threads > MAX_THREADS:  # torch crashes (a segfault) at 100,000
                 raise invalid("train.threads", self.threads, f"<= {MAX_THREADS} (one per core is the most that helps)")
         check_int_at_least("train.seed", self.seed, 0)
+        if self.seed >= 2**64:  # torch's generators take 64 bits: found here, not when the run (or a sweep) starts
+            raise invalid("train.seed", self.seed, "an integer in [0, 2**64)")
         if not (self.device == "cpu" or self.device == "cuda" or re.fullmatch(r"cuda:[0-9]+", self.device)):
             raise invalid("train.device", self.device, "'cpu', 'cuda' or 'cuda:N'")
         if not (isinstance(self.batch_workers, bool) or self.batch_workers == "auto"):
