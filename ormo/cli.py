@@ -260,13 +260,19 @@ def _default_out(paths: list[str]) -> Path:
     return common.parent if (common / "run.json").is_file() else common
 
 
-def _report(paths: list[str], out: Path | None, *, table: bool, plot: bool, labels: list[str] | None = None,
+def _report(paths: list[str], out: Path | None, *, table: bool, plot: bool, labels: str | list[str] | None = None,
             metrics: list[str] | None = None, relative_to: str | None = None, metric: str | None = None,
             print_only: bool = False) -> None:
     from .report import load_runs, plot_runs, write_table
     from .report.tables import default_metrics
 
     records = load_runs(paths)
+    if isinstance(labels, str):  # --labels: comma-separated, but a setting label that itself holds a comma is whole
+        present = list(dict.fromkeys(r.label for r in records))
+        if labels not in present and not all(x.strip() for x in labels.split(",")):
+            raise ConfigError(f"--labels {labels!r} has an empty entry between commas; list each one once, e.g. "
+                              f"--labels {','.join(_csv(labels) or [])!r}")
+        labels = [labels] if labels in present else _csv(labels)
     if labels is None:  # a sweep folder records the order of its settings; runs it does not list come after
         recorded, _ = _sweep_order(paths)
         if recorded is not None:
@@ -422,7 +428,7 @@ def _main(argv: list[str] | None) -> int:
                            help="the left panels' metric (default: the task's primary one on the test split, e.g. "
                                 "test_acc; val_ppl, ...)")
         p.set_defaults(func=lambda a, n=name: _report(a.runs, a.out, table=n == "table", plot=n == "plot",
-                                                      labels=_csv(a.labels), metrics=_csv(getattr(a, "metrics", None)),
+                                                      labels=a.labels, metrics=_csv(getattr(a, "metrics", None)),
                                                       relative_to=getattr(a, "relative_to", None),
                                                       metric=getattr(a, "metric", None),
                                                       print_only=n == "table" and a.out is None and bool(

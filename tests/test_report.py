@@ -213,6 +213,21 @@ def test_labels_select_and_order_the_settings(sweep: Path) -> None:
         summarize(records, labels=["K=8", "K=16 hom."])
 
 
+def test_labels_flag_takes_a_label_with_a_comma_whole_and_refuses_an_empty_entry(tmp_path: Path, capsys) -> None:
+    from ormo.cli import main
+
+    for seed in (0, 1):
+        write_run(tmp_path, method="ormo", label="K=4, het", seed=seed, final_loss=0.5, final_acc=50.0 + seed)
+        write_run(tmp_path, method="ormo", label="hom", seed=seed, final_loss=0.5, final_acc=60.0)
+    for command in ("table", "plot"):
+        assert main([command, str(tmp_path), "--labels", "K=4, het", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr()
+    assert "| Method | K=4, het train loss | K=4, het test acc. (%) |" in out.out and "hom" not in out.out
+    assert (tmp_path / "o" / "k-4-het.png").is_file() and not (tmp_path / "o" / "hom.png").exists()
+    assert main(["table", str(tmp_path), "--labels", "hom,,K=4"]) == 2
+    assert "--labels 'hom,,K=4' has an empty entry between commas" in capsys.readouterr().err
+
+
 def test_markdown_table_cells_and_layout(sweep: Path) -> None:
     text = format_table(summarize(load_runs(sweep), labels=SETTINGS))  # settings in the papers' order
     lines = text.splitlines()
