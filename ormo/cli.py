@@ -147,6 +147,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         if text is not None and flag != "--settings" and not all(x.strip() for x in text.split(",")):
             raise ConfigError(f"{flag} {text!r} has an empty entry between commas; list each one once, e.g. "
                               f"{flag} {','.join(_csv(text))}")
+    if getattr(args, "metrics", None):  # a malformed table metric is found now, not after the last run
+        from .report.tables import time_to_target
+
+        for metric in _csv(args.metrics) or []:
+            try:
+                time_to_target(metric)
+            except ValueError as e:
+                raise ConfigError(f"--metrics: {e}") from None
     overrides = _import_overrides(args.config, list(args.set), getattr(args, "imports", None))
     runs = plan_sweep(args.config, out=args.out, overrides=overrides, methods=_csv(args.methods),
                       seeds=_csv(args.seeds, int, flag="--seeds"), settings=_settings(args.config, args.settings),
@@ -179,6 +187,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print("ormo sweep: stopped by SIGINT; finished runs are kept: run the same command again to continue",
               file=sys.stderr)
         return 130
+    report_failed = False
     if not args.no_report:
         root = sweep_root(runs)
         from .report.runs import load_runs
@@ -190,13 +199,18 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             except ValueError:
                 finished = False
         if finished:
-            _report([str(root)], root, table=True, plot=True, metrics=_csv(args.metrics))
+            try:
+                _report([str(root)], root, table=True, plot=True, metrics=_csv(args.metrics))
+            except (ValueError, FileNotFoundError) as e:  # the runs are kept: only the report failed
+                print(f"ormo sweep: error: {e}; the runs are kept: make the table with `ormo table {root}` "
+                      f"(and the plots with `ormo plot {root}`)", file=sys.stderr)
+                report_failed = True
         else:
             print(f"ormo sweep: no finished run under {root} yet: no table or plots", file=sys.stderr)
     if failed is not None:
         print(f"ormo sweep: error: {failed}", file=sys.stderr)
         return 1
-    return 0
+    return 1 if report_failed else 0
 
 
 def _settings(config: str, text: str | None) -> list[str] | None:

@@ -563,6 +563,20 @@ def test_a_sweep_whose_runs_all_fail_lists_them_without_a_table_error(tmp_path, 
     assert "ValueError" not in err and "DatasetError" not in err and "cifar-10-python.tar.gz" in err
 
 
+def test_sweep_metrics_a_malformed_one_is_refused_before_any_run_and_a_missing_one_keeps_the_runs(tmp_path, capsys):
+    cfg = _write(tmp_path, TINY.replace("epochs = 0.5", "epochs = 0.25") + '[sweep]\nmethods = ["asgd"]\n')
+    out = tmp_path / "out"
+    assert main(["sweep", str(cfg), "--out", str(out), "--quiet", "--metrics", "time_to_acc:200"]) == 2
+    assert "ormo sweep: error: --metrics: metric 'time_to_acc:200': expected" in capsys.readouterr().err
+    assert not out.exists()  # found before anything ran
+    # a metric these runs do not hold is known only once they ran: one line (no class name), and the runs are kept
+    assert main(["sweep", str(cfg), "--out", str(out), "--quiet", "--metrics", "val_acc"]) == 1
+    err = capsys.readouterr().err
+    assert "ormo sweep: error: run " in err and "has no validation split for metric 'val_acc'" in err
+    assert "ValueError" not in err and f"the runs are kept: make the table with `ormo table {out}`" in err
+    assert [r.finished for r in load_runs(out)] == [True]
+
+
 def test_gpu_slots_spread_cuda_runs_over_every_gpu_and_refuse_what_cannot_apply(tmp_path):
     """Issue 10: runs on "cuda" get one GPU each (CUDA_VISIBLE_DEVICES), N per GPU; anything else is refused clearly."""
     from ormo.experiment.sweep import gpu_slots
