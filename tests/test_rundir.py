@@ -388,6 +388,17 @@ def test_warnings_for_a_batch_larger_than_the_data_and_more_workers_than_message
         train(load_config(None, TINY), tmp_path / "c", progress=False)  # a sensible size: silent
 
 
+def test_epochs_whose_message_count_overflows_are_one_line_before_any_file(tmp_path, capsys):
+    # an adversarial read: train.epochs = 1e308 passed the config's check, then OverflowError (a traceback) after
+    # run.json was written as running
+    d = tmp_path / "run"
+    assert main(["train", _cfg_file(tmp_path), *_sets([*TINY, "train.epochs=1e308"]), "--run-dir", str(d),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid train.epochs: 1e+308" in err and "choose fewer epochs" in err and "Traceback" not in err
+    assert not d.exists()
+
+
 # -- the last evaluation is taken once ---------------------------------------------------------------------------------
 def _marks_as_before(every, per_epoch, total):
     """The marks as a loop over every interval computed them (slow for tiny intervals: the reference)."""

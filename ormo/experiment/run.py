@@ -157,6 +157,7 @@ def _train(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, progres
                               "the simulator's; Ray's workers are real processes): set it to \"auto\" or false")
         if not (run_dir / "run.json").exists():  # a bad model or dataset fails here, early, before any file is made
             built = _driver_problem(cfg, engine), cfg.method.build()
+            _run_length(cfg, train_size=built[0].train_size, local_steps=built[1].local_steps)
         make_run_dir(run_dir)
     with RunLock(run_dir):
         return _train_locked(cfg, run_dir, resume=resume, progress=progress, engine=engine, built=built,
@@ -221,8 +222,7 @@ def _train_locked(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, 
                                task_sources(cfg.task.entry, cfg.task.imports), what=f"resume {run_dir}")
         except ConfigError as e:
             raise CheckpointRefused(str(e)) from None
-    messages_per_epoch = problem.train_size / (cfg.data.batch_size * rule.local_steps)
-    total = max(1, math.ceil(cfg.train.epochs * messages_per_epoch))
+    messages_per_epoch, total = _run_length(cfg, train_size=problem.train_size, local_steps=rule.local_steps)
     try:
         if not resume:  # inside the try: warnings turned into errors (-W error) still mark the run failed
             _warn_about_the_size(cfg, train_size=problem.train_size, local_steps=rule.local_steps, total=total)
@@ -243,6 +243,17 @@ def _train_locked(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, 
             _record(run_dir, info, status="failed",
                     error=str(e) if isinstance(e, RunDirError) else f"{type(e).__name__}: {e}")
         raise
+
+
+def _run_length(cfg: ExperimentConfig, *, train_size: int, local_steps: int) -> tuple[float, int]:
+    """Messages per epoch, and the run's messages (server iterations) for ``train.epochs`` epochs."""
+    messages_per_epoch = train_size / (cfg.data.batch_size * local_steps)
+    messages = cfg.train.epochs * messages_per_epoch
+    if not math.isfinite(messages):  # a huge but finite epochs times the messages of an epoch overflows a float
+        raise ConfigError(f"invalid train.epochs: {cfg.train.epochs:g} (at {messages_per_epoch:g} messages an epoch "
+                          f"the run's number of messages overflows; must be at most "
+                          f"{sys.float_info.max / messages_per_epoch:.3g} epochs here): choose fewer epochs")
+    return messages_per_epoch, max(1, math.ceil(messages))
 
 
 def _check_recorded(info: dict[str, Any], run_dir: Path) -> None:
