@@ -427,6 +427,14 @@ def test_tiny_intervals_and_huge_runs_cost_nothing_to_plan():
     assert 10**6 + 3 in iteration_marks(1.0, 1.0, 10**18) and 2.5 not in marks
 
 
+def test_an_interval_past_the_end_marks_only_the_end_even_when_it_overflows():
+    # an adversarial read: train.eval_every = 1e307 at 45 messages an epoch is an interval of inf, and listing the
+    # marks (as a Ray run does) raised OverflowError
+    for every in (1e307, 1e300, 3.0):
+        marks = iteration_marks(every, 45.0, 90)
+        assert list(marks) == [90] and 90 in marks and 45 not in marks
+
+
 def test_no_periodic_mark_within_half_an_interval_of_the_end():
     # 10.3 messages an epoch, every 0.5 epochs, one epoch: round(10.3) = 10 is one message before the end (11)
     assert iteration_marks(0.5, 10.3, 11) == {5, 11}

@@ -134,7 +134,7 @@ class Marks:
     def __iter__(self) -> Iterator[int]:  # ascending
         if self.interval < 1:
             yield from (t for t in range(1, self.total) if t in self)
-        else:
+        elif self.interval < self.total:  # an interval past the end (inf included) marks nothing before it
             k, seen = 1, 0
             while (t := round(k * self.interval)) < self.total:
                 if t > seen and t in self:
