@@ -43,7 +43,7 @@ from ..engine.simulator import ahead_problem, state_checks_sound
 from ..rules import Rule
 from ..rules.base import ConfigError
 from ..task import Task, describe_task, evaluate_all
-from .config import ExperimentConfig, check_ray_address, load_config, to_toml
+from .config import MAX_THREADS, ExperimentConfig, check_ray_address, load_config, to_toml
 from .metrics import MetricsWriter, metric_fields, metrics_row
 from .plugins import check_task_sources, task_sources
 from .problem import build_task
@@ -264,8 +264,9 @@ def _check_recorded(info: dict[str, Any], run_dir: Path) -> None:
                            f"({why}); restore the value the run recorded, or delete the directory to start over")
 
     threads = info.get("threads")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise bad("threads", "the torch thread count the run computed with, an integer >= 1")
+    most = max(MAX_THREADS, os.cpu_count() or 1)  # torch's own default (recorded when unset) is the CPU count
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= most:
+        raise bad("threads", f"the torch thread count the run computed with, an integer in [1, {most}]")
     batching = info.get("batch_workers")
     if batching is not None and not (
             isinstance(batching, dict) and batching.get("mode") in ("batched", "sequential") and (
