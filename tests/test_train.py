@@ -293,7 +293,8 @@ def test_train_threads_sets_the_runs_thread_count_records_it_and_restores_the_ca
 
 # threads = 10**9 aborted the process in libgomp ("Out of memory allocating 216000001344 bytes"): an adversarial read
 @pytest.mark.parametrize(("key", "value"), [("threads", 0), ("threads", [1]), ("threads", "abc"), ("threads", None),
-                                            ("threads", 1025), ("threads", 10**9),
+                                            ("threads", 1025), ("threads", 10**9), ("engine", "foo"),
+                                            ("engine", ["ray"]),
                                             ("batch_workers", "x"), ("batch_workers", {"mode": "batched"}),
                                             ("batch_workers", {"mode": "batched", "max": "a"}), ("task", "zzz")])
 def test_a_hand_edited_run_json_is_refused_by_a_resume_in_one_line(tmp_path, key, value):

@@ -263,6 +263,8 @@ def _check_recorded(info: dict[str, Any], run_dir: Path) -> None:
         return ConfigError(f"cannot resume {str(run_dir)!r}: its run.json has {key} = {json.dumps(info.get(key))} "
                            f"({why}); restore the value the run recorded, or delete the directory to start over")
 
+    if info.get("engine", "simulator") not in ("simulator", "ray"):  # any other value ran on the simulator, silently
+        raise bad("engine", 'the engine the run computed on: "simulator" or "ray"')
     threads = info.get("threads")
     most = max(MAX_THREADS, os.cpu_count() or 1)  # torch's own default (recorded when unset) is the CPU count
     if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= most:
