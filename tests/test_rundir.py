@@ -510,6 +510,22 @@ def test_a_checkpoint_costs_no_second_copy_of_the_state(tmp_path):
     assert ckpt["sim"]["t"] == 96 and len(ckpt["sim"]["snapshots"]) == 32
 
 
+def test_a_file_size_limit_is_one_line_with_what_to_do(tmp_path):
+    # an adversarial read: under `ulimit -f` the error said "File too large" and nothing more
+    import resource
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    d = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "ormo", "train", _cfg_file(tmp_path), *_sets(TINY), "--run-dir", str(d),
+                          "--quiet"], capture_output=True, text=True, preexec_fn=small_files)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"ormo train: error: {d / CHECKPOINT}: File too large; raise the file-size limit (`ulimit -f`)" \
+        in out.stderr
+    assert read_run_info(d)["status"] == "failed" and not list(d.glob("*.tmp"))
+
+
 @pytest.mark.parametrize("limit", [100, 5000, 1_000_000])
 def test_a_disk_that_fills_while_a_checkpoint_streams_is_one_line_and_keeps_the_old_one(tmp_path, monkeypatch, limit):
     """The review's case: torch's zip writer turns a failed write into its own RuntimeError at the end of the file;

@@ -47,6 +47,7 @@ class CheckpointRefused(RunDirError):
 _FIXES = {
     errno.ENOSPC: "free some space on that disk (or choose another folder)",
     errno.EDQUOT: "free some space within your quota (or choose another folder)",
+    errno.EFBIG: "raise the file-size limit (`ulimit -f`) or choose a folder on a file system that allows larger files",
     errno.EACCES: "choose a folder you can write to (or fix its permissions)",
     errno.EPERM: "choose a folder you can write to (or fix its permissions)",
     errno.EROFS: "choose a folder on a writable file system",
