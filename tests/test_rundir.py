@@ -354,6 +354,17 @@ def test_replay_refuses_an_out_of_range_worker_a_malformed_field_and_a_truncated
     assert replay(d)["bit_identical"]  # the untouched log replays exactly
 
 
+@pytest.mark.parametrize("threads", [[2], "abc", -3, 1.5, 10**9])
+def test_replay_refuses_a_hand_edited_thread_count_in_one_line(tmp_path, capsys, threads):
+    # an adversarial read: a list was a TypeError traceback, 10**9 aborted the process inside libgomp
+    _, d = _run(tmp_path)
+    write_json(d / "run.json", {**read_run_info(d), "threads": threads})
+    assert main(["replay", str(d)]) == 1
+    err = capsys.readouterr().err
+    assert f"{d / 'run.json'} has threads = {json.dumps(threads)}, not a torch thread count" in err
+    assert "restore the value the run recorded" in err and len(err.strip().splitlines()) == 1
+
+
 # -- honest divergence ------------------------------------------------------------------------------------------------
 def test_a_diverged_run_prints_valid_json_and_one_stderr_line(tmp_path, capsys):
     d = tmp_path / "run"

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import re
 import tomllib
 import types
@@ -200,6 +201,17 @@ class TimingConfig:
 
 #: the most torch threads a run takes (torch itself crashes far above it)
 MAX_THREADS = 1024
+
+
+def most_recorded_threads() -> int:
+    """The largest thread count a run can have recorded in run.json: ``MAX_THREADS``, or the CPU count (without
+    ``train.threads`` a run records torch's own default, the CPU count)."""
+    return max(MAX_THREADS, os.cpu_count() or 1)
+
+
+def is_thread_count(value: Any) -> bool:
+    """Whether a thread count read back from a run's files (run.json, an event log) is one a run can have used."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most_recorded_threads()
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 
 from ..engine import EventLog, Replay, Simulator
 from ..engine.events import EventLogError
-from .config import load_config
+from .config import is_thread_count, load_config, most_recorded_threads
 from .plugins import check_task_sources, task_sources
 from .problem import build_task
 from .rundir import CHECKPOINT, FINAL, RunDirError, read_run_info, safe_load, write_text
@@ -60,12 +60,15 @@ def replay(run_dir: str | Path, *, write: bool = True) -> dict[str, Any]:
     recorded = recorded["params"]
     # the thread count the arithmetic ran with: the Ray workers' (in the log), or the simulated run's (run.json; a
     # sweep runs with fewer threads than a lone `ormo train`, and matrix products round differently)
-    threads = log.meta.get("worker_threads")
+    threads, where = log.meta.get("worker_threads"), f"{run_dir / 'events.jsonl'}'s header has worker_threads"
     if not threads:
         try:
-            threads = read_run_info(run_dir).get("threads")
+            threads, where = read_run_info(run_dir).get("threads"), f"{run_dir / 'run.json'} has threads"
         except (OSError, ValueError, RuntimeError):
             threads = None
+    if threads is not None and not is_thread_count(threads):  # a hand edit: torch would abort, or a traceback
+        raise RunDirError(f"{where} = {json.dumps(threads)}, not a torch thread count (an integer in [1, "
+                          f"{most_recorded_threads()}]); restore the value the run recorded")
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))

@@ -43,7 +43,14 @@ from ..engine.simulator import ahead_problem, state_checks_sound
 from ..rules import Rule
 from ..rules.base import ConfigError
 from ..task import Task, describe_task, evaluate_all
-from .config import MAX_THREADS, ExperimentConfig, check_ray_address, load_config, to_toml
+from .config import (
+    ExperimentConfig,
+    check_ray_address,
+    is_thread_count,
+    load_config,
+    most_recorded_threads,
+    to_toml,
+)
 from .metrics import MetricsWriter, metric_fields, metrics_row
 from .plugins import check_task_sources, task_sources
 from .problem import build_task
@@ -265,10 +272,9 @@ def _check_recorded(info: dict[str, Any], run_dir: Path) -> None:
 
     if info.get("engine", "simulator") not in ("simulator", "ray"):  # any other value ran on the simulator, silently
         raise bad("engine", 'the engine the run computed on: "simulator" or "ray"')
-    threads = info.get("threads")
-    most = max(MAX_THREADS, os.cpu_count() or 1)  # torch's own default (recorded when unset) is the CPU count
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= most:
-        raise bad("threads", f"the torch thread count the run computed with, an integer in [1, {most}]")
+    if not is_thread_count(info.get("threads")):
+        raise bad("threads", f"the torch thread count the run computed with, an integer in [1, "
+                             f"{most_recorded_threads()}]")
     batching = info.get("batch_workers")
     if batching is not None and not (
             isinstance(batching, dict) and batching.get("mode") in ("batched", "sequential") and (
