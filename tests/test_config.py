@@ -85,6 +85,13 @@ def test_every_preset_is_valid(preset):
         (["train.epochs.x=1"], r"override 'train.epochs.x=1': train.epochs is a value, it has no key 'x'"),
         (["ray.workers_per_actor=0"], r"invalid ray.workers_per_actor: 0 \(must be an integer >= 1\)"),
         (["ray.server_timeout_s=0"], r"invalid ray.server_timeout_s: 0"),
+        # an adversarial read: NaN and inf passed these checks, and worker_threads had no cap (train.threads has)
+        (["ray.gpus_per_worker=nan"], r"invalid ray.gpus_per_worker: nan \(must be a finite number >= 0\)"),
+        (["ray.gpus_per_worker=inf"], r"invalid ray.gpus_per_worker: inf \(must be a finite number >= 0\)"),
+        (["ray.time_scale=nan"], r"invalid ray.time_scale: nan \(must be a finite number >= 0\)"),
+        (["ray.time_scale=inf"], r"invalid ray.time_scale: inf \(must be a finite number >= 0\)"),
+        (["ray.time_scale=-1"], r"invalid ray.time_scale: -1.0 \(must be a finite number >= 0\)"),
+        (["ray.worker_threads=1000000000"], r"invalid ray.worker_threads: 1000000000 \(must be <= 1024"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, pattern):

@@ -338,13 +338,16 @@ class RayConfig:
             check_ray_address(self.address)
         if self.num_cpus is not None:
             check_int_at_least("ray.num_cpus", self.num_cpus, 1)
-        if self.gpus_per_worker < 0:
-            raise invalid("ray.gpus_per_worker", self.gpus_per_worker, ">= 0")
+        if not 0 <= self.gpus_per_worker < math.inf:  # (NaN fails this too)
+            raise invalid("ray.gpus_per_worker", self.gpus_per_worker, "a finite number >= 0")
         check_int_at_least("ray.worker_threads", self.worker_threads, 1)
+        if self.worker_threads > MAX_THREADS:  # as train.threads: torch aborts far above it
+            raise invalid("ray.worker_threads", self.worker_threads,
+                          f"<= {MAX_THREADS} (one per core is the most that helps)")
         if self.workers_per_actor is not None:
             check_int_at_least("ray.workers_per_actor", self.workers_per_actor, 1)
-        if self.time_scale < 0:
-            raise invalid("ray.time_scale", self.time_scale, ">= 0")
+        if not 0 <= self.time_scale < math.inf:
+            raise invalid("ray.time_scale", self.time_scale, "a finite number >= 0")
         check_positive("ray.sync_timeout_s", self.sync_timeout_s)
         check_int_at_least("ray.max_restarts", self.max_restarts, 0)
         check_positive("ray.startup_timeout_s", self.startup_timeout_s)
