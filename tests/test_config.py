@@ -85,6 +85,9 @@ def test_every_preset_is_valid(preset):
         (["train.epochs.x=1"], r"override 'train.epochs.x=1': train.epochs is a value, it has no key 'x'"),
         (["ray.workers_per_actor=0"], r"invalid ray.workers_per_actor: 0 \(must be an integer >= 1\)"),
         (["ray.server_timeout_s=0"], r"invalid ray.server_timeout_s: 0"),
+        # an adversarial read: 2**64 passed the config (and a sweep's plan), to fail in the model as "invalid seed"
+        (["train.seed=18446744073709551616"], r"invalid train.seed: 18446744073709551616 \(must be an integer in "
+                                              r"\[0, 2\*\*64\)\)"),
         # an adversarial read: NaN and inf passed these checks, and worker_threads had no cap (train.threads has)
         (["ray.gpus_per_worker=nan"], r"invalid ray.gpus_per_worker: nan \(must be a finite number >= 0\)"),
         (["ray.gpus_per_worker=inf"], r"invalid ray.gpus_per_worker: inf \(must be a finite number >= 0\)"),
