@@ -100,6 +100,12 @@ def problem():
         ({"num_workers": 2, "order": [0, 1.0]}, r"invalid order\[1\]: 1.0"),
         ({"num_workers": 2, "order": "0101"}, r"invalid order: 'str'"),
         ({"num_workers": 2, "order": [0, 1], "num_iterations": 3}, r"invalid num_iterations: 3 .*len\(order\)=2"),
+        # an adversarial read: these were a bare TypeError ("'float' object is not callable"), the callback's after the
+        # first iteration had run
+        ({"num_workers": 2, "num_iterations": 5, "lr_schedule": 0.5}, r"invalid lr_schedule: 'float' \(must be a "
+                                                                       r"callable lr_schedule\(t\)"),
+        ({"num_workers": 2, "num_iterations": 5, "callback": 3}, r"invalid callback: 'int' \(must be a callable "
+                                                                 r"callback\(event, state\)"),
     ],
 )
 def test_simulate_argument_errors(problem, kwargs, pattern):

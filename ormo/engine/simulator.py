@@ -421,6 +421,8 @@ class Simulator:
         self.scheduler = check_choice("scheduler", scheduler if scheduler is not None else rule.scheduler, SCHEDULERS)
         if not callable(grad_fn):
             raise invalid("grad_fn", type(grad_fn).__name__, "a callable grad_fn(params, worker, index, step)")
+        if lr_schedule is not None and not callable(lr_schedule):
+            raise invalid("lr_schedule", type(lr_schedule).__name__, "a callable lr_schedule(t) -> float, or None")
         if num_iterations is not None:
             check_int_at_least("num_iterations", num_iterations, 0)
         timing = check_timing(timing if timing is not None else Homogeneous())
@@ -919,6 +921,8 @@ class Simulator:
         until = self.limit if until is None else check_int_at_least("until", until, 0)
         if until is None:
             raise ConfigError("num_iterations is required when no order= or timing=Replay(...) is given")
+        if callback is not None and not callable(callback):  # before the first iteration, not after it
+            raise invalid("callback", type(callback).__name__, "a callable callback(event, state), or None")
         while self.t < until:
             event = self.step()
             if callback is not None:
