@@ -98,3 +98,16 @@ def test_every_ormo_subcommand_the_readme_uses_exists(capsys):
             main([command, "--help"])
         assert done.value.code == 0, command
     capsys.readouterr()
+
+
+def test_readme_config_error_example_and_model_names_are_the_code_s():
+    from ormo.experiment.config import load_config
+    from ormo.models import model_names
+
+    text = README.read_text()
+    example = re.search(r"e\.g\.\n?`(unknown key method\.learning_rate; [^`]*)`", text).group(1)
+    with pytest.raises(ormo.ConfigError) as info:
+        load_config("preset:quickstart", overrides=["method.learning_rate=0.1"])
+    assert str(info.value) == example
+    row = re.search(r"^\| `\[model\]` \| `name`: (.*) \|$", text, re.M).group(1)
+    assert set(re.findall(r"`([\w-]+)`", row)) == set(model_names())
