@@ -727,6 +727,32 @@ def test_tinyimagenet_first_bad_image_stops_the_decoding(tmp_path, monkeypatch):
     assert len(opened) < 10, f"{len(opened)} of the 66 images were opened before the error"
 
 
+@pytest.mark.parametrize("kind", ["fifo", "broken link"])
+def test_tinyimagenet_image_that_is_not_a_regular_file_is_refused_without_opening_it(tmp_path, kind):
+    """A FIFO named like an image would block the reader forever: it is refused before it is opened. (Should the
+    reader open it anyway, a writer closes it after 5 s, so this test fails instead of hanging.)"""
+    import os
+
+    folder = _write_tiny(tmp_path)
+    odd = folder / "train" / "n0000001" / "images" / "n0000001_9.JPEG"
+    if kind == "fifo":
+        os.mkfifo(odd)
+        release = threading.Timer(5.0, lambda: os.close(os.open(odd, os.O_WRONLY)))
+        release.start()
+    else:
+        odd.symlink_to(tmp_path / "nowhere.JPEG")
+    start = time.monotonic()
+    try:
+        with pytest.raises(DatasetError, match=rf"^tinyimagenet: {odd} is not a regular file \(a pipe, a device, a "
+                                               r"broken link\?\); it is not a Tiny ImageNet image: unzip "
+                                               r"tiny-imagenet-200.zip again$"):
+            load_dataset("tinyimagenet", data_dir=tmp_path)
+        assert time.monotonic() - start < 4.0
+    finally:
+        if kind == "fifo" and not release.finished.is_set():
+            release.cancel()
+
+
 def test_tinyimagenet_download_extracts_the_zip(tmp_path, monkeypatch):
     folder = _write_tiny(tmp_path / "src")
     zip_path = tmp_path / "mirror" / "tiny-imagenet-200.zip"

@@ -143,6 +143,10 @@ def _decode_all(files: list[Path]) -> torch.Tensor:
 
     def decode(i: int) -> None:
         rgb = None
+        # Only a regular file is opened: a FIFO named *.JPEG would block Image.open (and this pool's shutdown) forever
+        if not files[i].is_file():
+            raise DatasetError(f"tinyimagenet: {files[i]} is not a regular file (a pipe, a device, a broken link?); "
+                               f"it is not a Tiny ImageNet image: unzip {ARCHIVE} again")
         try:
             with Image.open(files[i]) as img:  # reads the header only: the size is known before any decoding
                 size = img.size
