@@ -495,6 +495,20 @@ def test_cifar_dict_with_mixed_key_types_is_described(small_cifar, tmp_path):
         load_dataset("cifar10", data_dir=tmp_path)
 
 
+def test_cifar_dict_with_keys_that_have_no_short_repr_is_described(small_cifar, tmp_path):
+    """A tuple key nested 5,000 deep (its repr exceeds the recursion limit), an int of 5,001 digits (repr refuses
+    it) and a 1 MB bytes key are each described in a few characters, in one line."""
+    _write_cifar(tmp_path, "cifar10")
+    deep_tuple = b")" + b"\x85" * 5000  # EMPTY_TUPLE, then TUPLE1 5,000 times
+    entries = (b"\x80\x02}(" + deep_tuple + b"K\x01" + pickle.dumps(10**5000, protocol=2)[2:-1] + b"K\x02"
+               + pickle.dumps(b"k" * 2**20, protocol=3)[2:-1] + b"K\x03u.")
+    (tmp_path / "cifar-10-batches-py" / "data_batch_5").write_bytes(entries)
+    with pytest.raises(DatasetError, match=r"data_batch_5 should hold a dict with keys b'data' and b'labels'; found "
+                                           r"\[<int>, <tuple>, b'k{40}'…\]$") as info:
+        load_dataset("cifar10", data_dir=tmp_path)
+    assert len(str(info.value)) < 400
+
+
 def test_cifar_download_verifies_and_renames_into_place(small_cifar, tmp_path, monkeypatch):
     mirror, batches = _cifar_archive(tmp_path, "cifar10", monkeypatch)
     monkeypatch.setitem(cifar.URLS, "cifar-10-python.tar.gz", (mirror / "cifar-10-python.tar.gz").as_uri())

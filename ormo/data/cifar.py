@@ -238,8 +238,18 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
 
 def _describe_keys(batch: dict, limit: int = 8) -> str:
     # repr, not the keys themselves: a crafted dict may mix bytes, str and int keys, which do not sort together
-    keys = sorted(repr(k) for k in batch)
+    keys = sorted(_describe_key(k) for k in batch)
     return "[" + ", ".join(keys[:limit]) + (f", … ({len(keys)} keys)" if len(keys) > limit else "") + "]"
+
+
+def _describe_key(key: Any, limit: int = 40) -> str:
+    """A short repr of a dict key; only its type for a key that has no short repr (a tuple nested thousands deep,
+    whose repr exceeds the recursion limit, or an int of thousands of digits, which repr refuses)."""
+    if isinstance(key, bytes | str):
+        return repr(key[:limit]) + ("…" if len(key) > limit else "")
+    if type(key) is int and key.bit_length() <= 64:
+        return repr(key)
+    return f"<{type(key).__name__}>"
 
 
 def _decode(f: IO[bytes], *, source: str, layout: CifarLayout, images: int) -> tuple[np.ndarray, np.ndarray]:
