@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import pickle
 import struct
 import tarfile
@@ -350,6 +351,27 @@ def test_cifar_truncated_archive(small_cifar, tmp_path, monkeypatch):
 def test_cifar_missing_member(small_cifar, tmp_path, monkeypatch):
     data, _ = _cifar_archive(tmp_path, "cifar10", monkeypatch, omit="test_batch")
     with pytest.raises(DatasetError, match=r"has no member 'cifar-10-batches-py/test_batch'"):
+        load_dataset("cifar10", data_dir=data)
+
+
+@pytest.mark.parametrize(("kind", "target"),
+                         [(tarfile.SYMTYPE, "../../../etc/passwd"), (tarfile.LNKTYPE, "/etc/passwd"),
+                          (tarfile.SYMTYPE, "data_batch_2"), (tarfile.DIRTYPE, "")],
+                         ids=["symlink out", "hardlink absolute", "symlink to a member", "directory"])
+def test_cifar_archive_member_that_is_not_a_regular_file(small_cifar, tmp_path, monkeypatch, kind, target):
+    data, _ = _cifar_archive(tmp_path, "cifar10", monkeypatch, omit="data_batch_1")
+    archive = data / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "r:gz") as tf:
+        members = [(m, tf.extractfile(m).read() if m.isfile() else None) for m in tf.getmembers()]
+    link = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+    link.type, link.linkname = kind, target
+    with tarfile.open(archive, "w:gz") as tf:
+        for m, content in [*members, (link, None)]:
+            tf.addfile(m, None if content is None else io.BytesIO(content))
+    monkeypatch.setitem(cifar.MD5, "cifar-10-python.tar.gz", _md5(archive))
+    with pytest.raises(DatasetError, match=r"^cifar10: member 'cifar-10-batches-py/data_batch_1' of .* is not a "
+                                           r"regular file; it is not the CIFAR python archive: delete it and download "
+                                           r"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz again$"):
         load_dataset("cifar10", data_dir=data)
 
 

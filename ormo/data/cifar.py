@@ -154,9 +154,11 @@ def _read_from_archive(archive: Path, layout: CifarLayout
                 f"{layout.name}: the archive {archive} has no member {name!r}; it is not the CIFAR python archive: "
                 f"delete it and download {URLS[layout.archive]} again"
             ) from None
-        f = tf.extractfile(info)
+        # a link member is refused, not followed: its target may be missing (a KeyError) or another member
+        f = tf.extractfile(info) if info.isfile() else None
         if f is None:
-            raise DatasetError(f"{layout.name}: member {name!r} of {archive} is not a regular file")
+            raise DatasetError(f"{layout.name}: member {name!r} of {archive} is not a regular file; it is not the "
+                               f"CIFAR python archive: delete it and download {URLS[layout.archive]} again")
         with f:
             return _decode(f, source=f"{archive}:{name}", layout=layout, images=layout.images_in(file))
 
