@@ -518,17 +518,52 @@ def test_cifar_dict_with_mixed_key_types_is_described(small_cifar, tmp_path):
 
 
 def test_cifar_dict_with_keys_that_have_no_short_repr_is_described(small_cifar, tmp_path):
-    """A tuple key nested 5,000 deep (its repr exceeds the recursion limit), an int of 5,001 digits (repr refuses
-    it) and a 1 MB bytes key are each described in a few characters, in one line."""
+    """An int of 5,001 digits (repr refuses it) and a 1 MB bytes key are each described in a few characters."""
     _write_cifar(tmp_path, "cifar10")
-    deep_tuple = b")" + b"\x85" * 5000  # EMPTY_TUPLE, then TUPLE1 5,000 times
-    entries = (b"\x80\x02}(" + deep_tuple + b"K\x01" + pickle.dumps(10**5000, protocol=2)[2:-1] + b"K\x02"
+    entries = (b"\x80\x02}(" + pickle.dumps(10**5000, protocol=2)[2:-1] + b"K\x02"
                + pickle.dumps(b"k" * 2**20, protocol=3)[2:-1] + b"K\x03u.")
     (tmp_path / "cifar-10-batches-py" / "data_batch_5").write_bytes(entries)
     with pytest.raises(DatasetError, match=r"data_batch_5 should hold a dict with keys b'data' and b'labels'; found "
-                                           r"\[<int>, <tuple>, b'k{40}'…\]$") as info:
+                                           r"\[<int>, b'k{40}'…\]$") as info:
         load_dataset("cifar10", data_dir=tmp_path)
     assert len(str(info.value)) < 400
+
+
+_DEEP = b")" + b"\x85" * 200_000  # EMPTY_TUPLE, then TUPLE1 200,000 times: a tuple nested 200,000 deep
+
+
+def test_cifar_deeply_nested_key_is_refused_before_it_is_hashed(tmp_path):
+    """Hashing a tuple nested 200,000 deep recurses in C past the stack: the process dies (SIGSEGV) unless the key is
+    refused first. Read in one child process, so that a crash fails this test instead of ending the test session."""
+    import subprocess
+    import sys
+
+    cases = {
+        "setitem": (b"\x80\x02}" + _DEEP + b"K\x01s.", "a dict key is a tuple; a CIFAR batch's keys are strings"),
+        "setitems": (b"\x80\x02}(" + _DEEP + b"K\x01u.", "a dict key is a tuple"),
+        "dict": (b"(" + _DEEP + b"K\x01d.", "a dict key is a tuple"),  # protocol 0
+        "set": (b"\x80\x04\x8f(" + _DEEP + b"\x90.", "the pickle builds a set; a CIFAR batch holds none"),
+        "frozenset": (b"\x80\x04(" + _DEEP + b"\x91.", "the pickle builds a set"),
+    }
+    for case, (content, _) in cases.items():
+        (tmp_path / case / "cifar-10-batches-py").mkdir(parents=True)
+        (tmp_path / case / "cifar-10-batches-py" / "data_batch_1").write_bytes(content)
+    code = ("import sys\n"
+            "from ormo.data import DatasetError, load_dataset\n"
+            "for folder in sys.argv[1:]:\n"
+            "    try:\n"
+            "        load_dataset('cifar10', data_dir=folder)\n"
+            "    except DatasetError as e:\n"
+            "        print(e, flush=True)\n")
+    root = Path(__file__).resolve().parent.parent  # this checkout's ormo, whatever the installed one
+    done = subprocess.run([sys.executable, "-c", code, *(str(tmp_path / case) for case in cases)], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"the child died with {done.returncode} after: {done.stdout}"
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(cases)
+    for line, (case, (_, reason)) in zip(lines, cases.items(), strict=True):
+        assert line.startswith(f"cifar10: {tmp_path / case}/cifar-10-batches-py/data_batch_1 is not a readable "
+                               f"pickle (UnpicklingError: {reason}"), line
 
 
 def test_cifar_download_verifies_and_renames_into_place(small_cifar, tmp_path, monkeypatch):
