@@ -307,6 +307,20 @@ def test_lm_corpus_is_split_by_sorted_file_and_recorded_by_hash(corpus):
     assert tuning.describe()["sha256"] == d["sha256"]
 
 
+def test_lm_reads_a_file_whose_name_is_not_utf8(corpus):
+    """A name's undecodable bytes are hashed as they are on disk (str.encode refuses the surrogates they become)."""
+    odd = os.fsdecode(b"\xff\xfeodd.py")
+    (corpus / odd).write_text("x = 1\n" * 50)
+    files = sorted(corpus.glob("*.py"))
+    assert files[-1].name == odd
+    digest = hashlib.sha256()
+    for p in files:
+        data = p.read_bytes()
+        digest.update(os.fsencode(p.name) + b"\0" + len(data).to_bytes(8, "little") + data)
+    d = _lm(corpus).describe()
+    assert d["sha256"] == digest.hexdigest() and d["files"] == {"train": 10, "val": 1, "test": 1}
+
+
 def test_lm_windows_match_an_explicit_loop_and_batches_are_keyed(corpus):
     lm = _lm(corpus)
     batch = lm.batch(1, 5, 0)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import platform
 import sysconfig
 from pathlib import Path
@@ -89,7 +90,8 @@ class StdlibLM(ModelTask):
         parts: dict[str, list[bytes]] = {"train": [], "val": [], "test": []}
         for k, path in enumerate(files):
             data = path.read_bytes()
-            digest.update(path.name.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+            # the name's bytes on disk: .encode() fails on a name that is not UTF-8 (undecodable bytes as surrogates)
+            digest.update(os.fsencode(path.name) + b"\0" + len(data).to_bytes(8, "little") + data)
             split = "val" if k % SPLIT_EVERY == VAL_SLOT else "test" if k % SPLIT_EVERY == TEST_SLOT else "train"
             parts[split].append(data)
         self.corpus = {
