@@ -49,6 +49,9 @@ class FlatModel:
             p.grad = self.grad[offset : offset + n].view_as(p)
             offset += n
         self._plist = plist
+        # check_bound reads the first and last parameters that have elements: a zero-element view's address is 0
+        sized = [p for p in plist if p.numel()] or plist
+        self._first_sized, self._last_sized = sized[0], sized[-1]
         #: parameters this large on average are bound to the caller's vector and gradients handed out by swapping
         #: buffers, instead of copied: rebinding costs a few microseconds per tensor, a copy a pass over the memory
         self.rebinds = total >= REBIND_ELEMENTS * len(plist)
@@ -117,7 +120,7 @@ class FlatModel:
     def check_bound(self) -> None:
         """Raise if something replaced the parameters' ``.grad`` (``module.zero_grad()`` sets them to None): the flat
         gradient would silently stay zero. O(1): the first and last parameters must still view the flat buffer."""
-        first, last = self._plist[0], self._plist[-1]
+        first, last = self._first_sized, self._last_sized
         end = self.grad.data_ptr() + (self.grad.numel() - last.numel()) * self.grad.element_size()
         if first.grad is None or last.grad is None or first.grad.data_ptr() != self.grad.data_ptr() or (
             last.grad.data_ptr() != end

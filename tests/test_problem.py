@@ -52,6 +52,21 @@ def test_replacing_gradients_is_caught_instead_of_silently_training_on_zero():
         flat.check_bound()
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+def test_zero_element_parameters_first_and_last_are_not_taken_for_replaced_gradients():
+    """nn.Linear(1, 0) has parameters of no elements, whose views' address is 0: the check reads the first and last
+    parameters that have elements, and still catches replaced gradients."""
+    net = nn.Sequential(nn.Linear(0, 2), nn.Linear(2, 3), nn.Linear(3, 0))
+    flat = FlatModel(net)
+    net(torch.randn(4, 0)).sum().backward()
+    flat.check_bound()
+    assert flat.num_params == 2 + 2 * 3 + 3
+    net.zero_grad()
+    net(torch.randn(4, 0)).sum().backward()
+    with pytest.raises(RuntimeError, match="gradients no longer reach the flat buffer"):
+        flat.check_bound()
+
+
 def test_gradient_has_weight_decay_added_at_the_worker_point():
     cfg = load_config(None, [*SYNTH, "train.weight_decay=0.01"])
     problem = TrainProblem(cfg)
