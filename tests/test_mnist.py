@@ -284,6 +284,30 @@ def test_damaged_gzip_is_a_dataset_error(small, damage, message):
         load_dataset("fashion-mnist", data_dir=small / "data")
 
 
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+def test_unreadable_file_says_to_fix_its_permissions_not_to_delete_it(small, monkeypatch, gz):
+    """A file this user may not read is not damaged: the fix is its permissions. (Opening is refused here by a
+    stand-in, since the tests may run as root, whom file permissions do not stop.)"""
+    from ormo.data import idx
+
+    folder = _write(small / "data", _make_set("fashion-mnist", seed=17), gz=gz)
+    path = folder / ("t10k-labels-idx1-ubyte" + (".gz" if gz else ""))
+
+    def refusing(real_open):
+        def refuse(file, *args, **kwargs):
+            if Path(file) == path:
+                raise PermissionError(13, "Permission denied", str(file))
+            return real_open(file, *args, **kwargs)
+        return refuse
+
+    monkeypatch.setattr(idx, "open", refusing(open), raising=False)
+    monkeypatch.setattr(gzip, "open", refusing(gzip.open))
+    with pytest.raises(DatasetError) as info:
+        load_dataset("fashion-mnist", data_dir=small / "data")
+    assert str(info.value) == (f"could not read {path} (PermissionError: Permission denied); give this user read "
+                               f"access to it (e.g. chmod a+r {path}), or point data.data_dir at a readable copy")
+
+
 def _peak_allocation(read) -> int:
     """The peak of Python's allocations (bytes) while ``read`` runs: the buffers a reader fills are counted."""
     tracemalloc.start()

@@ -74,6 +74,9 @@ def read_idx(path: Path, *, magic: int, count: int, image_side: int | None = Non
                 payload = len(data) + extra
             else:
                 payload = len(data)
+    except PermissionError as e:  # the file may be whole: deleting it (``fix``) would be the wrong advice
+        raise DatasetError(f"could not read {path} (PermissionError: {e.strerror}); give this user read access to "
+                           f"it (e.g. chmod a+r {path}), or point data.data_dir at a readable copy") from e
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
         raise DatasetError(f"could not read {path} ({type(e).__name__}: {e}); it is truncated or corrupt: {fix}") from e
     _check_payload(path, payload, expected_shape=expected_shape, exact=exact, fix=fix)
