@@ -337,6 +337,23 @@ def test_cifar_wrong_checksum_says_to_download_again(small_cifar, tmp_path, monk
         load_dataset("cifar10", data_dir=data)
 
 
+def test_cifar_unreadable_archive_says_to_fix_its_permissions(small_cifar, tmp_path, monkeypatch):
+    """(Refused by a stand-in: the tests may run as root, whom file permissions do not stop.)"""
+    from ormo.data import download
+
+    data, _ = _cifar_archive(tmp_path, "cifar10", monkeypatch)
+    archive = data / "cifar-10-python.tar.gz"
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(download, "md5_of", refuse)
+    with pytest.raises(DatasetError) as info:
+        load_dataset("cifar10", data_dir=data)
+    assert str(info.value) == (f"could not read {archive} (PermissionError: Permission denied); give this user read "
+                               f"access to it (e.g. chmod a+r {archive}), or point data.data_dir at a readable copy")
+
+
 def test_cifar_truncated_archive(small_cifar, tmp_path, monkeypatch):
     data, _ = _cifar_archive(tmp_path, "cifar10", monkeypatch)
     archive = data / "cifar-10-python.tar.gz"

@@ -31,7 +31,11 @@ def md5_of(path: Path) -> str:
 
 def verify_md5(path: Path, expected: str, *, url: str) -> None:
     """Raise :class:`~ormo.data.DatasetError` unless ``path`` has MD5 ``expected``."""
-    actual = md5_of(path)
+    try:
+        actual = md5_of(path)
+    except OSError as e:  # e.g. no read permission: the file may be whole, so not "download it again"
+        raise DatasetError(f"could not read {path} ({type(e).__name__}: {e.strerror or e}); give this user read "
+                           f"access to it (e.g. chmod a+r {path}), or point data.data_dir at a readable copy") from e
     if actual != expected:
         raise DatasetError(
             f"checksum mismatch for {path}: md5 {actual}, expected {expected} (a truncated or corrupt download?); "
