@@ -68,6 +68,7 @@ def test_every_preset_is_valid(preset):
         (["method.options.lr=0.1"], r"method.options.lr: set it as method.lr"),
         (["method.options.bogus=1"], r"rule 'ormo' has no hyperparameter 'bogus'"),
         (["train.num_workers=0"], r"invalid train.num_workers: 0 \(must be an integer >= 1\)"),
+        (['data.data_dir=""'], r"invalid data.data_dir: '' \(must be a folder's path\); leave it out for \$ORMO_DATA"),
         (["train.num_workers=1000000"], r"invalid train.num_workers: 1000000 \(must be <= 100,000"),
         (["train.threads=100000"], r"invalid train.threads: 100000 \(must be <= 1024"),  # torch segfaults there
         (["schedule.milestones=[nan]"], r"invalid schedule.milestones: \[nan\] \(must be increasing finite positive"),

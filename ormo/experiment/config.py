@@ -108,6 +108,9 @@ class DataConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.data_dir is not None and not self.data_dir.strip():  # Path("") is the current folder, silently
+            raise invalid("data.data_dir", self.data_dir, "a folder's path",
+                          "leave it out for $ORMO_DATA or ~/.cache/ormo, or write '.' for the current folder")
         check_int_at_least("data.batch_size", self.batch_size, 1)
         if self.subset is not None:
             check_int_at_least("data.subset", self.subset, 1)
