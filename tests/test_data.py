@@ -620,6 +620,12 @@ def _color(k: int) -> tuple[int, int, int]:
     return (40 * k + 10, 200 - 30 * k, 90 + 20 * k)
 
 
+@pytest.fixture(autouse=True)
+def _tiny_sizes(monkeypatch):
+    """The tiny folder's sizes stand for the real Tiny ImageNet's (200 classes × 500, 10,000 validation images)."""
+    monkeypatch.setattr(tinyimagenet, "SIZES", {"classes": 2, "train_per_class": 3, "val": 2})
+
+
 def _write_tiny(root: Path) -> Path:
     """2 classes × 3 training images (solid colours, one grayscale), 2 validation images, in the real layout."""
     from PIL import Image
@@ -729,6 +735,22 @@ def _break_empty_class(folder: Path) -> None:
         image.unlink()
 
 
+def _break_missing_class(folder: Path) -> None:  # an interrupted or edited unzip: part of the data, silently
+    (folder / "wnids.txt").write_text("n0000002\n")
+
+
+def _break_missing_image(folder: Path) -> None:
+    (folder / "train" / "n0000001" / "images" / "n0000001_2.JPEG").unlink()
+
+
+def _break_missing_val_line(folder: Path) -> None:
+    (folder / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn0000001\t0\t0\t63\t63\n")
+
+
+def _break_repeated_val_line(folder: Path) -> None:
+    (folder / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn0000001\t0\t0\t63\t63\n" * 2)
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -747,6 +769,13 @@ def _break_empty_class(folder: Path) -> None:
         (_break_annotations_encoding, r"val_annotations.txt is not UTF-8 text \(byte 0xe9 at offset 28\)"),
         (_break_annotations_empty, r"val_annotations.txt lists no validation image; expected one line per image of "
                                    r".*val/images/ \(10,000 in Tiny ImageNet\)"),
+        (_break_missing_class, r"wnids.txt lists 1 classes; Tiny ImageNet has 2: the folder .* is incomplete or "
+                               r"edited: unzip tiny-imagenet-200.zip again"),
+        (_break_missing_image, r"train/n0000001/images/ holds 2 \*.JPEG images; every class of Tiny ImageNet has 3: "
+                               r"the folder .* is incomplete or edited"),
+        (_break_missing_val_line, r"val_annotations.txt lists 1 validation images \(1 distinct\); Tiny ImageNet "
+                                  r"has 2: the folder .* is incomplete or edited"),
+        (_break_repeated_val_line, r"val_annotations.txt lists 2 validation images \(1 distinct\)"),
         (_break_empty_class, r"train/n0000001/images/ holds no \*.JPEG image \(every class of Tiny ImageNet has 500\)"),
     ],
 )
@@ -793,9 +822,12 @@ def test_tinyimagenet_first_bad_image_stops_the_decoding(tmp_path, monkeypatch):
     from PIL import Image
 
     folder = _write_tiny(tmp_path)
+    for wnid in _WNIDS:
+        for i in range(3, 33):
+            Image.new("RGB", (64, 64), _color(i % 7)).save(folder / "train" / wnid / "images" / f"{wnid}_{i}.JPEG",
+                                                            quality=95)
+    monkeypatch.setitem(tinyimagenet.SIZES, "train_per_class", 33)
     images = folder / "train" / "n0000002" / "images"
-    for i in range(3, 63):
-        Image.new("RGB", (64, 64), _color(i % 7)).save(images / f"n0000002_{i}.JPEG", quality=95)
     (images / "n0000002_1.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")  # file 1 of the training set
     opened: list[str] = []
     real_open, never = Image.open, threading.Event()
@@ -812,7 +844,7 @@ def test_tinyimagenet_first_bad_image_stops_the_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(tinyimagenet, "_DECODE_THREADS", 2)
     with pytest.raises(DatasetError, match=r"cannot decode .*n0000002_1.JPEG"):
         load_dataset("tinyimagenet", data_dir=tmp_path)
-    assert len(opened) < 10, f"{len(opened)} of the 66 images were opened before the error"
+    assert len(opened) < 10, f"{len(opened)} of the 68 images were opened before the error"
 
 
 @pytest.mark.parametrize("kind", ["fifo", "broken link"])
@@ -822,7 +854,8 @@ def test_tinyimagenet_image_that_is_not_a_regular_file_is_refused_without_openin
     import os
 
     folder = _write_tiny(tmp_path)
-    odd = folder / "train" / "n0000001" / "images" / "n0000001_9.JPEG"
+    odd = folder / "train" / "n0000001" / "images" / "n0000001_2.JPEG"
+    odd.unlink()  # in place of an image: the folder keeps its size
     if kind == "fifo":
         os.mkfifo(odd)
         release = threading.Timer(5.0, lambda: os.close(os.open(odd, os.O_WRONLY)))

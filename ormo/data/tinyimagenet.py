@@ -7,6 +7,9 @@ The standard folder ``tiny-imagenet-200/`` in ``data_dir``::
     val/images/*.JPEG                 10,000 validation images, used as the test set
     val/val_annotations.txt           tab-separated: file name, wnid, then a bounding box (ignored)
 
+A folder with other counts than these (200 classes, 500 training images each, 10,000 validation images) is refused:
+an interrupted or edited unzip would otherwise train on part of the data.
+
 The official test split has no labels and is not read. With ``download=True`` and no folder, the zip archive is
 fetched (MD5-checked) and extracted into a temporary folder, which is renamed into place only when complete.
 Images are decoded with Pillow and converted to RGB (a few training images are grayscale).
@@ -34,6 +37,10 @@ ARCHIVE = "tiny-imagenet-200.zip"
 MD5: dict[str, str] = {ARCHIVE: "90528d7ca1a48142e341f4ef8d21d0de"}
 #: Where the archive is downloaded from, by file name.
 URLS: dict[str, str] = {ARCHIVE: "http://cs231n.stanford.edu/tiny-imagenet-200.zip"}
+
+#: The real Tiny ImageNet's sizes. A folder of other sizes is an interrupted or edited unzip, which would otherwise
+#: train on part of the data without a word (tests substitute their small folder's sizes).
+SIZES: dict[str, int] = {"classes": 200, "train_per_class": 500, "val": 10_000}
 
 IMAGE_SIZE = 64
 # Pillow releases the GIL while decoding, so threads overlap file reads and JPEG decoding (~110,000 small files).
@@ -64,8 +71,15 @@ def tinyimagenet(*, data_dir: Path, download: bool) -> Dataset:
         if not files:
             raise DatasetError(f"tinyimagenet: {images}/ holds no *.JPEG image (every class of Tiny ImageNet has "
                                f"500); the folder {root}/ is incomplete: unzip {ARCHIVE} again")
+        if len(files) != SIZES["train_per_class"]:
+            raise DatasetError(f"tinyimagenet: {images}/ holds {len(files)} *.JPEG images; every class of Tiny "
+                               f"ImageNet has {SIZES['train_per_class']}: the folder {root}/ is incomplete or edited: "
+                               f"unzip {ARCHIVE} again")
         train_files += files
         train_labels += [i] * len(files)
+    if len(wnids) != SIZES["classes"]:
+        raise DatasetError(f"tinyimagenet: {root / 'wnids.txt'} lists {len(wnids)} classes; Tiny ImageNet has "
+                           f"{SIZES['classes']}: the folder {root}/ is incomplete or edited: unzip {ARCHIVE} again")
     test_files, test_labels = _read_val_annotations(root, class_of)
     train_x = _decode_all(train_files)
     test_x = _decode_all(test_files)
@@ -130,6 +144,10 @@ def _read_val_annotations(root: Path, class_of: dict[str, int]) -> tuple[list[Pa
     if not files:  # an empty test set would only fail later, dividing by zero in evaluation
         raise DatasetError(f"tinyimagenet: {path} lists no validation image; expected one line per image of "
                            f"{root / 'val' / 'images'}/ (10,000 in Tiny ImageNet): unzip {ARCHIVE} again")
+    if len(files) != SIZES["val"] or len(set(files)) != len(files):
+        raise DatasetError(f"tinyimagenet: {path} lists {len(files)} validation images ({len(set(files))} distinct); "
+                           f"Tiny ImageNet has {SIZES['val']:,}: the folder {root}/ is incomplete or edited: unzip "
+                           f"{ARCHIVE} again")
     return files, labels
 
 
