@@ -348,6 +348,19 @@ def test_lm_learns_with_plain_sgd_on_its_gradients(corpus):
     assert lm.evaluate(params, "val")["loss"] < before - 1.0
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    (dict(hidden=10**9), r"context_bytes = 8, embed_dim = 4 and hidden = 1000000000 make a model of "
+                         r"289,000,001,280 parameters \(at most 268,435,456, 1 GiB of float32\); lower them"),
+    (dict(eval_sequences=10**9), r"a forward pass of max\(data.batch_size = 4, eval_sequences = 1000000000\) x "
+                                 r"seq_len = 8 predictions holds 2,048,000,000,000 values in one layer"),
+    (dict(seq_len=10**7, context_bytes=100), r"a forward pass .* predictions holds 16,000,000,000 values in one layer"),
+])
+def test_lm_sizes_that_need_gigabytes_are_refused_before_anything_is_allocated(corpus, options, message):
+    kw = dict(context_bytes=8, seq_len=8, embed_dim=4, hidden=16, eval_sequences=4) | options
+    with pytest.raises(ConfigError, match="^invalid task.options: " + message):
+        StdlibLM(TaskContext(seed=0, num_workers=2, batch_size=4), source_dir=str(corpus), **kw)
+
+
 def test_lm_on_the_interpreters_own_standard_library(tmp_path):
     lm = StdlibLM(TaskContext(seed=0, num_workers=1, batch_size=2))
     d = lm.describe()

@@ -43,6 +43,8 @@ from ..task import Metric, ModelTask, TaskContext, seeded
 
 #: file k of the sorted list goes to validation when k % SPLIT_EVERY == VAL_SLOT, to test at TEST_SLOT
 SPLIT_EVERY, VAL_SLOT, TEST_SLOT = 10, 8, 9
+#: The most values the model's parameters, or one layer's activations, may hold (1 GiB of float32).
+MAX_ELEMENTS = 2**28
 
 
 class ByteMLP(nn.Module):
@@ -81,6 +83,19 @@ class StdlibLM(ModelTask):
                             ("hidden", hidden), ("eval_sequences", eval_sequences)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"invalid task.options.{name}: {value!r} (must be an integer >= 1)")
+        # a toy model: sizes that would need gigabytes are a typo (10**9 would try to allocate them, or be killed)
+        params = 256 * embed_dim + (context_bytes * embed_dim + 1) * hidden + (hidden + 1) * 256
+        if params > MAX_ELEMENTS:
+            raise ConfigError(f"invalid task.options: context_bytes = {context_bytes}, embed_dim = {embed_dim} and "
+                              f"hidden = {hidden} make a model of {params:,} parameters (at most {MAX_ELEMENTS:,}, "
+                              f"1 GiB of float32); lower them")
+        rows = max(context.batch_size, eval_sequences) * seq_len
+        widest = rows * max(context_bytes * embed_dim, hidden, 256)
+        if widest > MAX_ELEMENTS:
+            raise ConfigError(f"invalid task.options: a forward pass of max(data.batch_size = {context.batch_size}, "
+                              f"eval_sequences = {eval_sequences}) x seq_len = {seq_len} predictions holds "
+                              f"{widest:,} values in one layer (at most {MAX_ELEMENTS:,}, 1 GiB of float32); lower "
+                              f"them")
         folder = Path(source_dir).expanduser() if source_dir is not None else Path(sysconfig.get_paths()["stdlib"])
         files = corpus_files(folder)
         if len(files) < SPLIT_EVERY:
