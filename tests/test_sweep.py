@@ -237,6 +237,14 @@ def test_one_sweep_per_folder_and_an_out_that_is_a_file(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["sweep", str(cfg), "--out", str(tmp_path / "file"), "--quiet"]) == 1
     assert "is a file, not a folder: choose another --out" in capsys.readouterr().err
+    # a run directory as --out: `ormo table OUT` would show that one run and never the sweep's (dry run included)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text('{"status": "finished"}')
+    for flags in ([], ["--dry-run"]):
+        assert main(["sweep", str(cfg), "--out", str(run), "--quiet", *flags]) == 2
+        assert f"--out {run} is a run directory (it holds run.json), not a sweep folder" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["run.json"]
 
 
 def test_bad_seeds_are_a_clear_error_when_the_plan_is_made(tmp_path, capsys):

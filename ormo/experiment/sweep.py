@@ -351,6 +351,9 @@ def plan_sweep(
         raise ConfigError(f"sweep seeds list a seed twice: {seed_list}")
 
     out = Path(out)
+    if (out / "run.json").exists():  # ormo table OUT would then show that one run, never the sweep's own
+        raise ConfigError(f"--out {out} is a run directory (it holds run.json), not a sweep folder: its table would "
+                          f"show that run alone; choose another --out")
     runs = []
     for label, set_over, grid_over in cells:
         for method, m_over in method_specs:
