@@ -69,6 +69,10 @@ def test_several_grid_flags_form_a_product_and_do_not_leak(tmp_path):
     got = sorted((r.config.method.lr, r.config.train.num_workers, r.label) for r in runs)
     assert got == [(0.01, 2, "lr=0.01 num_workers=2"), (0.01, 8, "lr=0.01 num_workers=8"),
                    (0.03, 2, "lr=0.03 num_workers=2"), (0.03, 8, "lr=0.03 num_workers=8")]
+    # two flags for one key: the first would be dropped without a word (a flag replaces only the config's axis)
+    with pytest.raises(ConfigError, match=r"--grid method.lr is given twice \('method.lr=0.01' and 'method.lr=0.03'\); "
+                                          r"list every value in one flag, e.g. --grid method.lr=0.01,0.03"):
+        plan_sweep(cfg, out=tmp_path / "out", grid=["method.lr=0.01", "method.lr=0.03"])
 
 
 def test_grid_axes_multiply_the_settings_and_the_config_can_declare_them(tmp_path):

@@ -174,6 +174,7 @@ def _grid_axes(spec_grid: Any, cli_grid: list[str] | None) -> dict[str, list[str
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"sweep.grid.{key}: expected a non-empty list of values, got {values!r}")
             axes[key] = [_as_override(f"sweep.grid.{key}", key, v).split("=", 1)[1] for v in values]
+    flagged: dict[str, str] = {}
     for item in cli_grid or []:
         key, sep, values = item.partition("=")
         texts = [v.strip() for v in values.split(",")]
@@ -182,6 +183,11 @@ def _grid_axes(spec_grid: Any, cli_grid: list[str] | None) -> dict[str, list[str
         if not all(texts):  # "0.1,,0.2": a value left out by mistake is not dropped silently
             raise ConfigError(f"--grid {item!r} has an empty value between commas; list each value once, "
                               f"e.g. {key.strip()}=0.01,0.03")
+        if override_key(key) in flagged:  # the first flag would be dropped without a word
+            raise ConfigError(f"--grid {override_key(key)} is given twice ({flagged[override_key(key)]!r} and "
+                              f"{item!r}); list every value in one flag, e.g. --grid {override_key(key)}="
+                              f"{','.join(axes[override_key(key)] + texts)}")
+        flagged[override_key(key)] = item
         axes[override_key(key)] = texts
     for key, texts in axes.items():
         _check_not_owned(f"grid axis {key}", [f"{key}=x"])
