@@ -73,6 +73,9 @@ def test_several_grid_flags_form_a_product_and_do_not_leak(tmp_path):
     with pytest.raises(ConfigError, match=r"--grid method.lr is given twice \('method.lr=0.01' and 'method.lr=0.03'\); "
                                           r"list every value in one flag, e.g. --grid method.lr=0.01,0.03"):
         plan_sweep(cfg, out=tmp_path / "out", grid=["method.lr=0.01", "method.lr=0.03"])
+    twice = _write(tmp_path, TINY + '[sweep]\ngrid = {"method.lr" = [0.1], "method . lr" = [0.2]}\n')
+    with pytest.raises(ConfigError, match="sweep.grid sets method.lr twice"):
+        plan_sweep(twice, out=tmp_path / "out")
 
 
 def test_grid_axes_multiply_the_settings_and_the_config_can_declare_them(tmp_path):

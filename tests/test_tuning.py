@@ -75,6 +75,7 @@ def test_a_tuned_plan_has_tuning_runs_that_never_evaluate_the_test_split(tmp_pat
     ('[sweep.tune]\ngrid = {"method.lr" = []}\n', "non-empty list of candidate values"),
     ('[sweep.tune]\ngrid = {"method.lr" = [0.1, 1e-1]}\n', "lists a value twice"),
     ('[sweep.tune]\ngrid = {"method.lr" = [1, 1.0]}\n', "lists a value twice"),
+    ('[sweep.tune]\ngrid = {"method.lr" = [0.1], "method . lr" = [0.2]}\n', "sweep.tune.grid sets method.lr twice"),
     ('[sweep.tune]\ngrid = {"schedule.milestones" = [[1], [1.0]]}\n', "lists a value twice"),
     (TUNE + 'metric = "test_acc"\n', "invalid sweep.tune.metric 'test_acc'.*never reads the test split"),
     (TUNE + 'scope = "everything"\n', "invalid sweep.tune.scope"),

@@ -173,6 +173,8 @@ def _grid_axes(spec_grid: Any, cli_grid: list[str] | None) -> dict[str, list[str
             key = override_key(key) if isinstance(key, str) else key  # "method . lr" is method.lr, one axis
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"sweep.grid.{key}: expected a non-empty list of values, got {values!r}")
+            if key in axes:  # "method.lr" and "method . lr": one key spelled twice, one axis would be dropped
+                raise ConfigError(f"sweep.grid sets {key} twice (spelled differently); list its values once")
             axes[key] = [_as_override(f"sweep.grid.{key}", key, v).split("=", 1)[1] for v in values]
     flagged: dict[str, str] = {}
     for item in cli_grid or []:

@@ -153,6 +153,8 @@ def parse_tune(raw: Any, *, scope: str | None, as_override, parse_value) -> Tune
     axes = []
     for key, values in grid.items():
         key = override_key(key) if isinstance(key, str) else key  # "method . lr " is method.lr (as --set reads it)
+        if key in [k for k, _ in axes]:  # "method.lr" and "method . lr": one key spelled twice
+            raise ConfigError(f"sweep.tune.grid sets {key} twice (spelled differently); list its candidates once")
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep.tune.grid.{key}: expected a non-empty list of candidate values, got {values!r}")
         texts = tuple(as_override(f"sweep.tune.grid.{key}", key, v).split("=", 1)[1] for v in values)
