@@ -170,9 +170,45 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_a_one_line_error(tmp_path):
     ckpt = torch.load(d / CHECKPOINT, weights_only=True)
     ckpt["sim"]["worker_states"] = ckpt["sim"]["worker_states"][:1]  # edited by hand: the stamp still matches
     torch.save(ckpt, d / CHECKPOINT)
-    with pytest.raises(RunDirError, match=r"checkpoint.pt does not fit this run \(ValueError: zip\(\).*delete "
+    with pytest.raises(RunDirError, match=r"checkpoint.pt does not fit this run \(ConfigError: the state has "
+                                          r"worker_states of other than num_workers = 4 entries.*delete "
                                           r"checkpoint.pt to restart"):
         train(None, d, resume=True, progress=False)
+
+
+def _set(path):
+    def edit(ckpt, value):
+        *parents, last = path
+        for k in parents:
+            ckpt = ckpt[k]
+        ckpt[last] = value(ckpt[last]) if callable(value) else value
+    return edit
+
+
+@pytest.mark.parametrize(("path", "value", "says"), [
+    # an adversarial read: these were loaded (a dtype cast silently by copy_) or failed in the loop with a traceback
+    (["sim", "rule_state", "params"], lambda p: p.double(), r"params is a float64 tensor of shape \(\d+,\), this "
+                                                            r"rule's is a float32 tensor"),
+    (["sim", "rule_state", "params"], lambda p: p.long(), "params is a int64 tensor"),
+    (["sim", "rule_state", "momentum"], lambda p: p[:-1], r"momentum is a float32 tensor of shape \(\d+,\)"),
+    (["sim", "rule_state", "params"], lambda p: p.tolist(), "params is a list, this rule's is a float32 tensor"),
+    (["sim", "rule_state", "group"], "x", "group is 'x', this rule's is a number"),
+    (["sim", "dispatch_time"], [0.0], "dispatch_time of other than num_workers = 4 entries"),
+    (["sim", "source", "heap"], lambda h: [(a, b, 99) for a, b, _ in h], r"pending arrivals naming workers outside "
+                                                                         r"\[0, 4\)"),
+    (["sim", "t"], "5", "the state has t = '5'"),
+    (["sim", "now"], float("nan"), "now = nan"),
+])
+def test_a_checkpoint_edited_by_hand_is_a_one_line_error_not_a_cast_or_a_traceback(tmp_path, path, value, says):
+    _, d = _run(tmp_path)
+    _unfinish(d)
+    ckpt = torch.load(d / CHECKPOINT, weights_only=True)
+    _set(path)(ckpt, value)
+    torch.save(ckpt, d / CHECKPOINT)
+    with pytest.raises(RunDirError, match=rf"checkpoint.pt does not fit this run \(ConfigError: .*{says}.*delete "
+                                          r"checkpoint.pt to restart") as e:
+        train(None, d, resume=True, progress=False)
+    assert "\n" not in str(e.value)
 
 
 def test_a_checkpoint_is_plain_data_and_resumes_bit_identically_for_every_rule():

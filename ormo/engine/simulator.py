@@ -1077,6 +1077,22 @@ class Simulator:
         if differ:
             raise ConfigError(f"the state was saved by a simulator with {'; '.join(differ)}: build the simulator with "
                               f"the same rule, scheduler, num_workers and params0 shape and dtype to continue it")
+        # what the next iterations index by worker or by t (an edited state failed there, with a traceback)
+        K = self.num_workers
+        short = [k for k in ("worker_states", "snapshots", "own", "dispatch_time", "idle")
+                 if not isinstance(sd[k], list) or len(sd[k]) != K]
+        heap = sd["source"].get("heap", []) if isinstance(sd["source"], dict) else None
+        if short or not isinstance(heap, list) or not all(
+                isinstance(h, list | tuple) and len(h) == 3 and isinstance(h[2], int) and 0 <= h[2] < K for h in heap):
+            what = f"{', '.join(short)} of other than num_workers = {K} entries" if short else \
+                f"pending arrivals naming workers outside [0, {K})"
+            raise ConfigError(f"the state has {what}: it is not a Simulator.state_dict() of this simulator (or it was "
+                              f"edited)")
+        t = sd["t"]
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0 or not isinstance(sd["now"], int | float) or \
+                not math.isfinite(sd["now"]):
+            raise ConfigError(f"the state has t = {t!r} and now = {sd['now']!r}: they must be an integer >= 0 and a "
+                              f"finite time (it is not a Simulator.state_dict(), or it was edited)")
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self._check_fits(sd)

@@ -166,7 +166,7 @@ class WorkerState:
         return {"momentum": self.momentum.clone() if copy else self.momentum}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.momentum.copy_(sd["momentum"])
+        self.momentum.copy_(_same_kind("worker momentum", self.momentum, sd["momentum"]))
 
 
 @dataclass
@@ -197,12 +197,30 @@ class ServerState:
             cur = getattr(self, f.name)
             new = sd[f.name]
             if isinstance(cur, Tensor):
-                cur.copy_(new)
+                cur.copy_(_same_kind(f.name, cur, new))
             elif isinstance(cur, list) and cur and isinstance(cur[0], Tensor):
                 for c, n in zip(cur, new, strict=True):
-                    c.copy_(n)
+                    c.copy_(_same_kind(f.name, c, n))
             else:
-                setattr(self, f.name, new)
+                setattr(self, f.name, _same_kind(f.name, cur, new))
+
+
+def _same_kind(name: str, cur: Any, new: Any) -> Any:
+    """``new``, a saved value of a state field, checked against the live one: a tensor of the same shape and dtype
+    (``copy_`` would cast another dtype silently), a number for a number."""
+    if isinstance(cur, Tensor):
+        ok = isinstance(new, Tensor) and new.shape == cur.shape and new.dtype == cur.dtype
+        want = f"a {str(cur.dtype).removeprefix('torch.')} tensor of shape {tuple(cur.shape)}"
+    elif isinstance(cur, bool) or cur is None or not isinstance(cur, int | float):
+        return new
+    else:
+        ok, want = isinstance(new, numbers.Real) and not isinstance(new, bool), "a number"
+    if not ok:
+        got = f"a {str(new.dtype).removeprefix('torch.')} tensor of shape {tuple(new.shape)}" if isinstance(
+            new, Tensor) else repr(new) if isinstance(new, str | int | float | None) else f"a {type(new).__name__}"
+        raise ConfigError(f"the state's {name} is {got}, this rule's is {want}: it is not a state of this run (or it "
+                          f"was edited)")
+    return new
 
 
 class Rule:
