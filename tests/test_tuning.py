@@ -335,6 +335,13 @@ def test_run_score_reads_the_rows_and_a_diverged_run_scores_nan(tmp_path):
     assert run_score(run, "final_val_loss") == 1.2 and run_score(run, "final_train_loss") == 1.0
     (run / "run.json").write_text(json.dumps({"status": "finished", "diverged": "at iteration 3"}))
     assert math.isnan(run_score(run, "final_val_acc"))
+    # a metrics.jsonl cut short would score an earlier evaluation as final (the tables refuse it too)
+    rows = [{**r, "iteration": 10 * i} for i, r in enumerate(rows)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    (run / "run.json").write_text(json.dumps({"status": "finished", "final": rows[-1]}))
+    with pytest.raises(ConfigError, match=r"the last row of metrics.jsonl has iteration = 10 but run.json's final "
+                                          r"row says 20 \(metrics.jsonl is cut short or damaged\)"):
+        run_score(run, "final_val_acc")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -226,6 +226,13 @@ def run_score(run_dir: Path, metric: str, *, higher: bool | None = None) -> floa
         raise ConfigError(f"tuning run {run_dir} cannot be scored: its run.json or metrics.jsonl is missing or "
                           f"damaged ({type(e).__name__}: {e}); delete that directory and rerun the sweep to redo it"
                           ) from None
+    final = info.get("final")
+    if isinstance(final, dict) and isinstance(final.get("iteration"), int) and (
+            not rows or rows[-1].get("iteration") != final["iteration"]):  # cut short: an earlier epoch's score
+        raise ConfigError(f"tuning run {run_dir} cannot be scored: the last row of metrics.jsonl has iteration = "
+                          f"{rows[-1].get('iteration') if rows else None!r} but run.json's final row says "
+                          f"{final['iteration']!r} (metrics.jsonl is cut short or damaged); delete that directory and "
+                          f"rerun the sweep to redo it")
     if info.get("diverged"):
         return math.nan
     key, reduce, known = selection(metric)
