@@ -159,11 +159,19 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     runs = plan_sweep(args.config, out=args.out, overrides=overrides, methods=_csv(args.methods),
                       seeds=_csv(args.seeds, int, flag="--seeds"), settings=_settings(args.config, args.settings),
                       grid=args.grid, tune_scope=getattr(args, "tune_scope", None))
+    rest = None
+    if args.settings is not None or args.methods is not None:  # the folder's table also shows the other cells
+        try:
+            rest = plan_sweep(args.config, out=args.out, overrides=overrides,
+                              seeds=_csv(args.seeds, int, flag="--seeds"), grid=args.grid,
+                              tune_scope=getattr(args, "tune_scope", None))
+        except ConfigError:  # the config's own list of methods or settings is not plannable: nothing to compare
+            rest = None
     if getattr(args, "dry_run", False) or getattr(args, "print_config", False):
         data = read_config_file(args.config)
         data.pop("sweep", None)
         base = from_dict(apply_overrides(data, overrides))
-        print(describe_plan(runs, base, full=getattr(args, "print_config", False)), end="")
+        print(describe_plan(runs, base, full=getattr(args, "print_config", False), rest=rest), end="")
         return 0
     from .experiment.sweep import plan_tuning, sweep_jobs
 
@@ -177,7 +185,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
           + f" ({jobs} at a time{where})", file=sys.stderr)
     failed: SweepFailed | None = None
     try:
-        run_sweep(runs, jobs=jobs, progress=not args.quiet, runs_per_device=per_device)
+        run_sweep(runs, jobs=jobs, progress=not args.quiet, runs_per_device=per_device, rest=rest)
     except SweepFailed as e:  # the finished runs still make a table; the failures are listed after it
         failed = e
     except SweepStopped as e:

@@ -690,6 +690,39 @@ def test_a_sweep_refuses_a_folder_whose_other_seeds_ran_another_configuration(tm
     check_other_seeds(runs)
 
 
+@pytest.mark.parametrize("flag", ["--settings", "--methods"])
+def test_a_partial_sweep_refuses_a_folder_whose_other_cells_ran_another_configuration(tmp_path, capsys, flag):
+    """Found by an adversarial read: run one setting (or method), edit the config file, run the other: the folder's
+    one table put the two configurations side by side without a word."""
+    sweep = ('[sweep]\nmethods = ["asgd", "ormo"]\n[[sweep.settings]]\nlabel = "hom"\n'
+             '[[sweep.settings]]\nlabel = "het"\nset = {"timing.model" = "slow_fraction", "timing.fraction" = 0.25, '
+             '"timing.slowdown" = 4.0}\n')
+    cfg = _write(tmp_path, TINY + sweep)
+    out = tmp_path / "out"
+    first, second = ("hom", "het") if flag == "--settings" else ("asgd", "ormo")
+    if flag == "--methods":  # a second setting would only double the runs
+        cfg = _write(tmp_path, TINY + sweep.split("[[sweep.settings]]")[0])
+    args = ["sweep", str(cfg), "--out", str(out), "--quiet", "--no-report"]
+    assert main([*args, flag, first]) == 0
+    cfg.write_text(cfg.read_text().replace("lr = 0.02", "lr = 0.05"))
+    capsys.readouterr()
+    assert main([*args, flag, second]) == 2
+    err = capsys.readouterr().err
+    cell = out / "hom" / "asgd" if flag == "--settings" else out / "default" / "asgd"
+    assert f"{cell / 'seed0'} holds a run of setting {cell.parent.name!r}, method 'asgd' made with another " \
+           f"configuration than this sweep now gives it (now: method.lr = 0.05   (there: 0.02)), so the table of " \
+           f"{out} would mix the two; use another --out, or delete those runs and run that setting and method " \
+           f"again" in err and "Traceback" not in err and len([x for x in err.splitlines() if "error" in x]) == 1
+    assert sorted(p.name for p in (out / cell.parent.name).iterdir()) == (["asgd", "ormo"] if flag == "--settings"
+                                                                          else ["asgd"])  # nothing new ran
+    assert not (out / "het").exists()
+    assert main([*args, flag, second, "--dry-run"]) == 0
+    assert "# THE SWEEP WILL REFUSE THIS PLAN: " in capsys.readouterr().out
+    # the unchanged configuration continues the folder
+    cfg.write_text(cfg.read_text().replace("lr = 0.05", "lr = 0.02"))
+    assert main([*args, flag, second]) == 0
+
+
 def test_grid_values_equal_as_numbers_are_one_value(tmp_path):
     with pytest.raises(ConfigError, match="grid axis method.lr lists a value twice: 1, 1.0"):
         plan_sweep(_write(tmp_path, TINY), out=tmp_path / "out", grid=["method.lr=1,1.0"])

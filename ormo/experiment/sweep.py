@@ -450,9 +450,10 @@ def config_diff(base: ExperimentConfig, cfg: ExperimentConfig) -> list[str]:
     return lines
 
 
-def describe_plan(runs: list[SweepRun], base: ExperimentConfig, *, full: bool = False) -> str:
+def describe_plan(runs: list[SweepRun], base: ExperimentConfig, *, full: bool = False,
+                  rest: list[SweepRun] | None = None) -> str:
     """The plan as text: each run's directory, what is already there, and its resolved config's difference from the
-    base config (``full``: its whole resolved config)."""
+    base config (``full``: its whole resolved config). ``rest``: as for :func:`run_sweep`."""
     labels = list(dict.fromkeys(r.label for r in runs))
     methods = list(dict.fromkeys(r.method for r in runs))
     seeds = list(dict.fromkeys(r.seed for r in runs))
@@ -482,6 +483,7 @@ def describe_plan(runs: list[SweepRun], base: ExperimentConfig, *, full: bool = 
             lines[0] += "; the real runs below get the chosen values once tuning has finished"
     try:
         check_other_seeds(runs)
+        check_rest(runs, rest)
     except ConfigError as e:
         lines.append(f"# THE SWEEP WILL REFUSE THIS PLAN: {e}")
     for r in [*tuning, *runs]:
@@ -532,14 +534,18 @@ def check_existing(run: SweepRun) -> str | None:
     return "resume" if (run.run_dir / CHECKPOINT).exists() else "restart"
 
 
-def check_other_seeds(runs: list[SweepRun]) -> None:
+def check_other_seeds(runs: list[SweepRun], *, rest: bool = False) -> None:
     """Refuse a plan whose (setting, method) folder already holds runs of seeds it does not plan, made with a config
     that differs from the planned one in anything but ``train.seed`` (another ``--set``, an edited sweep file, another
     tuned choice): the table would average the two experiments in one cell. Runs whose config.toml cannot be read
-    are left to the table, which skips them with a warning."""
+    are left to the table, which skips them with a warning.
+
+    With ``rest``, ``runs`` are the cells of the sweep that this command does not run (``--settings`` or
+    ``--methods`` chose others), and every run found in them is compared: the folder's table would otherwise put
+    columns or rows of an older configuration beside the new ones."""
     from dataclasses import replace
 
-    planned = {r.run_dir for r in runs}
+    planned = set() if rest else {r.run_dir for r in runs}
     seen: set[Path] = set()
     for r in runs:
         cell = r.run_dir.parent
@@ -557,9 +563,22 @@ def check_other_seeds(runs: list[SweepRun]) -> None:
             stored = replace(stored, train=replace(stored.train, seed=r.config.train.seed))
             if stored != r.config:
                 diff = "; ".join(d.replace("(base:", "(there:") for d in config_diff(stored, r.config)[:3])
+                if rest:
+                    raise ConfigError(f"{other} holds a run of setting {r.label!r}, method {r.method!r} made with "
+                                      f"another configuration than this sweep now gives it (now: {diff}), so the "
+                                      f"table of {sweep_root(runs)} would mix the two; use another --out, or delete "
+                                      f"those runs and run that setting and method again")
                 raise ConfigError(f"{other} holds a run of setting {r.label!r}, method {r.method!r} whose config "
                                   f"differs from this sweep's in more than the seed (this sweep has: {diff}), so one "
                                   f"table cell would mix the two; use another --out, or delete those runs")
+
+
+def check_rest(runs: list[SweepRun], rest: list[SweepRun] | None) -> None:
+    """With a plan that is part of a sweep (``rest``, the whole of it): refuse runs of its other cells that were made
+    with another configuration than the sweep now gives them (:func:`check_other_seeds` with ``rest``)."""
+    if rest and runs:
+        cells = {r.run_dir.parent for r in runs}
+        check_other_seeds([r for r in rest if r.run_dir.parent not in cells], rest=True)
 
 
 def sweep_root(runs: list[SweepRun]) -> Path:
@@ -734,10 +753,12 @@ def sweep_jobs(runs: list[SweepRun], jobs: int | None, runs_per_device: int | No
 
 
 def run_sweep(runs: list[SweepRun], *, jobs: int | None = 1, progress: bool = True,
-              runs_per_device: int | None = None) -> list[tuple[str, str]]:
+              runs_per_device: int | None = None, rest: list[SweepRun] | None = None) -> list[tuple[str, str]]:
     """Run every planned run, ``jobs`` at a time in worker child processes; returns (run_dir, outcome) pairs in
     completion order. A failing run is reported and the others go on; the sweep then raises ``SweepFailed``.
-    SIGINT/SIGTERM stop it as the module docstring says, raising ``SweepStopped``.
+    SIGINT/SIGTERM stop it as the module docstring says, raising ``SweepStopped``. ``rest``: the whole sweep the config
+    describes, when ``runs`` is part of it (``--settings``, ``--methods``); runs already in its other cells must have
+    been made with the configuration it gives them (:func:`check_other_seeds`).
 
     Runs on CUDA are spread over every visible GPU, ``runs_per_device`` at a time on each (:func:`gpu_slots`);
     ``jobs`` (None: one per slot) then caps the total."""
@@ -746,6 +767,7 @@ def run_sweep(runs: list[SweepRun], *, jobs: int | None = 1, progress: bool = Tr
     for r in [*tuning, *(r for r in runs if r.tune is None)]:  # before anything starts: a directory of another
         check_existing(r)                                      # configuration stops the sweep
     check_other_seeds(runs)  # and so do runs of other seeds of a planned cell, made with another configuration
+    check_rest(runs, rest)  # and runs of the cells not run now, made before the config changed
     if not runs:
         return []
     out = sweep_root(runs)
