@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 import ormo
 from ormo.cli import main
@@ -94,6 +95,25 @@ def test_resuming_a_finished_run_prints_the_same_json_as_the_run(tmp_path, capsy
     assert main(["train", "--resume", str(tmp_path / "r")]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again == first and "val_acc" not in again
+
+
+@pytest.mark.parametrize(("damage", "says"), [
+    (lambda d: torch.save({"x": 1}, d / "final.pt"), "final.pt holds no 'params' tensor"),
+    (lambda d: (d / "metrics.jsonl").write_text(""), "metrics.jsonl has no final row"),
+    (lambda d: (d / "metrics.jsonl").write_text("5\n"), "metrics.jsonl cannot be read"),
+    (lambda d: (d / "metrics.jsonl").write_text('{"epoch": 1'), "metrics.jsonl cannot be read"),
+    (lambda d: (d / "metrics.jsonl").unlink(), "metrics.jsonl: No such file or directory"),
+])
+def test_resuming_a_finished_run_with_damaged_results_is_one_line(tmp_path, capsys, damage, says):
+    # an adversarial read: a final.pt without params was a KeyError traceback, an empty metrics.jsonl an IndexError
+    d = tmp_path / "r"
+    assert main(["train", "preset:quickstart", "--set", "train.epochs=0.1", "--quiet", "--run-dir", str(d)]) == 0
+    damage(d)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(d)]) == 1
+    err = capsys.readouterr().err
+    assert says in err and "restore the file, or run it again into a new directory" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_address_is_checked_and_moves_only_a_ray_run(tmp_path, capsys):

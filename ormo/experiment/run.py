@@ -61,6 +61,7 @@ from .rundir import (
     CheckpointRefused,
     RunDirError,
     RunLock,
+    explain_os_error,
     load_checkpoint,
     make_run_dir,
     read_run_info,
@@ -599,6 +600,18 @@ def _driver_problem(cfg: ExperimentConfig, engine: str) -> Task:
 def _finished_result(run_dir: Path, info: dict[str, Any]) -> RunResult:
     from .metrics import read_metrics
 
-    final = safe_load(run_dir / FINAL, fix="the run's final parameters are lost: run it again into a new directory")
-    return RunResult(run_dir=run_dir, params=final["params"], metrics=read_metrics(run_dir),
-                     summary=info.get("summary", {}), diverged=info.get("diverged"))
+    fix = "the run's results are damaged: restore the file, or run it again into a new directory"
+    final = safe_load(run_dir / FINAL, fix=fix)
+    if not isinstance(final.get("params"), torch.Tensor):
+        raise RunDirError(f"{run_dir / FINAL} holds no 'params' tensor, so it is not an ormo final.pt; {fix}")
+    path = run_dir / "metrics.jsonl"
+    try:
+        metrics = read_metrics(run_dir)
+    except OSError as e:
+        raise RunDirError(f"{explain_os_error(e, path)}; {fix}") from None
+    except (ValueError, AttributeError) as e:  # not JSON (UnicodeDecodeError is a ValueError), or not rows
+        raise RunDirError(f"{path} cannot be read ({type(e).__name__}: {e}); {fix}") from None
+    if not metrics or not {"epoch", "train_loss", "sim_time_s"} <= metrics[-1].keys():
+        raise RunDirError(f"{path} has no final row (epoch, train_loss, sim_time_s, ...); {fix}")
+    return RunResult(run_dir=run_dir, params=final["params"], metrics=metrics, summary=info.get("summary", {}),
+                     diverged=info.get("diverged"))
