@@ -56,6 +56,15 @@ def test_short_run_writes_everything(tmp_path):
     assert csv_lines[0] == ",".join(METRIC_FIELDS) and len(csv_lines) == len(rows) + 1
 
 
+def test_a_config_that_is_not_an_experiment_config_is_one_line(tmp_path):
+    # an adversarial read: a path (or a dict) was an AttributeError: 'str' object has no attribute 'train'
+    for cfg in ("configs/quickstart.toml", {"train": {}}):
+        with pytest.raises(ConfigError, match=rf"invalid cfg: {type(cfg).__name__} \(must be an ExperimentConfig: "
+                                              r"ormo.experiment.load_config\(path, overrides\) reads one"):
+            train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_existing_run_directory_is_not_overwritten(tmp_path):
     cfg = load_config(None, [*SMALL, "train.epochs=0.25"])
     train(cfg, tmp_path / "run", progress=False)

@@ -133,6 +133,9 @@ def train(
     ``RunDirError`` naming the holder. SIGINT/SIGTERM stop the run with a checkpoint and raise :class:`RunStopped`.
     File-system failures raise ``RunDirError`` (or ``OSError``) naming the file, with ``run.json`` set to ``failed``
     when it can still be written."""
+    if cfg is not None and not isinstance(cfg, ExperimentConfig):  # e.g. a path: it was an AttributeError
+        raise ConfigError(f"invalid cfg: {type(cfg).__name__} (must be an ExperimentConfig: "
+                          f"ormo.experiment.load_config(path, overrides) reads one, or None with resume=True)")
     run_dir = Path(run_dir)
     if engine not in ("simulator", "ray"):
         raise ConfigError(f"invalid engine: {engine!r} (must be 'simulator' or 'ray')")
