@@ -367,9 +367,10 @@ def _default_run_dir(cfg: ExperimentConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
-    if argv is None and code == 0:
-        # Run as the program and finished: everything is written. A Ctrl-C while the interpreter exits (torch and
-        # Ray teardown take a moment) would otherwise turn this success into status 130.
+    if argv is None:
+        # Run as the program and done (finished, failed or stopped): everything is written and the status is decided.
+        # A Ctrl-C while the interpreter exits (torch and Ray teardown take a moment) would otherwise print a
+        # traceback from an exit handler and turn the status into -2.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     return code
 
