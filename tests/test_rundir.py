@@ -196,6 +196,10 @@ def _set(path):
     (["sim", "dispatch_time"], [0.0], "dispatch_time of other than num_workers = 4 entries"),
     (["sim", "source", "heap"], lambda h: [(a, b, 99) for a, b, _ in h], r"pending arrivals naming workers outside "
                                                                          r"\[0, 4\)"),
+    (["sim", "source", "heap"], [], r"pending arrivals \(0\) and waiting workers \(0\) do not name each of the "
+                                    r"num_workers = 4 workers once"),
+    (["sim", "source", "heap"], lambda h: [*h, h[0]], r"pending arrivals \(5\) and waiting workers \(0\)"),
+    (["sim", "waiting"], [[0, 0.5]], r"pending arrivals \(4\) and waiting workers \(1\)"),
     (["sim", "t"], "5", "the state has t = '5'"),
     (["sim", "now"], float("nan"), "now = nan"),
 ])

@@ -1088,6 +1088,13 @@ class Simulator:
                 f"pending arrivals naming workers outside [0, {K})"
             raise ConfigError(f"the state has {what}: it is not a Simulator.state_dict() of this simulator (or it was "
                               f"edited)")
+        waiting = sd["waiting"] if isinstance(sd["waiting"], list) else None
+        named = None if waiting is None else [h[2] for h in heap] + [
+            w[0] if isinstance(w, list | tuple) and w and isinstance(w[0], int) else -1 for w in waiting]
+        if "heap" in sd["source"] and (named is None or sorted(named) != list(range(K))):  # else: popped from empty
+            raise ConfigError(f"the state's pending arrivals ({len(heap)}) and waiting workers "
+                              f"({'?' if waiting is None else len(waiting)}) do not name each of the num_workers = {K} "
+                              f"workers once: it is not a Simulator.state_dict() of this simulator (or it was edited)")
         t = sd["t"]
         if isinstance(t, bool) or not isinstance(t, int) or t < 0 or not isinstance(sd["now"], int | float) or \
                 not math.isfinite(sd["now"]):
