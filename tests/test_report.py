@@ -314,8 +314,13 @@ def test_plot_runs_writes_one_png_per_setting(sweep: Path, tmp_path: Path) -> No
     # another metric writes its own files next to these, never over them
     before = {p.name: p.read_bytes() for p in paths}
     other = plot_runs(load_runs(sweep), tmp_path / "plots", metric="test_loss")
-    assert [p.name for p in other] == ["k-16-het-test-loss.png", "k-16-hom-test-loss.png"]
+    assert [p.name for p in other] == ["k-16-het.test-loss.png", "k-16-hom.test-loss.png"]
     assert {p.name: p.read_bytes() for p in paths} == before
+    # nor over another setting's default plot: "hom" at val_acc would have been hom-val-acc.png, the plot of a
+    # setting labelled "hom val acc" (an adversarial read); a slug holds no "."
+    from ormo.report.plots import slugify
+
+    assert slugify("hom val acc") == "hom-val-acc" and "." not in slugify("K=16 het. v1.2")
 
 
 def test_plot_runs_with_seeds_of_different_lengths(tmp_path: Path) -> None:

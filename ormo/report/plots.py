@@ -161,7 +161,7 @@ def plot_runs(
     accuracy, see :func:`plotted_metric`) and the training loss against epochs (top) and against simulated
     wall-clock time ``sim_time_s`` (bottom); lower-is-better metrics on a log axis; one legend below them. Labels
     whose slugs collide get ``-2``, ``-3``, ... appended. With ``metric`` given, the files are
-    ``<slug>-<metric>.png``.
+    ``<slug>.<metric>.png`` (a slug holds no ".", so it never lands on another setting's default plot).
     """
     if not records:
         raise ValueError("plot_runs() needs at least one run record, got none")
@@ -178,7 +178,7 @@ def plot_runs(
         stem = stem if k == 1 else f"{stem}-{k}"
         used.add(stem)
         # another metric than the default gets its own files: it never replaces the folder's default plots
-        path = out / (f"{stem}.png" if metric is None else f"{stem}-{slugify(metric)}.png")
+        path = out / (f"{stem}.png" if metric is None else f"{stem}.{slugify(metric)}.png")
         _draw_setting(label, [r for r in records if r.label == label], path, dpi=dpi, metric=metric)
         paths.append(path)
     return paths
