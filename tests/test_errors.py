@@ -106,6 +106,10 @@ def problem():
                                                                        r"callable lr_schedule\(t\)"),
         ({"num_workers": 2, "num_iterations": 5, "callback": 3}, r"invalid callback: 'int' \(must be a callable "
                                                                  r"callback\(event, state\)"),
+        # an adversarial read: grad_batch without batch was never called, without a word
+        ({"num_workers": 2, "num_iterations": 5, "grad_batch": sorted}, r"invalid grad_batch: 'sorted' \(must be "
+                                                                         r"given only with batch > 0, .*\); set "
+                                                                         r"batch=N, or leave grad_batch out"),
     ],
 )
 def test_simulate_argument_errors(problem, kwargs, pattern):

@@ -434,6 +434,10 @@ class Simulator:
         self.batch = check_int_at_least("batch", batch, 0)
         if grad_batch is not None and not callable(grad_batch):
             raise invalid("grad_batch", type(grad_batch).__name__, "a callable grad_batch(requests) -> gradients")
+        if grad_batch is not None and not self.batch:  # it would never be called: say so rather than run without it
+            raise invalid("grad_batch", getattr(grad_batch, "__name__", type(grad_batch).__name__),
+                          "given only with batch > 0, where it computes the batched in-flight gradients",
+                          "set batch=N, or leave grad_batch out")
         self.grad_batch, self.on_consume = grad_batch, on_consume
         if not isinstance(defer_checks, bool) and defer_checks != "state":
             raise invalid("defer_checks", defer_checks, 'True, False or "state"')
