@@ -262,6 +262,7 @@ def test_replay_mismatches(problem, tmp_path):
         ("not json\n", r":1: header is not JSON"),
         ('{"format": "other"}\n', r":1: not an ormo event log"),
         ('{"format": "ormo.events", "version": 9}\n', r":1: unsupported version 9"),
+        ('{"format": "ormo.events", "version": 1, "meta": [1, 2]}\n', r":1: header meta = \[1, 2\] must be an object"),
         ('{"format": "ormo.events", "version": 1}\n{"t": 0, "worker": 0}\n', r":2: bad event record"),
         ('{"format": "ormo.events", "version": 1}\n'
          '{"t": 1, "worker": 0, "index": 0, "sim_time": 1, "dispatch_time": 0}\n', r":2: event t=1, expected t=0"),
@@ -289,6 +290,13 @@ def test_missing_event_log(tmp_path):
         ('{"t": 0, "worker": 0.5, "index": 0, "sim_time": 1, "dispatch_time": 0}', r"worker=0.5 must be an integer"),
         ('{"t": 0, "worker": -1, "index": 0, "sim_time": 1, "dispatch_time": 0}', r"worker=-1 must be >= 0"),
         ('{"t": 0, "worker": 0, "index": 0, "sim_time": 1, "dispatch_time": 2}', r"dispatch_time=2.0 is after"),
+        # a NaN time passes every ordering check (comparisons with NaN are false): refused by itself
+        ('{"t": 0, "worker": 0, "index": 0, "sim_time": NaN, "dispatch_time": 0}', r"sim_time=nan must be a finite"),
+        ('{"t": 0, "worker": 0, "index": 0, "sim_time": 1, "dispatch_time": NaN}', r"dispatch_time=nan must be a"),
+        ('{"t": 0, "worker": 0, "index": 0, "sim_time": Infinity, "dispatch_time": 0}', r"sim_time=inf must be"),
+        ('{"t": 0, "worker": 0, "index": 0, "sim_time": 1, "dispatch_time": -5}', r"dispatch_time=-5 must be .* >= 0"),
+        ('{"t": 0, "worker": 0, "index": 0, "sim_time": "1", "dispatch_time": 0}', r"sim_time='1' must be a finite"),
+        ('{"t": 0, "worker": 0, "index": 0, "sim_time": true, "dispatch_time": 0}', r"sim_time=True must be a finite"),
     ],
 )
 def test_event_log_records_are_checked(tmp_path, record, pattern):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -171,12 +172,16 @@ class EventLog(Sequence[Event]):
             raise EventLogError(f"{path}:1: not an ormo event log (header format must be {FORMAT!r})")
         if header.get("version") != VERSION:
             raise EventLogError(f"{path}:1: unsupported version {header.get('version')!r} (expected {VERSION})")
-        log = cls(header.get("meta") or {})
+        meta = header.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise EventLogError(f"{path}:1: header meta = {json.dumps(meta)[:200]} must be an object of run metadata "
+                                f"(rule, num_workers, ...); restore the log the run wrote")
+        log = cls(meta)
         for lineno, line in enumerate(lines[1:], start=2):
             try:
                 rec = json.loads(line)
                 t, worker, index = (_exact_int(rec[k], k) for k in ("t", "worker", "index"))
-                sim_time, dispatch_time = float(rec["sim_time"]), float(rec["dispatch_time"])
+                sim_time, dispatch_time = (_time(rec[k], k) for k in ("sim_time", "dispatch_time"))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise EventLogError(f"{path}:{lineno}: bad event record ({e!r}): {line[:200]}") from None
             if worker < 0:
@@ -199,6 +204,13 @@ def _exact_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name}={value!r} must be an integer")
     return value
+
+
+def _time(value: Any, name: str) -> float:
+    """A recorded time: a finite number of seconds >= 0 (a NaN would pass every ordering check unnoticed)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={value!r} must be a finite number of seconds >= 0")
+    return float(value)
 
 
 def _jsonable(obj: Any) -> Any:
