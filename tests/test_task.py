@@ -4,6 +4,7 @@ rules and models the CLI sees, and the bundled byte-level language model."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -27,7 +28,8 @@ from ormo.experiment.problem import ImageClassification, build_task
 from ormo.report import load_runs
 from ormo.report.plots import plotted_metric
 from ormo.report.tables import final_value, summarize
-from ormo.rules.base import ConfigError
+from ormo.rules.asgd import ASGD
+from ormo.rules.base import ConfigError, Rule, register, rule_class, rule_names
 from ormo.task import Metric, ModelTask, TaskContext, check_task, evaluate_all
 from ormo.tasks.stdlib_lm import ByteMLP, StdlibLM
 
@@ -236,6 +238,38 @@ def test_a_user_rule_and_model_are_visible_to_the_cli_through_import(tmp_path):
     assert again.returncode == 0 and json.loads(again.stdout)["bit_identical"], again.stderr
     unknown = ormo("train", "--set", "method.name=half-asgd", "--set", f"task.entry={ENTRY}", "--quiet")
     assert unknown.returncode == 2 and "unknown rule 'half-asgd'" in unknown.stderr  # without the import
+
+
+def test_a_plugin_rule_class_that_cannot_work_is_refused_when_registered():
+    """@register checks the class at import: a class that is not a dataclass failed with a TypeError traceback when
+    the run built it; one without a name, or with another scheduler, failed later or with an AttributeError."""
+    from typing import ClassVar
+
+    class NotADataclass(Rule):
+        name: ClassVar[str] = "not-a-dataclass"
+        scheduler: ClassVar[str] = "async"
+
+    @dataclasses.dataclass(frozen=True)
+    class Unnamed(Rule):
+        scheduler: ClassVar[str] = "async"
+
+    @dataclasses.dataclass(frozen=True)
+    class Sometimes(ASGD):
+        name: ClassVar[str] = "sometimes"
+        scheduler: ClassVar[str] = "sometimes"
+
+    @dataclasses.dataclass(frozen=True)
+    class Shadow(ASGD):
+        name: ClassVar[str] = "asgd"
+
+    for cls, message in [(NotADataclass, "is not a dataclass; decorate it with @dataclass"),
+                         (Unnamed, "has name = None; give it a class attribute name"),
+                         (Sometimes, "has scheduler = 'sometimes'; it must be one of 'sync', 'async'"),
+                         (Shadow, "rule name 'asgd' registered twice; register the new rule under another name"),
+                         (dict, "is not a subclass of ormo.rules.base.Rule")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            register(cls)
+    assert rule_class("asgd") is ASGD and "sometimes" not in rule_names()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -302,9 +302,22 @@ _REGISTRY: dict[str, type[Rule]] = {}
 
 
 def register(cls: type[Rule]) -> type[Rule]:
-    """Class decorator: add a rule under ``cls.name``."""
-    if cls.name in _REGISTRY:
-        raise ValueError(f"rule name {cls.name!r} registered twice")
+    """Class decorator: add a rule under ``cls.name``. A plugin's class is checked here, at import, so that a
+    mistake is one line naming it rather than a traceback from the run that uses it."""
+    what = f"rule class {getattr(cls, '__qualname__', cls)!r}"
+    if not (isinstance(cls, type) and issubclass(cls, Rule)):
+        raise ConfigError(f"{what} is not a subclass of ormo.rules.base.Rule; subclass it")
+    if not dataclasses.is_dataclass(cls):
+        raise ConfigError(f"{what} is not a dataclass; decorate it with @dataclass(frozen=True) under @register "
+                          f"(its fields are the hyperparameters)")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{what} has name = {name!r}; give it a class attribute name: ClassVar[str] = \"my-rule\"")
+    if getattr(cls, "scheduler", None) not in SCHEDULERS:
+        raise ConfigError(f"{what} has scheduler = {getattr(cls, 'scheduler', None)!r}; it must be one of "
+                          f"{', '.join(map(repr, SCHEDULERS))}")
+    if name in _REGISTRY:
+        raise ConfigError(f"rule name {name!r} registered twice; register the new rule under another name")
     _REGISTRY[cls.name] = cls
     return cls
 
