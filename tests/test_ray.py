@@ -348,6 +348,30 @@ def test_a_signal_stops_the_workers_checkpoints_where_the_server_stopped_and_res
     assert replay(run_dir)["bit_identical"]
 
 
+def test_a_sigterm_while_ray_starts_reaches_the_callers_handler():
+    """ray.init replaces SIGTERM's handler (one that exits with status 15, then its C++ failure handler, which aborts):
+    a SIGTERM while the instance starts ended `ormo train` with 15 or 134, no message and run.json `running`. The
+    caller's handler stays in place throughout (checked in a fresh process: this module's instance is up)."""
+    script = (
+        "import os, signal, time\n"
+        "from ormo.engine.ray_runtime import start_ray, stop_ray\n"
+        "seen = []\n"
+        "def handler(signum, frame): seen.append(signum)\n"
+        "signal.signal(signal.SIGTERM, handler)\n"
+        "assert start_ray(None, num_cpus=1)\n"
+        "try:\n"
+        "    assert signal.getsignal(signal.SIGTERM) is handler, signal.getsignal(signal.SIGTERM)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.2)\n"
+        "    assert seen == [signal.SIGTERM], seen\n"
+        "finally:\n"
+        "    stop_ray()\n"
+        "print('kept')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "kept" in done.stdout, done.stderr[-2000:]
+    assert "SIGTERM received" not in done.stderr  # Ray's C++ failure handler never saw it
+
+
 def test_a_dead_address_is_one_line_within_the_connect_timeout(tmp_path):
     import socket
 

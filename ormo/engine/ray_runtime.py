@@ -21,6 +21,7 @@ Only this module imports Ray; the rules and the simulator never do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import threading
@@ -597,6 +598,27 @@ def stop_ray() -> None:
         _reset_token_cache()
 
 
+@contextlib.contextmanager
+def _caller_keeps_sigterm() -> Any:
+    """While ``ray.init`` runs (seconds on a busy machine), leave SIGTERM to the caller's handler: Ray would replace it
+    with one that exits with status 15, and then with its C++ failure handler, which aborts; a SIGTERM while Ray
+    starts would then end the driver without its orderly stop (no message, 15 or 134 instead of 143, run.json left
+    ``running``). Ray's own processes are unaffected: each reads its setting from its environment."""
+    if threading.current_thread() is not threading.main_thread():  # Ray installs nothing there either
+        yield
+        return
+    from ray._private import ray_constants
+    from ray._private import utils as ray_utils
+
+    saved = ray_utils.set_sigterm_handler, ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+    ray_utils.set_sigterm_handler = lambda handler: None
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler, ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = saved
+
+
 def start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str, Any] | None = None, *,
               connect_timeout_s: float = 15.0) -> bool:
     """Connect to ``address``, or start a private local instance, with ``runtime_env`` for the job's processes.
@@ -616,7 +638,8 @@ def start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str, 
         _check_reachable(address, connect_timeout_s)
         _check_token(address, connect_timeout_s)
         try:
-            ray.init(address=address, **kw)
+            with _caller_keeps_sigterm():
+                ray.init(address=address, **kw)
         except ConnectionError as e:  # "auto" with no cluster here: Ray's own text starts with a stray "?:"
             raise ConfigError(f"ray.address = {address!r}: no running Ray cluster was found "
                               f"({str(e).removeprefix('?:').strip().splitlines()[0]}); start one with `ray start "
@@ -625,8 +648,9 @@ def start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str, 
     else:  # "local": a private instance, never a cluster that happens to run on this machine
         if os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled":
             _use_private_token()
-        ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw,
-                 _system_config={"max_direct_call_object_size": INLINE_MAX_BYTES})
+        with _caller_keeps_sigterm():
+            ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw,
+                     _system_config={"max_direct_call_object_size": INLINE_MAX_BYTES})
     return True
 
 
