@@ -390,6 +390,12 @@ def test_replay_refuses_an_out_of_range_worker_a_malformed_field_and_a_truncated
     assert main(["replay", str(d)]) == 1
     err = capsys.readouterr().err
     assert f"{path} is truncated: it holds 2 events, but the run made 5 iterations (run.json's summary)" in err
+    for key, value, shown in (("rule", "asgd", '"asgd"'), ("seed", 7, "7")):  # a log copied from another run
+        header = json.loads(good.splitlines()[0])
+        header["meta"][key] = value
+        path.write_text("\n".join([json.dumps(header), *good.splitlines()[1:]]) + "\n")
+        with pytest.raises(EventLogError, match=rf"^{path}:1: its header says {key} = {shown}, but config.toml says "):
+            replay(d)
     path.write_text(good)
     assert replay(d)["bit_identical"]  # the untouched log replays exactly
 

@@ -44,6 +44,15 @@ def _check_complete(run_dir: Path, events: int) -> None:
                             f"the complete events.jsonl)")
 
 
+def _check_same_run(run_dir: Path, meta: dict[str, Any], expected: dict[str, Any]) -> None:
+    """A log copied from another run (another rule or seed) would replay into a mere "differs": name the mismatch."""
+    for key, value in expected.items():
+        if key in meta and meta[key] != value:
+            raise EventLogError(f"{run_dir / 'events.jsonl'}:1: its header says {key} = {json.dumps(meta[key])}, but "
+                                f"config.toml says {json.dumps(value)}: the log belongs to another run; restore this "
+                                f"run's events.jsonl")
+
+
 def replay(run_dir: str | Path, *, write: bool = True) -> dict[str, Any]:
     """Replay ``run_dir`` and compare with its ``final.pt``; returns (and writes ``replay.json``) the comparison."""
     run_dir = Path(run_dir)
@@ -53,6 +62,7 @@ def replay(run_dir: str | Path, *, write: bool = True) -> dict[str, Any]:
     cfg = load_config(run_dir / "config.toml")
     log = EventLog.load(run_dir / "events.jsonl")
     log.check_workers(cfg.train.num_workers, source=run_dir / "events.jsonl")
+    _check_same_run(run_dir, log.meta, {"rule": cfg.method.name, "seed": cfg.train.seed})
     _check_complete(run_dir, len(log))
     recorded = safe_load(run_dir / FINAL, fix="the run's final parameters are lost: it cannot be compared")
     if not isinstance(recorded.get("params"), torch.Tensor):
