@@ -141,6 +141,7 @@ def test_bad_entries_are_one_line_naming_the_value_and_the_fix(tmp_path, capsys)
     wrong_type = _module(tmp_path, "def make_task(context):\n    return {'params0': 1}\n")
     broken = _module(tmp_path, "raise RuntimeError('boom')\n")
     exits = _module(tmp_path, "import sys\nsys.exit(0)\n")
+    syntax = _module(tmp_path, "X = 1\ndef make_task(context:\n    pass\n")
     cases = [
         ("task.entry=nosuchpkg_xyz.tasks:make_task", "no module named 'nosuchpkg_xyz'; install the package"),
         ("task.entry=missing/nowhere.py:make_task", "file 'missing/nowhere.py' does not exist"),
@@ -149,6 +150,7 @@ def test_bad_entries_are_one_line_naming_the_value_and_the_fix(tmp_path, capsys)
         (f"task.entry={wrong_type}:make_task", "returned dict, not a task (it lacks metrics, params0"),
         (f"task.entry={broken}:make_task", "failed: RuntimeError: boom ("),
         (f"task.entry={exits}:make_task", "called sys.exit(0); a plugin module must not exit at import"),
+        (f"task.entry={syntax}:make_task", f"failed: SyntaxError: '(' was never closed ({syntax}:2); fix the"),
         ("task.entry=make_task", "expected \"module:callable\""),
     ]
     for override, expected in cases:

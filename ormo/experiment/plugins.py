@@ -43,6 +43,8 @@ def is_file_ref(ref: str) -> bool:
 
 def describe_failure(e: BaseException) -> str:
     """``TypeName: message (file:line)`` of an exception raised inside user code (its innermost frame)."""
+    if isinstance(e, SyntaxError) and e.filename:  # the compiler's: its innermost frame is importlib's, not the file's
+        return f"{type(e).__name__}: {e.msg} ({e.filename}:{e.lineno})"
     frames = traceback.extract_tb(e.__traceback__)
     where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
     return f"{type(e).__name__}: {e}{where}"
