@@ -145,6 +145,7 @@ def test_bad_entries_are_one_line_naming_the_value_and_the_fix(tmp_path, capsys)
     cases = [
         ("task.entry=nosuchpkg_xyz.tasks:make_task", "no module named 'nosuchpkg_xyz'; install the package"),
         ("task.entry=missing/nowhere.py:make_task", "file 'missing/nowhere.py' does not exist"),
+        (f"task.entry={tmp_path}:make_task", f"{str(tmp_path)!r} is a folder ({tmp_path}), not a .py file; give"),
         (f"task.entry={EXAMPLE}:nope", "has no attribute 'nope' (it defines: SineRegression, make_task)"),
         (f"task.entry={not_callable}:X", ".X = 3 is not a callable"),
         (f"task.entry={wrong_type}:make_task", "returned dict, not a task (it lacks metrics, params0"),

@@ -73,6 +73,10 @@ def _import_file(ref: str, *, field: str, base_dir: str | None) -> ModuleType:
     if base_dir is not None and not path.is_absolute():
         candidates.append(Path(base_dir) / path)
     found = next((p for p in candidates if p.is_file()), None)
+    folder = next((p for p in candidates if p.is_dir()), None)
+    if found is None and folder is not None:
+        raise ConfigError(f"{field}: {ref!r} is a folder ({folder}), not a .py file; give the path of a .py file, or a "
+                          f"module name with its folder on PYTHONPATH")
     if found is None:
         where = " or ".join(str(p.parent) for p in dict.fromkeys(c for c in candidates))
         raise ConfigError(f"{field}: file {ref!r} does not exist (looked in {where}); give the path of a .py file "
