@@ -153,6 +153,10 @@ def test_bad_entries_are_one_line_naming_the_value_and_the_fix(tmp_path, capsys)
         (f"task.entry={exits}:make_task", "called sys.exit(0); a plugin module must not exit at import"),
         (f"task.entry={syntax}:make_task", f"failed: SyntaxError: '(' was never closed ({syntax}:2); fix the"),
         ("task.entry=make_task", "expected \"module:callable\""),
+        # the parameters it really has (a class's first one named "context" twice; a function without one, once)
+        ("task.entry=ormo.task:ModelTask", "(missing a required argument: 'context'); it takes (model, context, "
+                                           "train_size, splits)"),
+        ("task.entry=os:getcwd", "(too many positional arguments); it takes ()"),
     ]
     for override, expected in cases:
         code, _, err = _main(["train", "--set", override, "--run-dir", str(tmp_path / "r"), "--quiet"], capsys)

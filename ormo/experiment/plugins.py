@@ -169,9 +169,8 @@ def check_options(factory: Callable[..., Any], options: dict[str, Any], *, entry
     try:
         signature.bind(None, **options)
     except TypeError as e:
-        params = [p for p in list(signature.parameters)[1:] if p != "self"]
         raise ConfigError(f"task.options {sorted(options)!r} do not fit task.entry = {entry!r} ({e}); it takes "
-                          f"(context{', ' if params else ''}{', '.join(params)})") from None
+                          f"({', '.join(signature.parameters)})") from None
 
 
 def file_modules() -> list[ModuleType]:
