@@ -390,6 +390,12 @@ def test_replay_refuses_an_out_of_range_worker_a_malformed_field_and_a_truncated
     assert main(["replay", str(d)]) == 1
     err = capsys.readouterr().err
     assert f"{path} is truncated: it holds 2 events, but the run made 5 iterations (run.json's summary)" in err
+    extra = json.loads(good.splitlines()[-1])
+    extra.update(t=extra["t"] + 1, delay=extra["delay"] + 1)
+    path.write_text(good + json.dumps(extra) + "\n")  # one event more than the run made
+    assert main(["replay", str(d)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path} holds 6 events, but the run made 5 iterations (run.json's summary): the lines after line 6" in err
     for key, value, shown in (("rule", "asgd", '"asgd"'), ("seed", 7, "7")):  # a log copied from another run
         header = json.loads(good.splitlines()[0])
         header["meta"][key] = value

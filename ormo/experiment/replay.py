@@ -25,8 +25,9 @@ from .rundir import CHECKPOINT, FINAL, RunDirError, read_run_info, safe_load, wr
 
 
 def _check_complete(run_dir: Path, events: int) -> None:
-    """A log with fewer events than the run made (a copy cut short) cannot be replayed: say so, rather than let the
-    comparison merely come out different. The run's count is run.json's summary, or its last checkpoint's t."""
+    """A log with fewer events than the run made (a copy cut short), or more (another run's, or appended to), cannot
+    be replayed: say so, rather than let the comparison merely come out different. The run's count is run.json's
+    summary, or its last checkpoint's t."""
     path = run_dir / "events.jsonl"
     made, source = None, ""
     try:
@@ -42,6 +43,10 @@ def _check_complete(run_dir: Path, events: int) -> None:
         raise EventLogError(f"{path} is truncated: it holds {events} events, but the run made {made} iterations "
                             f"({source}); the log ends at line {events + 1}, so the run cannot be replayed (restore "
                             f"the complete events.jsonl)")
+    if made is not None and events > made and source == "run.json's summary":  # a checkpoint may lag the log
+        raise EventLogError(f"{path} holds {events} events, but the run made {made} iterations ({source}): the lines "
+                            f"after line {made + 1} belong to no iteration of this run (restore the run's own "
+                            f"events.jsonl)")
 
 
 def _check_same_run(run_dir: Path, meta: dict[str, Any], expected: dict[str, Any]) -> None:
