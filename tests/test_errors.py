@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import math
 
 import numpy as np
@@ -275,6 +276,21 @@ def test_replay_mismatches(problem, tmp_path):
 def test_corrupt_event_logs(tmp_path, content, pattern):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
+    with pytest.raises(EventLogError, match=pattern):
+        ormo.EventLog.load(path)
+
+
+@pytest.mark.parametrize(("name", "content", "pattern"), [
+    ("bad.jsonl", b"\xff\xfe\x00garbage\n", r"bad.jsonl: not a readable event log \(UnicodeDecodeError: "),
+    ("bad.jsonl.gz", gzip.compress(b'{"format": "ormo.events", "version": 1}\n' * 50)[:-20],
+     r"bad.jsonl.gz: not a readable event log \(EOFError: "),
+    ("bad.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n", r"bad.jsonl:1: header is not JSON \(maximum recursion"),
+    ("bad.jsonl", b'{"format": "ormo.events", "version": 1}\n' + b"[" * 100_000 + b"\n", r"bad.jsonl:2: bad event"),
+])
+def test_unreadable_event_logs_name_the_file(tmp_path, name, content, pattern):
+    # a binary file, a gzip file cut short, JSON nested past the parser's depth: were tracebacks or unnamed errors
+    path = tmp_path / name
+    path.write_bytes(content)
     with pytest.raises(EventLogError, match=pattern):
         ormo.EventLog.load(path)
 

@@ -160,13 +160,17 @@ class EventLog(Sequence[Event]):
         if not path.is_file():
             raise EventLogError(f"event log {str(path)!r} does not exist")
         opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
-            lines = f.read().splitlines()
+        try:
+            with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
+                lines = f.read().splitlines()
+        except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:  # binary garbage, a gzip file cut short
+            raise EventLogError(f"{path}: not a readable event log ({type(e).__name__}: {e}); restore the log the run "
+                                f"wrote") from None
         if not lines:
             raise EventLogError(f"{path}: empty file, expected a header line {{'format': {FORMAT!r}, ...}}")
         try:
             header = json.loads(lines[0])
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nesting too deep to parse
             raise EventLogError(f"{path}:1: header is not JSON ({e})") from None
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise EventLogError(f"{path}:1: not an ormo event log (header format must be {FORMAT!r})")
@@ -182,7 +186,7 @@ class EventLog(Sequence[Event]):
                 rec = json.loads(line)
                 t, worker, index = (_exact_int(rec[k], k) for k in ("t", "worker", "index"))
                 sim_time, dispatch_time = (_time(rec[k], k) for k in ("sim_time", "dispatch_time"))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as e:
                 raise EventLogError(f"{path}:{lineno}: bad event record ({e!r}): {line[:200]}") from None
             if worker < 0:
                 raise EventLogError(f"{path}:{lineno}: worker={worker} must be >= 0")
