@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -401,6 +402,13 @@ def test_replay_refuses_an_out_of_range_worker_a_malformed_field_and_a_truncated
         header["meta"][key] = value
         path.write_text("\n".join([json.dumps(header), *good.splitlines()[1:]]) + "\n")
         with pytest.raises(EventLogError, match=rf"^{path}:1: its header says {key} = {shown}, but config.toml says "):
+            replay(d)
+    for batch in ("x", -3, 1.5, True):  # a hand-edited header: was a ValueError naming no file
+        header = json.loads(good.splitlines()[0])
+        header["meta"]["batch"] = batch
+        path.write_text("\n".join([json.dumps(header), *good.splitlines()[1:]]) + "\n")
+        with pytest.raises(EventLogError, match=rf"^{path}:1: its header says batch = {re.escape(json.dumps(batch))}, "
+                                                r"not a number of messages \(an integer >= 0\)"):
             replay(d)
     path.write_text(good)
     assert replay(d)["bit_identical"]  # the untouched log replays exactly

@@ -97,7 +97,10 @@ def replay(run_dir: str | Path, *, write: bool = True) -> dict[str, Any]:
             check_task_sources(sources, task_sources(cfg.task.entry, cfg.task.imports), what=f"replay {run_dir}")
         rule = cfg.method.build()
         messages_per_epoch = problem.train_size / (cfg.data.batch_size * rule.local_steps)
-        batch = int(log.meta.get("batch", 0))  # a batched run replays batched alike (its rounding is its own)
+        batch = log.meta.get("batch", 0)  # a batched run replays batched alike (its rounding is its own)
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:  # a hand edit
+            raise EventLogError(f"{run_dir / 'events.jsonl'}:1: its header says batch = {json.dumps(batch)}, not a "
+                                f"number of messages (an integer >= 0); restore the value the run recorded")
         sim = Simulator(rule, problem.params0, problem.grad_fn, num_workers=cfg.train.num_workers,
                         timing=Replay(log), seed=cfg.train.seed,
                         lr_schedule=lambda t: cfg.schedule.factor(t / messages_per_epoch),
