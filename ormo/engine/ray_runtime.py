@@ -607,10 +607,14 @@ def _caller_keeps_sigterm() -> Any:
     if threading.current_thread() is not threading.main_thread():  # Ray installs nothing there either
         yield
         return
-    from ray._private import ray_constants
-    from ray._private import utils as ray_utils
+    try:  # private names of the pinned Ray: another version keeps its own handlers while it starts
+        from ray._private import ray_constants
+        from ray._private import utils as ray_utils
 
-    saved = ray_utils.set_sigterm_handler, ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+        saved = ray_utils.set_sigterm_handler, ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+    except (ImportError, AttributeError):
+        yield
+        return
     ray_utils.set_sigterm_handler = lambda handler: None
     ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
     try:
