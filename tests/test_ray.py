@@ -161,6 +161,34 @@ def test_resume_after_the_whole_run_is_killed(tmp_path, ray_instance):
     assert replay(run_dir)["bit_identical"]
 
 
+def test_evaluations_the_driver_never_wrote_are_written_when_the_run_resumes(tmp_path, monkeypatch):
+    """An adversarial read: the server hands each evaluation snapshot over once, so a driver killed between taking
+    one and writing its row lost that row for good (the resume kept only the rows on disk). Checkpoints now hold the
+    snapshots the driver has not said it wrote. Here the driver fails right before writing the row of epoch 1."""
+    from ormo.experiment.metrics import MetricsWriter
+    from ormo.experiment.runloop import iteration_marks
+
+    cfg = _cfg("method.name=ormo", "train.num_workers=3", "train.epochs=2", "ray.time_scale=0.01")
+    add, failed = MetricsWriter.add, []
+
+    def add_or_fail(self, row):
+        if row["epoch"] >= 1.0 and not failed:
+            failed.append(row["iteration"])
+            raise RuntimeError("the driver dies before writing this row")
+        add(self, row)
+
+    monkeypatch.setattr(MetricsWriter, "add", add_or_fail)
+    with pytest.raises(RuntimeError, match="the driver dies"):
+        train(cfg, tmp_path / "run", progress=False, engine="ray")
+    assert failed and failed[0] not in [r["iteration"] for r in read_metrics(tmp_path / "run")]
+    monkeypatch.setattr(MetricsWriter, "add", add)
+    res = train(None, tmp_path / "run", resume=True, progress=False)
+    iterations = [r["iteration"] for r in read_metrics(tmp_path / "run")]
+    total = res.metrics[-1]["iteration"]  # 2 epochs, evaluated every half epoch: no row missing, none twice
+    assert iterations == [0, *sorted(iteration_marks(0.5, total / 2, total))] and len(iterations) == 5
+    assert failed[0] in iterations and replay(tmp_path / "run")["bit_identical"]
+
+
 def _server(rule_name="ormo", k=2, total=100):
     rule = make_rule(rule_name)
     return ParameterServer.remote(

@@ -106,6 +106,9 @@ class ParameterServer:
         self.redispatches: list[list[Any]] = []
         self.rejections: list[dict[str, Any]] = []
         self.snapshots: list[dict[str, Any]] = []
+        # the snapshots the driver has not yet said it wrote as metrics rows: checkpoints hold them, so a driver
+        # killed before writing them (they are handed over once) finds them there when the run resumes
+        self.unwritten: list[dict[str, Any]] = []
         self.last_eval = 0
         self.failed: str | None = None
         self.halted = False  # a stop was requested: no message is applied any more
@@ -326,7 +329,7 @@ class ParameterServer:
     def _snapshot(self) -> None:
         delays = self.events.column("delay")[self.last_eval : self.t]
         filled = self.losses[~np.isnan(self.losses)]
-        self.snapshots.append({
+        self.snapshots.append(snap := {
             "t": self.t,
             "params": self.state.params.clone(),
             "buffers": torch.from_numpy(np.array(self.buffers)),
@@ -336,10 +339,13 @@ class ParameterServer:
             "delay_max": int(delays.max()) if delays.size else None,
             "lr_scale": float(self.state.lr_scale if self.rule.scheduled_rate == "lr" else self.state.local_lr_scale),
         })
+        self.unwritten.append(snap)
         self.last_eval = self.t
 
-    def status(self) -> dict[str, Any]:
-        """Progress, pending evaluation snapshots (handed over once), failure."""
+    def status(self, written: int = -1) -> dict[str, Any]:
+        """Progress, pending evaluation snapshots (handed over once), failure. ``written``: the last iteration whose
+        metrics row the driver has written; the snapshots up to it leave the checkpoints."""
+        self.unwritten = [s for s in self.unwritten if s["t"] > written]
         snaps, self.snapshots = self.snapshots, []
         return {"t": self.t, "total": self.total, "snapshots": snaps, "failed": self.failed,
                 "rejections": len(self.rejections), "redispatches": len(self.redispatches)}
@@ -359,12 +365,15 @@ class ParameterServer:
             "rejections": list(self.rejections),
         }
 
+    def _checkpoint(self) -> dict[str, Any]:
+        return {"engine": "ray", "server": {**self._state_dict(), "snapshots": list(self.unwritten)}}
+
     def _maybe_checkpoint(self) -> None:
         if self.checkpoint_due and self.checkpoint_path:
             # plain data, stamped with the run's config (imported here: only the server actor writes checkpoints)
             from ..experiment.rundir import save_checkpoint
 
-            save_checkpoint(self.checkpoint_path, {"engine": "ray", "server": self._state_dict()},
+            save_checkpoint(self.checkpoint_path, self._checkpoint(),
                             config_toml=self.checkpoint_config)
         self.checkpoint_due = False
 
@@ -378,7 +387,7 @@ class ParameterServer:
         if written:
             from ..experiment.rundir import save_checkpoint
 
-            save_checkpoint(self.checkpoint_path, {"engine": "ray", "server": self._state_dict()},
+            save_checkpoint(self.checkpoint_path, self._checkpoint(),
                             config_toml=self.checkpoint_config)
         out = self.final()
         out["checkpointed"] = written
@@ -802,6 +811,7 @@ def run_ray(
                     f"(stopped, or too loaded to answer); the run stopped at its last checkpoint") from None
 
         ask(server.start.remote(), max(options.server_timeout_s, deadline - time.monotonic()))  # built by now
+        written = -1  # the last iteration whose snapshot on_snapshot has written (told to the server)
         startup_s = time.monotonic() - called  # Ray (when started here), the processes, their problems
         runs.update({processes[group_of[k]].run.remote(k, incarnation[k]): (k, generation[group_of[k]])
                      for k in range(num_workers)})
@@ -813,7 +823,7 @@ def run_ray(
                 halted = True
                 try:  # the halt writes a checkpoint: more time than a heartbeat
                     state = ask(server.halt.remote(), max(options.server_timeout_s, 120.0))
-                    snapshots = ask(server.status.remote())["snapshots"]
+                    snapshots = ask(server.status.remote(written))["snapshots"]
                 except ServerUnresponsive:  # still a stop: the last periodic checkpoint is where to resume
                     raise Halted(signum, None) from None
                 for snap in snapshots:
@@ -829,16 +839,17 @@ def run_ray(
                     if gen == generation[g]:  # the first of its workers to report it: replace the process
                         died(g, "")
                     runs[processes[g].run.remote(k, incarnation[k])] = (k, generation[g])
-            status = ask(server.status.remote())
+            status = ask(server.status.remote(written))
             for snap in status["snapshots"]:
                 on_snapshot(snap)
+                written = snap["t"]
             if on_progress is not None:
                 on_progress(status["t"])
             if status["failed"]:
                 raise RuntimeError(f"the Ray run stopped: {status['failed']}")
             if status["t"] >= total:  # done: a replacement still starting up is not waited for
                 break
-        for snap in ask(server.status.remote())["snapshots"]:
+        for snap in ask(server.status.remote(written))["snapshots"]:
             on_snapshot(snap)
         final = ask(server.final.remote())
         if final["failed"]:

@@ -87,6 +87,8 @@ def train_on_ray(
                                 evaluation=evaluate_all(problem, problem.params0, eval_test=cfg.train.eval_test),
                                 delay_mean=math.nan, delay_max=None, lr_scale=cfg.schedule.factor(0.0)))
     first_t = resume_state["t"] if resume_state else 0
+    pending = [s for s in (resume_state or {}).get("snapshots", []) if s["t"] > metrics.rows[-1]["iteration"]] \
+        if metrics.rows else []
     bar = None  # shown from the first message on; before it, one line says what is starting (no ETA to guess)
 
     def on_snapshot(snap: dict[str, Any]) -> None:
@@ -100,6 +102,9 @@ def train_on_ray(
         if bar is not None:
             bar.set_postfix(epoch=f"{row['epoch']:.2f}", wall_s=f"{row['sim_time_s']:.0f}",
                             loss=f"{row['train_loss']:.4f}", **shown_metric(row, problem), refresh=False)
+
+    for snap in pending:  # evaluated by the server before a kill, never written by the driver: written now
+        on_snapshot(snap)
 
     def on_starting(k: int, n: int) -> None:
         if progress:
