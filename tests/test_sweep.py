@@ -723,6 +723,28 @@ def test_a_partial_sweep_refuses_a_folder_whose_other_cells_ran_another_configur
     assert main([*args, flag, second]) == 0
 
 
+def test_a_partial_tuned_sweep_refuses_a_folder_whose_other_cells_ran_another_configuration(tmp_path, capsys):
+    """Found by an adversarial read: a tuned cell not run now was never compared (its values are chosen by its own
+    tuning), so editing the config between --methods asgd and --methods ormo still mixed the table. Its runs must have
+    one of the tune's candidates."""
+    cfg = _write(tmp_path, TINY.replace("lr = 0.02\n", "") + '[sweep]\nmethods = ["asgd", "ormo"]\n[sweep.tune]\n'
+                 'grid = {"method.lr" = [0.01, 0.02]}\nmetric = "final_train_loss"\nseeds = [7]\n')
+    out = tmp_path / "out"
+    args = ["sweep", str(cfg), "--out", str(out), "--quiet", "--no-report"]
+    assert main([*args, "--methods", "asgd"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--methods", "ormo", "--dry-run"]) == 0  # unchanged: whichever lr asgd chose fits
+    assert "WILL REFUSE" not in capsys.readouterr().out
+    for old, new in (("momentum = 0.9", "momentum = 0.5"), ("[0.01, 0.02]", "[0.03, 0.04]")):
+        cfg.write_text(cfg.read_text().replace(old, new))
+        assert main([*args, "--methods", "ormo"]) == 2
+        err = capsys.readouterr().err
+        assert f"{out / 'default' / 'asgd' / 'seed0'} holds a run of setting 'default', method 'asgd' made with " \
+               f"another configuration than this sweep now gives it (now: method." in err and "Traceback" not in err
+        assert not (out / "default" / "ormo").exists() and not (out / ".tuning" / "default" / "ormo").exists()
+        cfg.write_text(cfg.read_text().replace(new, old))
+
+
 def test_grid_values_equal_as_numbers_are_one_value(tmp_path):
     with pytest.raises(ConfigError, match="grid axis method.lr lists a value twice: 1, 1.0"):
         plan_sweep(_write(tmp_path, TINY), out=tmp_path / "out", grid=["method.lr=1,1.0"])

@@ -542,16 +542,18 @@ def check_other_seeds(runs: list[SweepRun], *, rest: bool = False) -> None:
 
     With ``rest``, ``runs`` are the cells of the sweep that this command does not run (``--settings`` or
     ``--methods`` chose others), and every run found in them is compared: the folder's table would otherwise put
-    columns or rows of an older configuration beside the new ones."""
+    columns or rows of an older configuration beside the new ones. A tuned one must have one of the tune's candidates
+    (its value was chosen when it ran)."""
     from dataclasses import replace
 
     planned = set() if rest else {r.run_dir for r in runs}
     seen: set[Path] = set()
     for r in runs:
         cell = r.run_dir.parent
-        if cell in seen or r.tune is not None:  # a tuned run is checked once its values are chosen
+        if cell in seen or r.tune is not None and not rest:  # a tuned run is checked once its values are chosen
             continue
         seen.add(cell)
+        wanted: list[ExperimentConfig] | None = None  # what its runs may be: built when the cell holds one
         for info in sorted(cell.glob("seed*/run.json")):
             other = info.parent
             if other in planned:
@@ -561,8 +563,11 @@ def check_other_seeds(runs: list[SweepRun], *, rest: bool = False) -> None:
             except ConfigError:
                 continue
             stored = replace(stored, train=replace(stored.train, seed=r.config.train.seed))
-            if stored != r.config:
-                diff = "; ".join(d.replace("(base:", "(there:") for d in config_diff(stored, r.config)[:3])
+            if wanted is None:  # a tuned cell not run now: one of the tune's candidates (its choice was made then)
+                wanted = [r.config] if r.tune is None else _candidate_configs(r)
+            if stored not in wanted:
+                near = min(wanted, key=lambda c: len(config_diff(stored, c))) if wanted else r.config
+                diff = "; ".join(d.replace("(base:", "(there:") for d in config_diff(stored, near)[:3])
                 if rest:
                     raise ConfigError(f"{other} holds a run of setting {r.label!r}, method {r.method!r} made with "
                                       f"another configuration than this sweep now gives it (now: {diff}), so the "
@@ -571,6 +576,17 @@ def check_other_seeds(runs: list[SweepRun], *, rest: bool = False) -> None:
                 raise ConfigError(f"{other} holds a run of setting {r.label!r}, method {r.method!r} whose config "
                                   f"differs from this sweep's in more than the seed (this sweep has: {diff}), so one "
                                   f"table cell would mix the two; use another --out, or delete those runs")
+
+
+def _candidate_configs(r: SweepRun) -> list[ExperimentConfig]:
+    """The configs a tuned run can get: one per candidate of its tune (as :func:`tuned_runs` builds them)."""
+    configs = []
+    for _, over in candidates(r.tune):
+        try:
+            configs.append(from_dict(apply_overrides(r.base, [*r.overrides[:-2], *over, *r.overrides[-2:]])))
+        except ConfigError:  # a candidate that does not make a valid config is never chosen
+            pass
+    return configs
 
 
 def check_rest(runs: list[SweepRun], rest: list[SweepRun] | None) -> None:
