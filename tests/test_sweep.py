@@ -514,7 +514,8 @@ def test_a_damaged_sweep_json_is_rebuilt(tmp_path):
         (tmp_path / "out" / "sweep.json").write_text(text)
         record_plan(tmp_path / "out", runs)
         assert json.loads((tmp_path / "out" / "sweep.json").read_text()) == {"labels": ["default"],
-                                                                               "methods": ["asgd"]}
+                                                                               "methods": ["asgd"],
+                                                                               "base": runs[0].base_toml}
 
 
 def test_settings_flag_takes_a_label_with_a_comma_whole_and_refuses_an_empty_list(tmp_path, capsys):
@@ -743,6 +744,29 @@ def test_a_partial_tuned_sweep_refuses_a_folder_whose_other_cells_ran_another_co
                f"another configuration than this sweep now gives it (now: method." in err and "Traceback" not in err
         assert not (out / "default" / "ormo").exists() and not (out / ".tuning" / "default" / "ormo").exists()
         cfg.write_text(cfg.read_text().replace(new, old))
+
+
+def test_a_sweep_on_another_base_is_refused_while_the_folder_holds_cells_it_cannot_check(tmp_path, capsys):
+    """An adversarial read: a cell made by --methods X (X not in the config) is outside every plan of the config, so
+    an edited config's sweep into the folder put the two bases side by side. sweep.json records the base."""
+    cfg = _write(tmp_path, TINY + '[sweep]\nmethods = ["asgd"]\n')
+    out = tmp_path / "out"
+    args = ["sweep", str(cfg), "--out", str(out), "--quiet", "--no-report"]
+    assert main([*args, "--methods", "ormo"]) == 0
+    assert "lr = 0.02" in json.loads((out / "sweep.json").read_text())["base"]
+    cfg.write_text(cfg.read_text().replace("lr = 0.02", "lr = 0.05"))
+    capsys.readouterr()
+    assert main([*args, "--methods", "asgd"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'default' / 'ormo' / 'seed0'} was made by a sweep into {out} on another base config than this " \
+           f"one (this sweep has: method.lr = 0.05   (there: 0.02)), so the folder's table would mix the two; use " \
+           f"another --out, or delete the runs of the old base" in err and "Traceback" not in err
+    assert not (out / "default" / "asgd").exists()
+    assert main([*args, "--methods", "asgd", "--dry-run"]) == 0
+    assert "# THE SWEEP WILL REFUSE THIS PLAN: " in capsys.readouterr().out
+    shutil.rmtree(out / "default" / "ormo")  # the old base's runs gone: the folder takes the new base
+    assert main([*args, "--methods", "asgd"]) == 0
+    assert "lr = 0.05" in json.loads((out / "sweep.json").read_text())["base"]
 
 
 def test_grid_values_equal_as_numbers_are_one_value(tmp_path):

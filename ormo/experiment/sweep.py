@@ -78,6 +78,8 @@ class SweepRun:
     tune: TuneSpec | None = field(compare=False, default=None)
     #: the base config's data (the file without [sweep]), from which a tuned config is rebuilt
     base: Any = field(compare=False, default=None, repr=False)
+    #: the base config with the command line's --set, as TOML: what every run of a sweep folder shares
+    base_toml: str = field(compare=False, default="", repr=False)
 
 
 def slug(text: str) -> str:
@@ -373,7 +375,7 @@ def plan_sweep(
                 except ConfigError as e:
                     raise ConfigError(f"setting {label!r}, method {method!r}: {e}") from None
                 runs.append(SweepRun(method, label, seed, out / slug(label) / slug(method) / f"seed{seed}", cfg,
-                                     tuple(own), tune=tune, base=base))
+                                     tuple(own), tune=tune, base=base, base_toml=to_toml(base_cfg)))
     if tune is not None:
         plan_tuning(runs)  # every tuning run's config must be valid before anything starts
     return runs
@@ -484,6 +486,7 @@ def describe_plan(runs: list[SweepRun], base: ExperimentConfig, *, full: bool = 
     try:
         check_other_seeds(runs)
         check_rest(runs, rest)
+        check_base(runs, rest)
     except ConfigError as e:
         lines.append(f"# THE SWEEP WILL REFUSE THIS PLAN: {e}")
     for r in [*tuning, *runs]:
@@ -597,6 +600,37 @@ def check_rest(runs: list[SweepRun], rest: list[SweepRun] | None) -> None:
         check_other_seeds([r for r in rest if r.run_dir.parent not in cells], rest=True)
 
 
+def check_base(runs: list[SweepRun], rest: list[SweepRun] | None = None) -> None:
+    """``OUT/sweep.json`` records the base config (the file without [sweep], with --set) of the sweeps into OUT. A
+    plan on another base is refused while OUT holds runs that no check of this plan compares (cells of a method
+    given by --methods or a --grid point that this config does not plan): the table would put them beside runs of
+    the new base."""
+    if not runs or not runs[0].base_toml:
+        return
+    out = sweep_root(runs)
+    try:
+        old = json.loads((out / "sweep.json").read_text(encoding="utf-8")).get("base")
+    except (OSError, ValueError, AttributeError):
+        return  # none recorded (a new folder, or one from before bases were): nothing to compare
+    new = runs[0].base_toml
+    if not isinstance(old, str) or old == new:
+        return
+    checked = {r.run_dir.parent for r in [*runs, *(rest or [])]}
+    unchecked = sorted(p.parent for p in out.glob("*/*/seed*/run.json") if p.parent.parent not in checked)
+    if not unchecked:
+        return
+    import tomllib
+
+    try:
+        diff = "; ".join(d.replace("(base:", "(there:") for d in
+                         config_diff(from_dict(tomllib.loads(old)), from_dict(tomllib.loads(new)))[:3])
+    except (ValueError, ConfigError):
+        diff = "the recorded base cannot be read"
+    raise ConfigError(f"{unchecked[0]} was made by a sweep into {out} on another base config than this one (this "
+                      f"sweep has: {diff}), so the folder's table would mix the two; use another --out, or delete "
+                      f"the runs of the old base")
+
+
 def sweep_root(runs: list[SweepRun]) -> Path:
     """The ``--out`` folder of a plan (``OUT/<setting>/<method>/seed<k>``)."""
     return runs[0].run_dir.parent.parent.parent
@@ -619,7 +653,8 @@ def record_plan(out: Path, runs: list[SweepRun]) -> None:
             pass  # unreadable: rebuilt from this plan (ormo table also shows every run it finds)
     order["labels"] = list(dict.fromkeys([*order["labels"], *(r.label for r in runs)]))
     order["methods"] = list(dict.fromkeys([*order["methods"], *(r.method for r in runs)]))
-    write_text(path, json.dumps({**data, **order}, indent=2) + "\n")
+    base = {"base": runs[0].base_toml} if runs and runs[0].base_toml else {}
+    write_text(path, json.dumps({**data, **order, **base}, indent=2) + "\n")
 
 
 class SweepStopped(KeyboardInterrupt):
@@ -791,6 +826,7 @@ def run_sweep(runs: list[SweepRun], *, jobs: int | None = 1, progress: bool = Tr
         raise RunDirError(f"--out {out} is a file, not a folder: choose another --out")
     make_run_dir(out)
     with RunLock(out):  # one sweep per folder: a second one gets an error naming this one's pid
+        check_base(runs, rest)  # and so do runs of cells it cannot re-plan, made on another base
         record_plan(out, runs)
         if not tuning:
             return _run_all(runs, jobs=jobs, progress=progress, slots=slots)
