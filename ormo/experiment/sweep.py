@@ -187,12 +187,12 @@ def _grid_axes(spec_grid: Any, cli_grid: list[str] | None) -> dict[str, list[str
         if not all(texts):  # "0.1,,0.2": a value left out by mistake is not dropped silently
             raise ConfigError(f"--grid {item!r} has an empty value between commas; list each value once, "
                               f"e.g. {key.strip()}=0.01,0.03")
-        if override_key(key) in flagged:  # the first flag would be dropped without a word
-            raise ConfigError(f"--grid {override_key(key)} is given twice ({flagged[override_key(key)]!r} and "
-                              f"{item!r}); list every value in one flag, e.g. --grid {override_key(key)}="
-                              f"{','.join(axes[override_key(key)] + texts)}")
-        flagged[override_key(key)] = item
-        axes[override_key(key)] = texts
+        key = override_key(key)
+        if key in flagged:  # the first flag would be dropped without a word
+            raise ConfigError(f"--grid {key} is given twice ({flagged[key]!r} and {item!r}); list every value in one "
+                              f"flag, e.g. --grid {key}={','.join(axes[key] + texts)}")
+        flagged[key] = item
+        axes[key] = texts
     for key, texts in axes.items():
         _check_not_owned(f"grid axis {key}", [f"{key}=x"])
         values = [same_value_key(parse_value(t)) for t in texts]  # 0.1 and 1e-1, 1 and 1.0 are one value
@@ -513,6 +513,11 @@ def describe_plan(runs: list[SweepRun], base: ExperimentConfig, *, full: bool = 
 # running
 
 
+def _differs_there(stored: ExperimentConfig, cfg: ExperimentConfig) -> str:
+    """How ``cfg`` (this sweep's) differs from ``stored`` (a run's on disk): its first three keys, the value there."""
+    return "; ".join(d.replace("(base:", "(there:") for d in config_diff(stored, cfg)[:3])
+
+
 def check_existing(run: SweepRun) -> str | None:
     """None for a fresh directory; 'finished', 'resume' or 'restart' for one that holds this configuration's run;
     an error for a directory that holds another configuration."""
@@ -524,10 +529,9 @@ def check_existing(run: SweepRun) -> str | None:
         raise ConfigError(f"{run.run_dir} holds a run whose config.toml cannot be read ({e}); delete that "
                           f"directory to redo it") from None
     if stored != run.config:
-        diff = config_diff(stored, run.config)[:3]
         raise ConfigError(f"{run.run_dir} holds a run of another configuration (this sweep has: "
-                          f"{'; '.join(d.replace('(base:', '(there:') for d in diff)}); use another --out, or delete "
-                          f"that directory to redo it")
+                          f"{_differs_there(stored, run.config)}); use another --out, or delete that directory to "
+                          f"redo it")
     try:
         status = read_run_info(run.run_dir).get("status")
     except (OSError, ValueError, RuntimeError):  # an unreadable run.json: its checkpoint decides
@@ -570,7 +574,7 @@ def check_other_seeds(runs: list[SweepRun], *, rest: bool = False) -> None:
                 wanted = [r.config] if r.tune is None else _candidate_configs(r)
             if stored not in wanted:
                 near = min(wanted, key=lambda c: len(config_diff(stored, c))) if wanted else r.config
-                diff = "; ".join(d.replace("(base:", "(there:") for d in config_diff(stored, near)[:3])
+                diff = _differs_there(stored, near)
                 if rest:
                     raise ConfigError(f"{other} holds a run of setting {r.label!r}, method {r.method!r} made with "
                                       f"another configuration than this sweep now gives it (now: {diff}), so the "
@@ -622,8 +626,7 @@ def check_base(runs: list[SweepRun], rest: list[SweepRun] | None = None) -> None
     import tomllib
 
     try:
-        diff = "; ".join(d.replace("(base:", "(there:") for d in
-                         config_diff(from_dict(tomllib.loads(old)), from_dict(tomllib.loads(new)))[:3])
+        diff = _differs_there(from_dict(tomllib.loads(old)), from_dict(tomllib.loads(new)))
     except (ValueError, ConfigError):
         diff = "the recorded base cannot be read"
     raise ConfigError(f"{unchecked[0]} was made by a sweep into {out} on another base config than this one (this "
